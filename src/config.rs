@@ -1,0 +1,1227 @@
+//! Configuration: the only place that reads YAML.
+//!
+//! Loading happens in two stages, as ripgrep does with its arguments. The raw stage
+//! ([`RawConfig`], [`RawModel`]) is plain serde with `deny_unknown_fields`: it checks syntax and
+//! types. The resolved stage ([`Config`]) settles every default, loads the device models a device
+//! names, checks every reference and range, and plans the Modbus reads. Every error found along
+//! the way is collected, not just the first, and each names `file:line:column: field.path`.
+//!
+//! `${VAR}` (or `${VAR:-default}`) expands from the environment anywhere in a value; `$${` is a
+//! literal `${`. Comments are left alone.
+
+mod source_map;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::mapping::{DataType, Delivery, Order, Point, Source, Table};
+use crate::plan::{ReadRequest, plan};
+pub use source_map::{Loc, SourceMap};
+
+/// Exit code for a bad configuration (sysexits.h EX_CONFIG).
+pub const EX_CONFIG: i32 = 78;
+
+// ---------------------------------------------------------------------------------------------
+// Errors
+
+/// One problem in a configuration file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Diagnostic {
+    pub file: String,
+    pub loc: Loc,
+    /// Dotted field path, e.g. `devices.boiler.points.pump.coil`.
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let path = if self.path.is_empty() { "(top)" } else { &self.path };
+        write!(
+            f,
+            "{}:{}:{}: {}: {}",
+            self.file, self.loc.line, self.loc.col, path, self.message
+        )
+    }
+}
+
+/// Every problem found in a configuration and the models it uses.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<Diagnostic>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, d) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{d}")?;
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raw stage: what the YAML says
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub gateway: RawGateway,
+    pub mqtt: RawMqtt,
+    #[serde(default)]
+    pub models: Vec<String>,
+    #[serde(default)]
+    pub buses: BTreeMap<String, RawBus>,
+    #[serde(default)]
+    pub devices: BTreeMap<String, RawDevice>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawGateway {
+    pub id: Option<String>,
+    pub state_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMqtt {
+    pub url: String,
+    pub client_id: Option<String>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub password_file: Option<PathBuf>,
+    #[serde(default, with = "humantime_serde")]
+    pub keep_alive: Option<Duration>,
+    /// Most QoS 1/2 publishes awaiting their acknowledgement at once.
+    pub inflight: Option<u16>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBus {
+    pub modbus_tcp: Option<RawModbusTcp>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawModbusTcp {
+    pub host: String,
+    pub port: Option<u16>,
+    #[serde(default, with = "humantime_serde")]
+    pub timeout: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PayloadFormat {
+    Json,
+    Value,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PublishMode {
+    Point,
+    Device,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDevice {
+    pub bus: String,
+    pub unit: Option<u32>,
+    #[serde(default, with = "humantime_serde")]
+    pub every: Option<Duration>,
+    pub model: Option<String>,
+    #[serde(default)]
+    pub points: BTreeMap<String, RawPoint>,
+    pub topic: Option<String>,
+    pub payload: Option<PayloadFormat>,
+    pub publish: Option<PublishMode>,
+    pub qos: Option<u8>,
+    pub retain: Option<bool>,
+    /// Unused addresses a request may read over to join two points (default 0).
+    pub max_gap: Option<u16>,
+    /// Most registers per request, for devices that accept fewer than 125.
+    pub max_registers: Option<u16>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RegisterKind {
+    Holding,
+    Input,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPoint {
+    pub register: Option<u32>,
+    pub kind: Option<RegisterKind>,
+    pub coil: Option<u32>,
+    pub discrete: Option<u32>,
+    #[serde(rename = "type")]
+    pub dtype: Option<DataType>,
+    pub order: Option<Order>,
+    pub bit: Option<u32>,
+    pub length: Option<u32>,
+    pub scale: Option<f64>,
+    pub offset: Option<f64>,
+    pub unit: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    pub every: Option<Duration>,
+    pub topic: Option<String>,
+    pub payload: Option<PayloadFormat>,
+    pub qos: Option<u8>,
+    pub retain: Option<bool>,
+}
+
+/// A device model file: `mappings/<model>.yaml`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawModel {
+    pub model: String,
+    #[serde(default)]
+    pub description: Option<String>,
+    #[serde(default)]
+    pub points: BTreeMap<String, RawPoint>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Resolved stage: what the gateway runs
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub path: PathBuf,
+    pub gateway: Gateway,
+    pub mqtt: Mqtt,
+    pub buses: Vec<Bus>,
+    pub devices: Vec<Device>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Gateway {
+    pub id: String,
+    pub state_dir: PathBuf,
+}
+
+impl Gateway {
+    /// The retained `online`/`offline` topic of the gateway itself.
+    pub fn status_topic(&self) -> String {
+        format!("fieldgate/{}/status", self.id)
+    }
+}
+
+/// A secret that never prints.
+#[derive(Clone, PartialEq)]
+pub struct Secret(pub String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"***\"")
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Mqtt {
+    pub host: String,
+    pub port: u16,
+    pub client_id: String,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    pub keep_alive: Duration,
+    pub inflight: u16,
+}
+
+#[derive(Debug, Clone)]
+pub struct Bus {
+    pub name: String,
+    pub transport: Transport,
+}
+
+#[derive(Debug, Clone)]
+pub enum Transport {
+    ModbusTcp {
+        host: String,
+        port: u16,
+        timeout: Duration,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct Device {
+    pub name: String,
+    pub bus: String,
+    pub unit: u8,
+    pub points: Vec<Point>,
+    /// Points grouped by interval, each with its read plan.
+    pub groups: Vec<PollGroup>,
+    pub publish: PublishMode,
+    pub payload: HashMap<String, PayloadFormat>,
+    /// Topic, QoS and retain of the one-message-per-poll form (`publish: device`).
+    pub device_delivery: Delivery,
+}
+
+#[derive(Debug, Clone)]
+pub struct PollGroup {
+    pub every: Duration,
+    pub requests: Vec<ReadRequest>,
+}
+
+impl Config {
+    /// Loads and validates the config file at `path` and every model it uses.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![Diagnostic {
+                file: path.display().to_string(),
+                loc: Loc { line: 1, col: 1 },
+                path: String::new(),
+                message: format!("cannot read the file: {e}"),
+            }])
+        })?;
+        Config::from_text(path, &text)
+    }
+
+    /// Validates `text` as if read from `path` (models are looked up relative to it).
+    pub fn from_text(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
+        Config::from_text_with_env(path, text, &|k| std::env::var(k).ok())
+    }
+
+    pub fn from_text_with_env(
+        path: &Path,
+        text: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigErrors> {
+        let mut errors = Vec::new();
+        let file = path.display().to_string();
+        let base = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        let Some((raw, map)) = parse::<RawConfig>(&file, text, env, &mut errors) else {
+            return Err(ConfigErrors(errors));
+        };
+        let mut r = Resolver {
+            errors,
+            models: HashMap::new(),
+            env,
+        };
+        let ctx = Ctx {
+            file: &file,
+            map: &map,
+        };
+        let config = r.resolve(&ctx, path, &base, raw);
+        if r.errors.is_empty() {
+            Ok(config)
+        } else {
+            r.errors.sort_by(|a, b| (&a.file, a.loc.line, a.loc.col).cmp(&(&b.file, b.loc.line, b.loc.col)));
+            r.errors.dedup();
+            Err(ConfigErrors(r.errors))
+        }
+    }
+
+    /// Modbus read requests one full poll cycle makes (every group of every device once).
+    pub fn requests_per_cycle(&self) -> usize {
+        self.devices
+            .iter()
+            .flat_map(|d| &d.groups)
+            .map(|g| g.requests.len())
+            .sum()
+    }
+
+    /// What `fieldgate check` prints for a valid config.
+    pub fn summary(&self) -> String {
+        use std::fmt::Write;
+        let points: usize = self.devices.iter().map(|d| d.points.len()).sum();
+        let mut s = format!(
+            "{}: ok: {} bus{}, {} device{}, {} point{}, {} Modbus request{} per poll cycle\n",
+            self.path.display(),
+            self.buses.len(),
+            if self.buses.len() == 1 { "" } else { "es" },
+            self.devices.len(),
+            plural(self.devices.len()),
+            points,
+            plural(points),
+            self.requests_per_cycle(),
+            plural(self.requests_per_cycle()),
+        );
+        let _ = writeln!(
+            s,
+            "gateway {} → {}:{} as {}; queue in {}",
+            self.gateway.id,
+            self.mqtt.host,
+            self.mqtt.port,
+            self.mqtt.client_id,
+            self.gateway.state_dir.join("queue.db").display()
+        );
+        for d in &self.devices {
+            let _ = writeln!(s, "device {} on bus {}, unit {}:", d.name, d.bus, d.unit);
+            for g in &d.groups {
+                for r in &g.requests {
+                    let names: Vec<&str> = r.points.iter().map(|&i| d.points[i].name.as_str()).collect();
+                    let _ = writeln!(
+                        s,
+                        "  every {:>6}  read {} {}..{} ({} {})  {}",
+                        humantime::format_duration(g.every).to_string(),
+                        r.table.name(),
+                        r.start,
+                        r.end(),
+                        r.count,
+                        if r.table.is_bits() { "bits" } else { "registers" },
+                        names.join(", ")
+                    );
+                }
+            }
+        }
+        s
+    }
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 { "" } else { "s" }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Parsing with positions
+
+struct Ctx<'a> {
+    file: &'a str,
+    map: &'a SourceMap,
+}
+
+impl Ctx<'_> {
+    fn diag(&self, path: &str, message: impl Into<String>) -> Diagnostic {
+        Diagnostic {
+            file: self.file.to_string(),
+            loc: self.map.locate(path),
+            path: path.to_string(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Expands the environment, indexes positions and deserializes `text` as `T`.
+fn parse<T: serde::de::DeserializeOwned>(
+    file: &str,
+    text: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+    errors: &mut Vec<Diagnostic>,
+) -> Option<(T, SourceMap)> {
+    let expanded = match expand_env(text, env) {
+        Ok(t) => t,
+        Err(missing) => {
+            // Index the unexpanded text to name the fields whose variables are missing.
+            for (loc, var) in missing {
+                errors.push(Diagnostic {
+                    file: file.to_string(),
+                    loc,
+                    path: SourceMap::build(text)
+                        .ok()
+                        .and_then(|m| m.path_at(loc))
+                        .unwrap_or_default(),
+                    message: format!("environment variable {var} is not set (write ${{{var}:-default}} for a default)"),
+                });
+            }
+            return None;
+        }
+    };
+    let map = match SourceMap::build(&expanded) {
+        Ok(m) => m,
+        Err((loc, message)) => {
+            errors.push(Diagnostic {
+                file: file.to_string(),
+                loc,
+                path: String::new(),
+                message: format!("YAML syntax: {message}"),
+            });
+            return None;
+        }
+    };
+    for (path, loc) in &map.duplicates {
+        errors.push(Diagnostic {
+            file: file.to_string(),
+            loc: *loc,
+            path: path.clone(),
+            message: "duplicate key: this name is already defined above in the same mapping".into(),
+        });
+    }
+    match serde_yaml::from_str::<T>(&expanded) {
+        Ok(v) if errors.is_empty() => Some((v, map)),
+        Ok(_) => None,
+        Err(e) => {
+            errors.push(serde_diagnostic(file, &map, &e));
+            None
+        }
+    }
+}
+
+/// Turns a serde_yaml error into a diagnostic, keeping its path and position.
+fn serde_diagnostic(file: &str, map: &SourceMap, e: &serde_yaml::Error) -> Diagnostic {
+    let mut text = e.to_string();
+    if let Some(i) = text.rfind(" at line ") {
+        text.truncate(i);
+    }
+    // serde_yaml writes "path.to.field: message"; a message may itself hold ": ".
+    let (path, message) = match text.split_once(": ") {
+        Some((p, m)) if !p.contains(' ') => (p.to_string(), m.to_string()),
+        _ => (String::new(), text.clone()),
+    };
+    let path = if path == "." { String::new() } else { path };
+    // For an unknown field, point at the offending key itself.
+    let key_path = message
+        .strip_prefix("unknown field `")
+        .and_then(|rest| rest.split('`').next())
+        .map(|k| if path.is_empty() { k.to_string() } else { format!("{path}.{k}") });
+    let loc = match (&key_path, e.location()) {
+        (Some(k), _) if map.has(k) => map.locate_key(k),
+        (_, Some(l)) => Loc {
+            line: l.line(),
+            col: l.column(),
+        },
+        _ => map.locate(&path),
+    };
+    Diagnostic {
+        file: file.to_string(),
+        loc,
+        path: key_path.unwrap_or(path),
+        message,
+    }
+}
+
+/// Expands `${VAR}` and `${VAR:-default}` outside comments. Line numbers are preserved; a value
+/// that YAML would misread where it stands unquoted (`: `, ` #`, a leading `*` …) is quoted.
+pub fn expand_env(
+    text: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<String, Vec<(Loc, String)>> {
+    let mut out = String::with_capacity(text.len());
+    let mut missing = Vec::new();
+    for (lineno, line) in text.split_inclusive('\n').enumerate() {
+        let mut quote: Option<char> = None;
+        let mut prev_space = true;
+        let mut i = 0;
+        let bytes = line.as_bytes();
+        while i < line.len() {
+            let c = line[i..].chars().next().expect("in bounds");
+            if quote.is_none() && c == '#' && prev_space {
+                out.push_str(&line[i..]);
+                break;
+            }
+            if line[i..].starts_with("$${") {
+                out.push_str("${");
+                i += 3;
+                prev_space = false;
+                continue;
+            }
+            if line[i..].starts_with("${") {
+                if let Some(end) = line[i + 2..].find('}') {
+                    let inner = &line[i + 2..i + 2 + end];
+                    let (name, default) = match inner.split_once(":-") {
+                        Some((n, d)) => (n, Some(d)),
+                        None => (inner, None),
+                    };
+                    match env(name).or_else(|| default.map(str::to_string)) {
+                        Some(v) => {
+                            let whole_scalar = quote.is_none()
+                                && line[..i].trim_end().ends_with(':')
+                                && line[i + 3 + end..].trim().is_empty();
+                            out.push_str(&quote_for(&v, quote, whole_scalar));
+                        }
+                        None => missing.push((
+                            Loc {
+                                line: lineno + 1,
+                                col: line[..i].chars().count() + 1,
+                            },
+                            name.to_string(),
+                        )),
+                    }
+                    i += 3 + end;
+                    prev_space = false;
+                    continue;
+                }
+            }
+            match (quote, c) {
+                (None, '"') | (None, '\'') if prev_space || i == 0 || matches!(bytes[i - 1], b'[' | b'{' | b',' | b':') => {
+                    quote = Some(c)
+                }
+                (Some('"'), '\\') => {
+                    // Keep the escaped character with its backslash.
+                    out.push(c);
+                    i += 1;
+                    if let Some(n) = line[i..].chars().next() {
+                        out.push(n);
+                        i += n.len_utf8();
+                    }
+                    continue;
+                }
+                (Some(q), c) if q == c => quote = None,
+                _ => {}
+            }
+            prev_space = c == ' ' || c == '\t';
+            out.push(c);
+            i += c.len_utf8();
+        }
+    }
+    if missing.is_empty() { Ok(out) } else { Err(missing) }
+}
+
+fn quote_for(v: &str, quote: Option<char>, whole_scalar: bool) -> String {
+    match quote {
+        Some('"') => v
+            .replace('\\', "\\\\")
+            .replace('"', "\\\"")
+            .replace('\n', "\\n")
+            .replace('\t', "\\t"),
+        Some('\'') => v.replace('\'', "''").replace('\n', " "),
+        _ => {
+            let plain_safe = !v.is_empty()
+                && !v.contains(": ")
+                && !v.contains(" #")
+                && !v.contains('\n')
+                && !v.ends_with(':')
+                && !v.starts_with(|c: char| "*&!|>%@`'\"{[,?#-".contains(c) || c.is_whitespace())
+                && !v.ends_with(char::is_whitespace);
+            if plain_safe || !whole_scalar {
+                v.to_string()
+            } else {
+                format!("\"{}\"", quote_for(v, Some('"'), false))
+            }
+        }
+    }
+}
+
+impl SourceMap {
+    /// The deepest recorded path whose value starts on `loc.line` (for env errors).
+    fn path_at(&self, loc: Loc) -> Option<String> {
+        self.paths_on_line(loc.line)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Resolution
+
+struct Resolver<'e> {
+    errors: Vec<Diagnostic>,
+    /// Model name → validated points (or None if the model file had errors).
+    models: HashMap<String, Option<Vec<PointSpec>>>,
+    env: &'e dyn Fn(&str) -> Option<String>,
+}
+
+/// A point as validated from YAML, before a device's defaults are applied.
+#[derive(Debug, Clone)]
+struct PointSpec {
+    name: String,
+    source: Source,
+    dtype: DataType,
+    order: Order,
+    bit: Option<u8>,
+    length: u16,
+    scale: Option<f64>,
+    offset: Option<f64>,
+    unit: Option<String>,
+    every: Option<Duration>,
+    topic: Option<String>,
+    payload: Option<PayloadFormat>,
+    qos: Option<u8>,
+    retain: Option<bool>,
+}
+
+const PLACEHOLDERS: [&str; 4] = ["gateway", "device", "point", "unit"];
+
+impl Resolver<'_> {
+    fn resolve(&mut self, ctx: &Ctx, path: &Path, base: &Path, raw: RawConfig) -> Config {
+        let id = raw.gateway.id.clone().unwrap_or_else(hostname);
+        if id.is_empty() || id.contains(['/', '+', '#']) {
+            self.errors.push(ctx.diag(
+                "gateway.id",
+                format!("`{id}` cannot be part of an MQTT topic (no '/', '+', '#', not empty)"),
+            ));
+        }
+        let state_dir = match raw.gateway.state_dir {
+            Some(d) if d.is_relative() => base.join(d),
+            Some(d) => d,
+            None => PathBuf::from("/var/lib/fieldgate"),
+        };
+        let gateway = Gateway { id, state_dir };
+        let mqtt = self.resolve_mqtt(ctx, base, &gateway, &raw.mqtt);
+
+        let mut buses = Vec::new();
+        for (name, b) in &raw.buses {
+            let p = format!("buses.{name}");
+            match &b.modbus_tcp {
+                Some(t) => {
+                    let timeout = t.timeout.unwrap_or(Duration::from_secs(1));
+                    if timeout.is_zero() {
+                        self.errors.push(ctx.diag(&format!("{p}.modbus_tcp.timeout"), "must be more than 0"));
+                    }
+                    buses.push(Bus {
+                        name: name.clone(),
+                        transport: Transport::ModbusTcp {
+                            host: t.host.clone(),
+                            port: t.port.unwrap_or(502),
+                            timeout,
+                        },
+                    })
+                }
+                None => self
+                    .errors
+                    .push(ctx.diag(&p, "a bus needs a transport: `modbus_tcp: { host: …, port: … }`")),
+            }
+        }
+
+        let folders: Vec<PathBuf> = raw.models.iter().map(|m| base.join(m)).collect();
+        for (i, f) in folders.iter().enumerate() {
+            if !f.is_dir() {
+                self.errors.push(ctx.diag(
+                    &format!("models[{i}]"),
+                    format!("model folder {} does not exist", f.display()),
+                ));
+            }
+        }
+
+        let mut devices = Vec::new();
+        for (name, d) in &raw.devices {
+            if let Some(dev) = self.resolve_device(ctx, &gateway, &raw.buses, &folders, name, d) {
+                devices.push(dev);
+            }
+        }
+        Config {
+            path: path.to_path_buf(),
+            gateway,
+            mqtt,
+            buses,
+            devices,
+        }
+    }
+
+    fn resolve_mqtt(&mut self, ctx: &Ctx, base: &Path, gateway: &Gateway, m: &RawMqtt) -> Mqtt {
+        let (host, port) = match parse_mqtt_url(&m.url) {
+            Ok(hp) => hp,
+            Err(msg) => {
+                self.errors.push(ctx.diag("mqtt.url", msg));
+                (String::new(), 0)
+            }
+        };
+        let password = match (&m.password, &m.password_file) {
+            (Some(_), Some(_)) => {
+                self.errors.push(ctx.diag("mqtt.password_file", "give either password or password_file, not both"));
+                None
+            }
+            (Some(p), None) => Some(Secret(p.clone())),
+            (None, Some(f)) => {
+                let f = base.join(f);
+                match std::fs::read_to_string(&f) {
+                    Ok(s) => Some(Secret(s.trim_end_matches(['\n', '\r']).to_string())),
+                    Err(e) => {
+                        self.errors.push(ctx.diag(
+                            "mqtt.password_file",
+                            format!("cannot read {}: {e}", f.display()),
+                        ));
+                        None
+                    }
+                }
+            }
+            (None, None) => None,
+        };
+        if password.is_some() && m.username.is_none() {
+            self.errors.push(ctx.diag("mqtt.username", "a password needs a username"));
+        }
+        let keep_alive = m.keep_alive.unwrap_or(Duration::from_secs(30));
+        if keep_alive < Duration::from_secs(1) {
+            self.errors.push(ctx.diag("mqtt.keep_alive", "must be at least 1s"));
+        }
+        let inflight = m.inflight.unwrap_or(100);
+        if inflight == 0 {
+            self.errors.push(ctx.diag("mqtt.inflight", "must be at least 1"));
+        }
+        Mqtt {
+            host,
+            port,
+            client_id: m.client_id.clone().unwrap_or_else(|| format!("fieldgate-{}", gateway.id)),
+            username: m.username.clone(),
+            password,
+            keep_alive,
+            inflight: inflight.max(1),
+        }
+    }
+
+    fn resolve_device(
+        &mut self,
+        ctx: &Ctx,
+        gateway: &Gateway,
+        buses: &BTreeMap<String, RawBus>,
+        folders: &[PathBuf],
+        name: &str,
+        d: &RawDevice,
+    ) -> Option<Device> {
+        let p = format!("devices.{name}");
+        let before = self.errors.len();
+        check_topic_segment(ctx, &mut self.errors, &p, name, "device name");
+        if !buses.contains_key(&d.bus) {
+            let known: Vec<&str> = buses.keys().map(String::as_str).collect();
+            self.errors.push(ctx.diag(
+                &format!("{p}.bus"),
+                format!("unknown bus `{}` (buses defined: {})", d.bus, list_or_none(&known)),
+            ));
+        }
+        let unit = d.unit.unwrap_or(1);
+        if unit > 255 {
+            self.errors.push(ctx.diag(&format!("{p}.unit"), format!("unit id {unit} is out of range 0..=255")));
+        }
+        let every = d.every.unwrap_or(Duration::from_secs(1));
+        if every < Duration::from_millis(10) {
+            self.errors.push(ctx.diag(&format!("{p}.every"), "must be at least 10ms"));
+        }
+        if let Some(q) = d.qos {
+            check_qos(ctx, &mut self.errors, &format!("{p}.qos"), q);
+        }
+        if let Some(t) = &d.topic {
+            check_template(ctx, &mut self.errors, &format!("{p}.topic"), t);
+        }
+
+        // Model points first, then inline points replace those of the same name.
+        let mut specs: BTreeMap<String, PointSpec> = BTreeMap::new();
+        if let Some(model) = &d.model {
+            match self.load_model(ctx, folders, &format!("{p}.model"), model) {
+                Some(points) => specs.extend(points.into_iter().map(|s| (s.name.clone(), s))),
+                None => {}
+            }
+        }
+        for (pname, rp) in &d.points {
+            let pp = format!("{p}.points.{pname}");
+            if let Some(spec) = validate_point(ctx, &mut self.errors, &pp, pname, rp) {
+                specs.insert(pname.clone(), spec);
+            }
+        }
+        if specs.is_empty() && self.errors.len() == before {
+            self.errors.push(ctx.diag(&p, "a device needs at least one point (from `model:` or `points:`)"));
+        }
+
+        let publish = d.publish.unwrap_or(PublishMode::Point);
+        let device_topic = d.topic.clone().unwrap_or_else(|| match publish {
+            PublishMode::Point => "fieldgate/{gateway}/{device}/{point}".into(),
+            PublishMode::Device => "fieldgate/{gateway}/{device}".into(),
+        });
+        if publish == PublishMode::Device && (device_topic.contains("{point}") || device_topic.contains("{unit}")) {
+            self.errors.push(ctx.diag(
+                &format!("{p}.topic"),
+                "with `publish: device` the topic is per device: {point} and {unit} cannot be used",
+            ));
+        }
+        let mut points = Vec::new();
+        let mut payload = HashMap::new();
+        for s in specs.into_values() {
+            let topic = render_topic(
+                s.topic.as_deref().unwrap_or(&device_topic),
+                &gateway.id,
+                name,
+                &s.name,
+                s.unit.as_deref().unwrap_or(""),
+            );
+            payload.insert(s.name.clone(), s.payload.or(d.payload).unwrap_or(PayloadFormat::Json));
+            points.push(Point {
+                name: s.name,
+                source: s.source,
+                dtype: s.dtype,
+                order: s.order,
+                bit: s.bit,
+                length: s.length,
+                scale: s.scale,
+                offset: s.offset,
+                unit: s.unit,
+                every: s.every.unwrap_or(every),
+                delivery: Delivery {
+                    topic,
+                    qos: s.qos.or(d.qos).unwrap_or(1),
+                    retain: s.retain.or(d.retain).unwrap_or(false),
+                },
+            });
+        }
+        if self.errors.len() != before {
+            return None;
+        }
+
+        let max_registers = d.max_registers.unwrap_or(125);
+        if !(1..=125).contains(&max_registers) {
+            self.errors.push(ctx.diag(&format!("{p}.max_registers"), "must be within 1..=125"));
+            return None;
+        }
+        let mut by_every: BTreeMap<Duration, Vec<usize>> = BTreeMap::new();
+        for (i, pt) in points.iter().enumerate() {
+            by_every.entry(pt.every).or_default().push(i);
+        }
+        let groups = by_every
+            .into_iter()
+            .map(|(every, members)| PollGroup {
+                every,
+                requests: plan(&points, &members, d.max_gap.unwrap_or(0), max_registers),
+            })
+            .collect();
+        Some(Device {
+            name: name.to_string(),
+            bus: d.bus.clone(),
+            unit: unit as u8,
+            points,
+            groups,
+            publish,
+            payload,
+            device_delivery: Delivery {
+                topic: render_topic(&device_topic, &gateway.id, name, "", ""),
+                qos: d.qos.unwrap_or(1),
+                retain: d.retain.unwrap_or(false),
+            },
+        })
+    }
+
+    /// Loads `model` from the first folder holding `<model>.yaml`, once per config.
+    fn load_model(&mut self, ctx: &Ctx, folders: &[PathBuf], path: &str, model: &str) -> Option<Vec<PointSpec>> {
+        if let Some(cached) = self.models.get(model) {
+            return cached.clone();
+        }
+        let file = folders.iter().map(|f| f.join(format!("{model}.yaml"))).find(|f| f.is_file());
+        let Some(file) = file else {
+            let searched: Vec<String> = folders.iter().map(|f| f.display().to_string()).collect();
+            self.errors.push(ctx.diag(
+                path,
+                format!(
+                    "unknown model `{model}`: no {model}.yaml in the model folders ({})",
+                    if searched.is_empty() { "none configured: add `models: [./mappings]`".to_string() } else { searched.join(", ") }
+                ),
+            ));
+            self.models.insert(model.to_string(), None);
+            return None;
+        };
+        let fname = file.display().to_string();
+        let result = match std::fs::read_to_string(&file) {
+            Err(e) => {
+                self.errors.push(ctx.diag(path, format!("cannot read {fname}: {e}")));
+                None
+            }
+            Ok(text) => {
+                let before = self.errors.len();
+                match parse::<RawModel>(&fname, &text, self.env, &mut self.errors) {
+                    None => None,
+                    Some((raw, map)) => {
+                        let mctx = Ctx { file: &fname, map: &map };
+                        if raw.model != model {
+                            self.errors.push(mctx.diag(
+                                "model",
+                                format!("the file is named {model}.yaml but says `model: {}`", raw.model),
+                            ));
+                        }
+                        let mut specs = Vec::new();
+                        for (pname, rp) in &raw.points {
+                            if let Some(s) = validate_point(&mctx, &mut self.errors, &format!("points.{pname}"), pname, rp) {
+                                specs.push(s);
+                            }
+                        }
+                        (self.errors.len() == before).then_some(specs)
+                    }
+                }
+            }
+        };
+        self.models.insert(model.to_string(), result.clone());
+        result
+    }
+}
+
+/// Validates one point; every problem is pushed to `errors`.
+fn validate_point(ctx: &Ctx, errors: &mut Vec<Diagnostic>, p: &str, name: &str, r: &RawPoint) -> Option<PointSpec> {
+    let before = errors.len();
+    let mut err = |field: &str, msg: String| {
+        let path = if field.is_empty() { p.to_string() } else { format!("{p}.{field}") };
+        errors.push(ctx.diag(&path, msg));
+    };
+    check_topic_segment_with(&mut err, name, "point name");
+
+    let sources = [("register", r.register), ("coil", r.coil), ("discrete", r.discrete)];
+    let given: Vec<&str> = sources.iter().filter(|(_, v)| v.is_some()).map(|(k, _)| *k).collect();
+    let (table, address) = match (given.as_slice(), r.register, r.coil, r.discrete) {
+        (["register"], Some(a), _, _) => (
+            match r.kind.unwrap_or(RegisterKind::Holding) {
+                RegisterKind::Holding => Table::Holding,
+                RegisterKind::Input => Table::Input,
+            },
+            a,
+        ),
+        (["coil"], _, Some(a), _) => (Table::Coil, a),
+        (["discrete"], _, _, Some(a)) => (Table::Discrete, a),
+        ([], ..) => {
+            err("", "a point needs one of `register:`, `coil:` or `discrete:`".into());
+            return None;
+        }
+        _ => {
+            err(given[1], format!("give only one of `register:`, `coil:`, `discrete:` (found {})", given.join(", ")));
+            return None;
+        }
+    };
+    if table.is_bits() {
+        for (field, set) in [
+            ("kind", r.kind.is_some()),
+            ("order", r.order.is_some()),
+            ("bit", r.bit.is_some()),
+            ("length", r.length.is_some()),
+            ("scale", r.scale.is_some()),
+            ("offset", r.offset.is_some()),
+        ] {
+            if set {
+                err(field, format!("`{field}` does not apply to a {} (a single bit)", if table == Table::Coil { "coil" } else { "discrete input" }));
+            }
+        }
+        if let Some(t) = r.dtype.filter(|t| *t != DataType::Bool) {
+            err("type", format!("a single bit is a bool, not {}", type_name(t)));
+        }
+    }
+    let dtype = match (r.dtype, r.bit, table.is_bits()) {
+        (_, _, true) => DataType::Bool,
+        (None, Some(_), _) => DataType::Bool,
+        (Some(DataType::Bool), Some(_), _) => DataType::Bool,
+        (Some(t), Some(_), _) => {
+            err("type", format!("`bit:` reads a bool, not {}", type_name(t)));
+            DataType::Bool
+        }
+        (Some(t), None, _) => t,
+        (None, None, _) => DataType::U16,
+    };
+    let bit = match r.bit {
+        Some(b) if b > 15 => {
+            err("bit", format!("bit {b} is out of range 0..=15"));
+            None
+        }
+        b => b.map(|b| b as u8),
+    };
+    let length = match (dtype, r.length) {
+        (DataType::String, None) => {
+            err("length", "a string needs `length:` in registers (two characters each)".into());
+            1
+        }
+        (DataType::String, Some(0)) => {
+            err("length", "must be at least 1".into());
+            1
+        }
+        (DataType::String, Some(l)) if l > 125 => {
+            err("length", format!("{l} registers do not fit one request (at most 125)"));
+            1
+        }
+        (DataType::String, Some(l)) => l as u16,
+        (_, Some(_)) => {
+            err("length", "`length:` applies only to `type: string`".into());
+            1
+        }
+        (_, None) => 1,
+    };
+    if !dtype.is_numeric() {
+        for (field, set) in [("scale", r.scale.is_some()), ("offset", r.offset.is_some())] {
+            if set && !table.is_bits() {
+                err(field, format!("`{field}` applies only to numeric types, not {}", type_name(dtype)));
+            }
+        }
+    }
+    if r.scale == Some(0.0) {
+        err("scale", "a scale of 0 makes every reading 0".into());
+    }
+    let width: u32 = if table.is_bits() || bit.is_some() {
+        1
+    } else if dtype == DataType::String {
+        length as u32
+    } else {
+        dtype.registers() as u32
+    };
+    let field = given[0];
+    if address > 65535 {
+        err(field, format!("address {address} is past 65535 (addresses are 0-based protocol addresses; see README: 4xxxx/3xxxx numbers)"));
+    } else if address + width - 1 > 65535 {
+        err(field, format!("{address} + {width} registers runs past address 65535"));
+    }
+    if let Some(e) = r.every {
+        if e < Duration::from_millis(10) {
+            err("every", "must be at least 10ms".into());
+        }
+    }
+    if let Some(q) = r.qos {
+        if q > 2 {
+            err("qos", format!("QoS {q} does not exist (0, 1 or 2)"));
+        }
+    }
+    if let Some(t) = &r.topic {
+        if let Some(msg) = template_error(t) {
+            err("topic", msg);
+        }
+    }
+    if errors.len() != before {
+        return None;
+    }
+    Some(PointSpec {
+        name: name.to_string(),
+        source: Source { table, address: address as u16 },
+        dtype,
+        order: r.order.unwrap_or_default(),
+        bit,
+        length,
+        scale: r.scale,
+        offset: r.offset,
+        unit: r.unit.clone(),
+        every: r.every,
+        topic: r.topic.clone(),
+        payload: r.payload,
+        qos: r.qos,
+        retain: r.retain,
+    })
+}
+
+fn type_name(t: DataType) -> String {
+    format!("{t:?}").to_lowercase()
+}
+
+fn check_qos(ctx: &Ctx, errors: &mut Vec<Diagnostic>, path: &str, q: u8) {
+    if q > 2 {
+        errors.push(ctx.diag(path, format!("QoS {q} does not exist (0, 1 or 2)")));
+    }
+}
+
+fn check_template(ctx: &Ctx, errors: &mut Vec<Diagnostic>, path: &str, t: &str) {
+    if let Some(msg) = template_error(t) {
+        errors.push(ctx.diag(path, msg));
+    }
+}
+
+fn check_topic_segment(ctx: &Ctx, errors: &mut Vec<Diagnostic>, path: &str, name: &str, what: &str) {
+    check_topic_segment_with(&mut |_: &str, m: String| errors.push(ctx.diag(path, m)), name, what);
+}
+
+fn check_topic_segment_with(err: &mut dyn FnMut(&str, String), name: &str, what: &str) {
+    if name.is_empty() || name.contains(['/', '+', '#']) {
+        err("", format!("{what} `{name}` cannot be an MQTT topic level (no '/', '+', '#', not empty)"));
+    }
+}
+
+/// Checks a topic template: known placeholders only, no wildcards.
+fn template_error(t: &str) -> Option<String> {
+    if t.is_empty() {
+        return Some("a topic cannot be empty".into());
+    }
+    if t.contains(['+', '#']) {
+        return Some(format!("`{t}`: '+' and '#' are subscription wildcards, not allowed in a topic"));
+    }
+    let mut rest = t;
+    while let Some(i) = rest.find('{') {
+        let Some(j) = rest[i..].find('}') else {
+            return Some(format!("`{t}`: unclosed '{{'"));
+        };
+        let name = &rest[i + 1..i + j];
+        if !PLACEHOLDERS.contains(&name) {
+            return Some(format!(
+                "unknown placeholder {{{name}}} in `{t}` (known: {{gateway}} {{device}} {{point}} {{unit}})"
+            ));
+        }
+        rest = &rest[i + j + 1..];
+    }
+    None
+}
+
+fn render_topic(t: &str, gateway: &str, device: &str, point: &str, unit: &str) -> String {
+    t.replace("{gateway}", gateway)
+        .replace("{device}", device)
+        .replace("{point}", point)
+        .replace("{unit}", unit)
+}
+
+fn list_or_none(items: &[&str]) -> String {
+    if items.is_empty() { "none".into() } else { items.join(", ") }
+}
+
+/// `mqtt://host[:port]`; `tcp://` is accepted as a synonym.
+fn parse_mqtt_url(url: &str) -> Result<(String, u16), String> {
+    let rest = if let Some(r) = url.strip_prefix("mqtt://").or_else(|| url.strip_prefix("tcp://")) {
+        r
+    } else if url.starts_with("mqtts://") || url.starts_with("ssl://") {
+        return Err(format!("`{url}`: TLS (mqtts://) is not supported yet; use mqtt://"));
+    } else {
+        return Err(format!("`{url}` is not an MQTT URL: expected mqtt://host:port"));
+    };
+    let rest = rest.trim_end_matches('/');
+    let (host, port) = if let Some(stripped) = rest.strip_prefix('[') {
+        // [ipv6]:port
+        let (h, p) = stripped.split_once(']').ok_or_else(|| format!("`{url}`: unclosed '['"))?;
+        (h.to_string(), p.strip_prefix(':'))
+    } else {
+        match rest.rsplit_once(':') {
+            Some((h, p)) => (h.to_string(), Some(p)),
+            None => (rest.to_string(), None),
+        }
+    };
+    if host.is_empty() || host.contains('/') {
+        return Err(format!("`{url}`: expected mqtt://host:port"));
+    }
+    let port = match port {
+        None => 1883,
+        Some(p) => p.parse::<u16>().map_err(|_| format!("`{url}`: port `{p}` is not a number 1..=65535"))?,
+    };
+    Ok((host, port))
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "fieldgate".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(k: &str) -> Option<String> {
+        match k {
+            "PASS" => Some("s3cret".into()),
+            "ODD" => Some("a: b #c".into()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn env_expands_in_values_but_not_in_comments() {
+        let out = expand_env("password: ${PASS} # ${NOT_SET} stays\n", &env).unwrap();
+        assert_eq!(out, "password: s3cret # ${NOT_SET} stays\n");
+    }
+
+    #[test]
+    fn env_defaults_and_escapes() {
+        assert_eq!(expand_env("port: ${NOPE:-1883}\n", &env).unwrap(), "port: 1883\n");
+        assert_eq!(expand_env("x: $${PASS}\n", &env).unwrap(), "x: ${PASS}\n");
+    }
+
+    #[test]
+    fn env_values_yaml_would_misread_are_quoted() {
+        assert_eq!(expand_env("p: ${ODD}\n", &env).unwrap(), "p: \"a: b #c\"\n");
+        assert_eq!(expand_env("p: \"x${ODD}\"\n", &env).unwrap(), "p: \"xa: b #c\"\n");
+    }
+
+    #[test]
+    fn a_missing_env_var_names_its_line_and_column() {
+        let err = expand_env("a: 1\nb: ${MISSING}\n", &env).unwrap_err();
+        assert_eq!(err, vec![(Loc { line: 2, col: 4 }, "MISSING".to_string())]);
+    }
+
+    #[test]
+    fn mqtt_urls() {
+        assert_eq!(parse_mqtt_url("mqtt://127.0.0.1:1883").unwrap(), ("127.0.0.1".into(), 1883));
+        assert_eq!(parse_mqtt_url("mqtt://broker").unwrap(), ("broker".into(), 1883));
+        assert_eq!(parse_mqtt_url("mqtt://[::1]:1884").unwrap(), ("::1".into(), 1884));
+        assert!(parse_mqtt_url("http://x").is_err());
+        assert!(parse_mqtt_url("mqtt://x:99999").is_err());
+    }
+
+    #[test]
+    fn templates_accept_known_placeholders_only() {
+        assert_eq!(template_error("site/{gateway}/{device}/{point}/{unit}"), None);
+        assert!(template_error("x/{devise}").unwrap().contains("unknown placeholder {devise}"));
+        assert!(template_error("x/#").is_some());
+    }
+}

@@ -1,0 +1,59 @@
+//! Wiring: opens the queue, starts one poller per bus and the uplink, and shuts them down in
+//! the order that keeps every reading.
+//!
+//! Shutdown order: the cancellation token stops the pollers and the uplink together; each
+//! poller hands its last readings to the store before it returns; the uplink waits briefly for
+//! acknowledgements of what is in flight, publishes `offline` and disconnects; the store thread
+//! commits everything still waiting once the last handle is dropped. Nothing queued is dropped:
+//! unacknowledged rows simply wait in `queue.db` for the next start.
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::store::{self, Store, StoreError};
+use crate::uplink::{Tuning, Uplink};
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("the store thread panicked")]
+    StorePanicked,
+}
+
+/// Runs the gateway until `cancel` fires, then drains and returns.
+pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), GatewayError> {
+    run_with(config, Tuning::default(), cancel).await
+}
+
+/// [`run`] with explicit uplink timing (tests shorten the timeouts).
+pub async fn run_with(config: Config, tuning: Tuning, cancel: CancellationToken) -> Result<(), GatewayError> {
+    let store = Store::open(&config.gateway.state_dir)?;
+    let stats = store.stats()?;
+    tracing::info!(gateway = %config.gateway.id, queue = %config.gateway.state_dir.join("queue.db").display(),
+        queued = stats.depth, last_seq = stats.last_seq, "queue open");
+    let (handle, store_thread) = store::spawn(store)?;
+
+    let tasks = TaskTracker::new();
+    for bus in &config.buses {
+        let devices: Vec<_> = config.devices.iter().filter(|d| d.bus == bus.name).cloned().collect();
+        if devices.is_empty() {
+            continue;
+        }
+        tasks.spawn(crate::poller::run(bus.clone(), devices, handle.clone(), cancel.clone()));
+    }
+    let mut uplink = Uplink::new(config.mqtt.clone(), &config.gateway, handle.clone());
+    uplink.tuning = tuning;
+    tasks.spawn(uplink.run(cancel.clone()));
+    drop(handle);
+    tasks.close();
+    tasks.wait().await;
+
+    tokio::task::spawn_blocking(move || store_thread.join())
+        .await
+        .map_err(|_| GatewayError::StorePanicked)?
+        .map_err(|_| GatewayError::StorePanicked)?;
+    tracing::info!("gateway stopped; unacknowledged readings stay queued for the next start");
+    Ok(())
+}

@@ -1,0 +1,35 @@
+//! fieldgate: an edge gateway that polls Modbus devices and publishes their readings to MQTT
+//! without losing any, through a SQLite store-and-forward queue.
+//!
+//! # Layout
+//!
+//! The data flows through one module per stage:
+//!
+//! ```text
+//! config ──► plan                     (at start: validated config, read plans)
+//!   │
+//!   ▼
+//! poller ──► bus/{modbus_tcp}         (one task per bus: ask devices, get words and bits)
+//!   │   └──► mapping                  (decode words into typed values)
+//!   │   └──► message                  (values → Message: topic, QoS, retain, ts, body)
+//!   ▼
+//! store                               (SQLite queue: seq assigned, committed before publishing)
+//!   │
+//!   ▼
+//! uplink                              (rumqttc QoS 1; a row is deleted on its PUBACK)
+//! ```
+//!
+//! `gateway` wires these together and owns shutdown. `sim` (a simulated Modbus device) and
+//! `proxy` (a fault-injecting TCP proxy) serve the demo and the tests.
+
+pub mod bus;
+pub mod config;
+pub mod gateway;
+pub mod mapping;
+pub mod message;
+pub mod plan;
+pub mod poller;
+pub mod proxy;
+pub mod sim;
+pub mod store;
+pub mod uplink;

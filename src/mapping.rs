@@ -1,0 +1,474 @@
+//! Typed points and the pure decoding of raw Modbus data into values.
+//!
+//! This module owns what a configured point *is* once the config has been validated
+//! ([`Point`], [`Source`], [`DataType`], [`Order`]) and the function that turns the registers or
+//! bits a request returned into a [`Value`] ([`Point::decode`]). It does no I/O and knows nothing
+//! of buses, queues or MQTT; `config` builds points, `poller` feeds them data.
+//!
+//! Word and byte order follow the common "ABCD" notation for a 32-bit value whose big-endian
+//! bytes are A B C D:
+//!
+//! | order | registers on the wire | meaning                                 |
+//! |-------|-----------------------|-----------------------------------------|
+//! | ABCD  | `AB` `CD`             | big-endian words, big-endian bytes      |
+//! | CDAB  | `CD` `AB`             | low word first ("word swap")            |
+//! | BADC  | `BA` `DC`             | bytes swapped inside each word          |
+//! | DCBA  | `DC` `BA`             | fully little-endian                     |
+//!
+//! The same two switches (word order reversed, bytes in each word swapped) apply to 64-bit
+//! values: CDAB on a u64 means the four words arrive lowest first, BADC that each word's two
+//! bytes are swapped, DCBA both. On 16-bit values only the byte swap has an effect.
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// The Modbus table a point is read from. Addresses are 0-based protocol addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Table {
+    Coil,
+    Discrete,
+    Input,
+    Holding,
+}
+
+impl Table {
+    /// Bit tables carry one bit per address, register tables one 16-bit word.
+    pub fn is_bits(self) -> bool {
+        matches!(self, Table::Coil | Table::Discrete)
+    }
+
+    /// Most items one read request may ask for (Modbus application protocol v1.1b3, §6.1–6.4).
+    pub fn max_per_request(self) -> u16 {
+        if self.is_bits() { 2000 } else { 125 }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Table::Coil => "coils",
+            Table::Discrete => "discrete inputs",
+            Table::Input => "input registers",
+            Table::Holding => "holding registers",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DataType {
+    U16,
+    I16,
+    U32,
+    I32,
+    U64,
+    I64,
+    F32,
+    F64,
+    Bool,
+    String,
+}
+
+impl DataType {
+    /// Registers one value of this type occupies (strings: see [`Point::width`]).
+    pub fn registers(self) -> u16 {
+        match self {
+            DataType::U16 | DataType::I16 | DataType::Bool | DataType::String => 1,
+            DataType::U32 | DataType::I32 | DataType::F32 => 2,
+            DataType::U64 | DataType::I64 | DataType::F64 => 4,
+        }
+    }
+
+    pub fn is_numeric(self) -> bool {
+        !matches!(self, DataType::Bool | DataType::String)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+pub enum Order {
+    #[default]
+    ABCD,
+    CDAB,
+    BADC,
+    DCBA,
+}
+
+impl Order {
+    fn word_swap(self) -> bool {
+        matches!(self, Order::CDAB | Order::DCBA)
+    }
+    fn byte_swap(self) -> bool {
+        matches!(self, Order::BADC | Order::DCBA)
+    }
+}
+
+/// A decoded reading value, as it appears in a payload.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Value {
+    Bool(bool),
+    Int(i64),
+    UInt(u64),
+    Float(f64),
+    Text(String),
+}
+
+impl fmt::Display for Value {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Value::Bool(b) => write!(f, "{b}"),
+            Value::Int(i) => write!(f, "{i}"),
+            Value::UInt(u) => write!(f, "{u}"),
+            Value::Float(x) => write!(f, "{x}"),
+            Value::Text(s) => f.write_str(s),
+        }
+    }
+}
+
+/// Where a point's data lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Source {
+    pub table: Table,
+    pub address: u16,
+}
+
+/// How a point's message is published.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Delivery {
+    /// The topic with every placeholder already filled in.
+    pub topic: String,
+    pub qos: u8,
+    pub retain: bool,
+}
+
+/// A fully resolved point: everything needed to plan its read, decode it and publish it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Point {
+    pub name: String,
+    pub source: Source,
+    pub dtype: DataType,
+    pub order: Order,
+    /// A single bit (0 = least significant) of a register, decoded as bool.
+    pub bit: Option<u8>,
+    /// String length in registers (two characters each).
+    pub length: u16,
+    pub scale: Option<f64>,
+    pub offset: Option<f64>,
+    pub unit: Option<String>,
+    pub every: Duration,
+    pub delivery: Delivery,
+}
+
+impl Point {
+    /// Number of registers (or bits, for coils and discrete inputs) this point spans.
+    pub fn width(&self) -> u16 {
+        if self.source.table.is_bits() || self.bit.is_some() {
+            1
+        } else if self.dtype == DataType::String {
+            self.length
+        } else {
+            self.dtype.registers()
+        }
+    }
+
+    /// Decodes this point from the registers of its span (`words.len() == self.width()`).
+    pub fn decode_words(&self, words: &[u16]) -> Value {
+        debug_assert_eq!(words.len(), self.width() as usize);
+        if let Some(bit) = self.bit {
+            return Value::Bool(words[0] >> bit & 1 == 1);
+        }
+        let bytes = ordered_bytes(words, self.order);
+        let raw = match self.dtype {
+            DataType::U16 => Value::UInt(u16::from_be_bytes([bytes[0], bytes[1]]) as u64),
+            DataType::I16 => Value::Int(i16::from_be_bytes([bytes[0], bytes[1]]) as i64),
+            DataType::U32 => Value::UInt(u32::from_be_bytes(take(&bytes)) as u64),
+            DataType::I32 => Value::Int(i32::from_be_bytes(take(&bytes)) as i64),
+            DataType::U64 => Value::UInt(u64::from_be_bytes(take(&bytes))),
+            DataType::I64 => Value::Int(i64::from_be_bytes(take(&bytes))),
+            DataType::F32 => Value::Float(f32_as_f64(f32::from_be_bytes(take(&bytes)))),
+            DataType::F64 => Value::Float(f64::from_be_bytes(take(&bytes))),
+            DataType::Bool => Value::Bool(words[0] != 0),
+            DataType::String => Value::Text(decode_string(&bytes)),
+        };
+        self.apply_scale(raw)
+    }
+
+    /// Decodes a coil or discrete input.
+    pub fn decode_bit(&self, bit: bool) -> Value {
+        Value::Bool(bit)
+    }
+
+    fn apply_scale(&self, raw: Value) -> Value {
+        if self.scale.is_none() && self.offset.is_none() {
+            return raw;
+        }
+        let x = match raw {
+            Value::Int(i) => i as f64,
+            Value::UInt(u) => u as f64,
+            Value::Float(f) => f,
+            other => return other,
+        };
+        let y = x * self.scale.unwrap_or(1.0) + self.offset.unwrap_or(0.0);
+        Value::Float(tidy(y))
+    }
+}
+
+/// Puts the bytes of `words` into big-endian order according to `order`.
+fn ordered_bytes(words: &[u16], order: Order) -> Vec<u8> {
+    let mut out = Vec::with_capacity(words.len() * 2);
+    let mut push = |w: u16| {
+        let [hi, lo] = w.to_be_bytes();
+        if order.byte_swap() {
+            out.extend_from_slice(&[lo, hi]);
+        } else {
+            out.extend_from_slice(&[hi, lo]);
+        }
+    };
+    if order.word_swap() {
+        words.iter().rev().copied().for_each(&mut push);
+    } else {
+        words.iter().copied().for_each(&mut push);
+    }
+    out
+}
+
+fn take<const N: usize>(bytes: &[u8]) -> [u8; N] {
+    bytes[..N].try_into().expect("span checked by width()")
+}
+
+/// Widens an f32 through its shortest decimal form, so 0.1f32 becomes 0.1 and not
+/// 0.10000000149011612: consumers see the number the device meant.
+fn f32_as_f64(x: f32) -> f64 {
+    if !x.is_finite() {
+        return x as f64;
+    }
+    x.to_string().parse().unwrap_or(x as f64)
+}
+
+/// Rounds away binary noise from scaling (1234 × 0.01 = 12.340000000000002) by keeping
+/// 12 significant digits, more than any Modbus register carries.
+fn tidy(x: f64) -> f64 {
+    if !x.is_finite() {
+        return x;
+    }
+    format!("{x:.11e}").parse().unwrap_or(x)
+}
+
+/// Two characters per register, high byte first; trailing NULs and spaces trimmed.
+fn decode_string(bytes: &[u8]) -> String {
+    let end = bytes
+        .iter()
+        .rposition(|&b| b != 0 && b != b' ')
+        .map_or(0, |i| i + 1);
+    let text = &bytes[..end];
+    // A NUL inside the string ends it, as in C.
+    let text = match text.iter().position(|&b| b == 0) {
+        Some(i) => &text[..i],
+        None => text,
+    };
+    String::from_utf8_lossy(text).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn point(dtype: DataType, order: Order) -> Point {
+        Point {
+            name: "p".into(),
+            source: Source {
+                table: Table::Holding,
+                address: 0,
+            },
+            dtype,
+            order,
+            bit: None,
+            length: 1,
+            scale: None,
+            offset: None,
+            unit: None,
+            every: Duration::from_secs(1),
+            delivery: Delivery {
+                topic: "t".into(),
+                qos: 1,
+                retain: false,
+            },
+        }
+    }
+
+    #[test]
+    fn u16_and_i16_are_read_big_endian_and_byte_swapped_by_badc() {
+        assert_eq!(
+            point(DataType::U16, Order::ABCD).decode_words(&[0x1234]),
+            Value::UInt(0x1234)
+        );
+        assert_eq!(
+            point(DataType::U16, Order::BADC).decode_words(&[0x1234]),
+            Value::UInt(0x3412)
+        );
+        assert_eq!(
+            point(DataType::U16, Order::CDAB).decode_words(&[0x1234]),
+            Value::UInt(0x1234)
+        );
+        assert_eq!(
+            point(DataType::I16, Order::ABCD).decode_words(&[0xFFFE]),
+            Value::Int(-2)
+        );
+        assert_eq!(
+            point(DataType::I16, Order::DCBA).decode_words(&[0xFEFF]),
+            Value::Int(-2)
+        );
+    }
+
+    #[test]
+    fn thirty_two_bit_values_in_all_four_orders() {
+        // 0x12345678 laid out as each order puts it on the wire.
+        let cases = [
+            (Order::ABCD, [0x1234, 0x5678]),
+            (Order::CDAB, [0x5678, 0x1234]),
+            (Order::BADC, [0x3412, 0x7856]),
+            (Order::DCBA, [0x7856, 0x3412]),
+        ];
+        for (order, words) in cases {
+            assert_eq!(
+                point(DataType::U32, order).decode_words(&words),
+                Value::UInt(0x1234_5678),
+                "{order:?}"
+            );
+        }
+        // -2 as i32 = 0xFFFFFFFE
+        assert_eq!(
+            point(DataType::I32, Order::ABCD).decode_words(&[0xFFFF, 0xFFFE]),
+            Value::Int(-2)
+        );
+        assert_eq!(
+            point(DataType::I32, Order::CDAB).decode_words(&[0xFFFE, 0xFFFF]),
+            Value::Int(-2)
+        );
+    }
+
+    #[test]
+    fn f32_in_all_four_orders() {
+        // 61.25f32 = 0x42750000
+        let cases = [
+            (Order::ABCD, [0x4275, 0x0000]),
+            (Order::CDAB, [0x0000, 0x4275]),
+            (Order::BADC, [0x7542, 0x0000]),
+            (Order::DCBA, [0x0000, 0x7542]),
+        ];
+        for (order, words) in cases {
+            assert_eq!(
+                point(DataType::F32, order).decode_words(&words),
+                Value::Float(61.25),
+                "{order:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn f32_keeps_the_decimal_the_device_meant() {
+        // 0.1f32 = 0x3DCCCCCD
+        assert_eq!(
+            point(DataType::F32, Order::ABCD).decode_words(&[0x3DCC, 0xCCCD]),
+            Value::Float(0.1)
+        );
+    }
+
+    #[test]
+    fn sixty_four_bit_values_in_all_four_orders() {
+        // 0x0102030405060708
+        let cases = [
+            (Order::ABCD, [0x0102, 0x0304, 0x0506, 0x0708]),
+            (Order::CDAB, [0x0708, 0x0506, 0x0304, 0x0102]),
+            (Order::BADC, [0x0201, 0x0403, 0x0605, 0x0807]),
+            (Order::DCBA, [0x0807, 0x0605, 0x0403, 0x0201]),
+        ];
+        for (order, words) in cases {
+            assert_eq!(
+                point(DataType::U64, order).decode_words(&words),
+                Value::UInt(0x0102_0304_0506_0708),
+                "{order:?}"
+            );
+        }
+        assert_eq!(
+            point(DataType::I64, Order::ABCD).decode_words(&[0xFFFF, 0xFFFF, 0xFFFF, 0xFFFF]),
+            Value::Int(-1)
+        );
+        // 1234.5678f64 = 0x40934A456D5CFAAD
+        assert_eq!(
+            point(DataType::F64, Order::ABCD).decode_words(&[0x4093, 0x4A45, 0x6D5C, 0xFAAD]),
+            Value::Float(1234.5678)
+        );
+        assert_eq!(
+            point(DataType::F64, Order::CDAB).decode_words(&[0xFAAD, 0x6D5C, 0x4A45, 0x4093]),
+            Value::Float(1234.5678)
+        );
+    }
+
+    #[test]
+    fn scale_and_offset_apply_to_every_numeric_type() {
+        let mut p = point(DataType::U16, Order::ABCD);
+        p.scale = Some(0.01);
+        assert_eq!(p.decode_words(&[1234]), Value::Float(12.34));
+        p.offset = Some(-40.0);
+        assert_eq!(p.decode_words(&[1234]), Value::Float(-27.66));
+
+        let mut p = point(DataType::I16, Order::ABCD);
+        p.scale = Some(0.1);
+        assert_eq!(p.decode_words(&[0xFF9C]), Value::Float(-10.0)); // -100 × 0.1
+
+        let mut p = point(DataType::U32, Order::ABCD);
+        p.scale = Some(0.1);
+        assert_eq!(p.decode_words(&[0x0001, 0x0000]), Value::Float(6553.6));
+
+        let mut p = point(DataType::F32, Order::ABCD);
+        p.offset = Some(1.5);
+        assert_eq!(p.decode_words(&[0x4275, 0x0000]), Value::Float(62.75));
+
+        let mut p = point(DataType::I64, Order::ABCD);
+        p.scale = Some(2.0);
+        p.offset = Some(1.0);
+        assert_eq!(
+            p.decode_words(&[0xFFFF, 0xFFFF, 0xFFFF, 0xFFFB]), // -5
+            Value::Float(-9.0)
+        );
+    }
+
+    #[test]
+    fn a_bit_of_a_register_is_a_bool() {
+        let mut p = point(DataType::Bool, Order::ABCD);
+        p.bit = Some(3);
+        assert_eq!(p.decode_words(&[0b1000]), Value::Bool(true));
+        assert_eq!(p.decode_words(&[0b0111]), Value::Bool(false));
+        p.bit = Some(15);
+        assert_eq!(p.decode_words(&[0x8000]), Value::Bool(true));
+    }
+
+    #[test]
+    fn strings_trim_trailing_nuls_and_spaces() {
+        let mut p = point(DataType::String, Order::ABCD);
+        p.length = 4;
+        // "SN-42  " then NUL
+        assert_eq!(
+            p.decode_words(&[0x534E, 0x2D34, 0x3220, 0x2000]),
+            Value::Text("SN-42".into())
+        );
+        p.order = Order::BADC;
+        assert_eq!(
+            p.decode_words(&[0x4E53, 0x342D, 0x2032, 0x0020]),
+            Value::Text("SN-42".into())
+        );
+        assert_eq!(p.decode_words(&[0, 0, 0, 0]), Value::Text(String::new()));
+    }
+
+    #[test]
+    fn width_counts_registers_or_bits() {
+        assert_eq!(point(DataType::F64, Order::ABCD).width(), 4);
+        let mut p = point(DataType::String, Order::ABCD);
+        p.length = 10;
+        assert_eq!(p.width(), 10);
+        let mut p = point(DataType::Bool, Order::ABCD);
+        p.source.table = Table::Coil;
+        assert_eq!(p.width(), 1);
+    }
+}

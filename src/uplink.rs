@@ -1,0 +1,482 @@
+//! The uplink: publishes queued rows to the MQTT broker and deletes them when acknowledged.
+//!
+//! The queue, not rumqttc, is the truth. Each connection is a fresh rumqttc client and event
+//! loop with `clean_session = true`; when it ends for any reason, everything not yet
+//! acknowledged is simply read from the queue again by the next session, oldest first.
+//!
+//! rumqttc's `publish()` returns no packet id, so the bookkeeping is done here ([`Inflight`],
+//! pure, no I/O): publishes are submitted in order, rumqttc reports `Outgoing::Publish(pkid)` in
+//! that same order, which ties each packet id to a row; `Incoming::PubAck(pkid)` (PUBCOMP for
+//! QoS 2) then names the row to delete. A packet-id collision, an unknown acknowledgement or an
+//! acknowledgement that does not come within the ack timeout ends the session: the rows are
+//! resent on the next one, never deleted unacknowledged.
+//!
+//! The uplink never blocks pollers: they only hand messages to the store thread.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, ConnectReturnCode, Event, LastWill, MqttOptions, Outgoing, Packet, QoS};
+use tokio::sync::mpsc;
+use tokio::time::{Instant, sleep, timeout};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Gateway, Mqtt};
+use crate::store::{StoreError, StoreHandle};
+
+#[derive(Debug, thiserror::Error)]
+pub enum UplinkError {
+    #[error("{0}")]
+    Connection(#[from] rumqttc::ConnectionError),
+    #[error("the broker refused the connection: {0:?}")]
+    Refused(ConnectReturnCode),
+    #[error("no CONNACK within {0:?}")]
+    ConnectTimeout(Duration),
+    #[error("client: {0}")]
+    Client(#[from] rumqttc::ClientError),
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    #[error("bookkeeping: {0}")]
+    Inflight(#[from] InflightError),
+    #[error("no acknowledgement for packet {pkid} within {waited:?}")]
+    AckTimeout { pkid: u16, waited: Duration },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InflightError {
+    #[error("rumqttc sent a publish that was never submitted (packet {0})")]
+    NothingSubmitted(u16),
+    #[error("packet id {0} reused while still awaiting its acknowledgement")]
+    Collision(u16),
+}
+
+/// What a submitted publish stands for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Entry {
+    /// A queue row.
+    Row { seq: u64, qos: u8 },
+    /// The gateway's own status message.
+    Control { qos: u8 },
+}
+
+impl Entry {
+    fn qos(self) -> u8 {
+        match self {
+            Entry::Row { qos, .. } | Entry::Control { qos } => qos,
+        }
+    }
+}
+
+/// Publishes submitted but not yet acknowledged, tied to their packet ids. No I/O.
+#[derive(Debug, Default)]
+pub struct Inflight {
+    /// Handed to rumqttc, not yet written (no packet id yet), in submission order.
+    submitted: VecDeque<Entry>,
+    /// Written, awaiting PUBACK/PUBCOMP, with the time they were written.
+    awaiting: HashMap<u16, (Entry, Instant)>,
+}
+
+impl Inflight {
+    /// Everything submitted and not yet acknowledged.
+    pub fn len(&self) -> usize {
+        self.submitted.len() + self.awaiting.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn submitted(&mut self, e: Entry) {
+        self.submitted.push_back(e);
+    }
+
+    /// rumqttc wrote the next submitted publish with `pkid` (0 for QoS 0). Returns the row's
+    /// `seq` if that completes it (QoS 0 needs no acknowledgement).
+    pub fn written(&mut self, pkid: u16, now: Instant) -> Result<Option<u64>, InflightError> {
+        let e = self
+            .submitted
+            .pop_front()
+            .ok_or(InflightError::NothingSubmitted(pkid))?;
+        if e.qos() == 0 {
+            return Ok(match e {
+                Entry::Row { seq, .. } => Some(seq),
+                Entry::Control { .. } => None,
+            });
+        }
+        if self.awaiting.insert(pkid, (e, now)).is_some() {
+            return Err(InflightError::Collision(pkid));
+        }
+        Ok(None)
+    }
+
+    /// The broker acknowledged `pkid`. Returns the row's `seq` to delete, if it was a row.
+    /// An acknowledgement for a packet id we do not await is ignored (a late duplicate).
+    pub fn acknowledged(&mut self, pkid: u16) -> Option<u64> {
+        match self.awaiting.remove(&pkid) {
+            Some((Entry::Row { seq, .. }, _)) => Some(seq),
+            Some((Entry::Control { .. }, _)) => None,
+            None => {
+                tracing::debug!(pkid, "acknowledgement for a packet not awaited; ignored");
+                None
+            }
+        }
+    }
+
+    /// The packet that has waited longest for its acknowledgement, and since when.
+    pub fn oldest(&self) -> Option<(u16, Instant)> {
+        self.awaiting
+            .iter()
+            .map(|(p, (_, t))| (*p, *t))
+            .min_by_key(|(_, t)| *t)
+    }
+
+    /// Rows still awaiting an acknowledgement.
+    pub fn rows_awaiting(&self) -> usize {
+        self.submitted
+            .iter()
+            .chain(self.awaiting.values().map(|(e, _)| e))
+            .filter(|e| matches!(e, Entry::Row { .. }))
+            .count()
+    }
+}
+
+fn qos(q: u8) -> QoS {
+    match q {
+        0 => QoS::AtMostOnce,
+        2 => QoS::ExactlyOnce,
+        _ => QoS::AtLeastOnce,
+    }
+}
+
+/// Settings of the uplink beyond the config's `mqtt:` section.
+#[derive(Debug, Clone)]
+pub struct Tuning {
+    /// How long a PUBACK may take before the session is considered broken.
+    pub ack_timeout: Duration,
+    /// At shutdown, how long to wait for acknowledgements of what is in flight.
+    pub drain_timeout: Duration,
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Tuning {
+            ack_timeout: Duration::from_secs(30),
+            drain_timeout: Duration::from_secs(2),
+            backoff_min: Duration::from_millis(500),
+            backoff_max: Duration::from_secs(30),
+        }
+    }
+}
+
+pub struct Uplink {
+    pub mqtt: Mqtt,
+    pub status_topic: String,
+    pub store: StoreHandle,
+    pub tuning: Tuning,
+}
+
+/// How a session ended without an error.
+enum Ended {
+    Shutdown,
+}
+
+impl Uplink {
+    pub fn new(mqtt: Mqtt, gateway: &Gateway, store: StoreHandle) -> Uplink {
+        Uplink {
+            mqtt,
+            status_topic: gateway.status_topic(),
+            store,
+            tuning: Tuning::default(),
+        }
+    }
+
+    /// Connects, publishes, reconnects with backoff, until `cancel` fires.
+    pub async fn run(self, cancel: CancellationToken) {
+        let mut backoff = self.tuning.backoff_min;
+        // When the current outage began; None while the uplink is up (or never tried).
+        let mut down_since: Option<Instant> = None;
+        loop {
+            if cancel.is_cancelled() {
+                return;
+            }
+            let mut connected = false;
+            let result = self.session(&cancel, &mut connected, down_since).await;
+            match result {
+                Ok(Ended::Shutdown) => return,
+                Err(e) => {
+                    if connected {
+                        backoff = self.tuning.backoff_min;
+                    }
+                    // Logged once per outage; the attempts in between go to debug.
+                    if connected || down_since.is_none() {
+                        tracing::warn!(broker = %format!("{}:{}", self.mqtt.host, self.mqtt.port), error = %e,
+                            "MQTT uplink down; readings stay queued on disk, retrying with backoff");
+                        down_since = Some(Instant::now());
+                    } else {
+                        tracing::debug!(error = %e, retry_in = ?backoff, "MQTT uplink still down");
+                    }
+                }
+            }
+            // Up to 25% jitter so a fleet does not reconnect in lockstep after a broker restart.
+            let jitter = backoff.mul_f64(0.25 * (crate::message::now_ms() % 1000) as f64 / 1000.0);
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = sleep(backoff + jitter) => {}
+            }
+            backoff = (backoff * 2).min(self.tuning.backoff_max);
+        }
+    }
+
+    fn options(&self) -> MqttOptions {
+        let m = &self.mqtt;
+        let mut o = MqttOptions::new(m.client_id.clone(), m.host.clone(), m.port);
+        o.set_keep_alive(m.keep_alive);
+        o.set_clean_session(true);
+        o.set_inflight(m.inflight);
+        o.set_max_packet_size(1 << 20, 1 << 20);
+        o.set_last_will(LastWill::new(&self.status_topic, "offline", QoS::AtLeastOnce, true));
+        if let Some(user) = &m.username {
+            let pass = m.password.as_ref().map(|p| p.0.clone()).unwrap_or_default();
+            o.set_credentials(user.clone(), pass);
+        }
+        o
+    }
+
+    async fn session(
+        &self,
+        cancel: &CancellationToken,
+        connected: &mut bool,
+        down_since: Option<Instant>,
+    ) -> Result<Ended, UplinkError> {
+        let window = self.mqtt.inflight as usize;
+        let (client, mut eventloop) = AsyncClient::new(self.options(), window + 16);
+        // The event loop runs in its own task so that nothing here cancels a half-written packet.
+        let (ev_tx, mut events) = mpsc::channel(window + 16);
+        let pump = tokio::spawn(async move {
+            loop {
+                let ev = eventloop.poll().await;
+                let stop = ev.is_err();
+                if ev_tx.send(ev).await.is_err() || stop {
+                    break;
+                }
+            }
+        });
+        let _abort = AbortOnDrop(pump);
+
+        // Connect.
+        let connect_timeout = Duration::from_secs(10);
+        let deadline = Instant::now() + connect_timeout;
+        loop {
+            let ev = tokio::select! {
+                _ = cancel.cancelled() => return Ok(Ended::Shutdown),
+                ev = timeout(deadline.saturating_duration_since(Instant::now()), events.recv()) => ev,
+            };
+            match ev {
+                Err(_) => return Err(UplinkError::ConnectTimeout(connect_timeout)),
+                Ok(None) => return Err(UplinkError::ConnectTimeout(connect_timeout)),
+                Ok(Some(Err(e))) => return Err(e.into()),
+                Ok(Some(Ok(Event::Incoming(Packet::ConnAck(ack))))) => {
+                    if ack.code != ConnectReturnCode::Success {
+                        return Err(UplinkError::Refused(ack.code));
+                    }
+                    break;
+                }
+                Ok(Some(Ok(_))) => {}
+            }
+        }
+        *connected = true;
+        let backlog = self.store.stats().await.map(|s| s.depth).unwrap_or(0);
+        tracing::info!(broker = %format!("{}:{}", self.mqtt.host, self.mqtt.port), client_id = %self.mqtt.client_id, backlog,
+            down_for = ?down_since.map(|t| t.elapsed()), "MQTT uplink connected");
+
+        let mut inflight = Inflight::default();
+        client.try_publish(&self.status_topic, QoS::AtLeastOnce, true, "online")?;
+        inflight.submitted(Entry::Control { qos: 1 });
+
+        let mut committed = self.store.committed();
+        let mut cursor = 0u64; // highest seq submitted in this session
+        let mut drained = false; // the queue held nothing past `cursor` at the last look
+        let mut acks: Vec<u64> = Vec::new();
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+        let result = loop {
+            // Keep the window full.
+            while !drained && inflight.len() < window {
+                committed.borrow_and_update();
+                let want = window - inflight.len();
+                let rows = self.store.peek(cursor, want).await?;
+                drained = rows.len() < want;
+                for r in rows {
+                    let m = &r.message;
+                    client.try_publish(m.topic.as_str(), qos(m.qos), m.retain, r.payload())?;
+                    inflight.submitted(Entry::Row { seq: r.seq, qos: m.qos });
+                    cursor = r.seq;
+                }
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => break Ok(()),
+                ev = events.recv() => {
+                    match ev {
+                        None => break Err(UplinkError::ConnectTimeout(connect_timeout)),
+                        Some(Err(e)) => break Err(e.into()),
+                        Some(Ok(ev)) => if let Err(e) = handle(&mut inflight, &mut acks, ev) {
+                            break Err(e);
+                        },
+                    }
+                }
+                changed = committed.changed(), if drained => {
+                    if changed.is_err() {
+                        break Err(UplinkError::Store(StoreError::Closed));
+                    }
+                    drained = false;
+                }
+                _ = tick.tick() => {
+                    // Deletes are batched per tick: few fsyncs, and a crash re-sends at most
+                    // one tick's worth of acknowledged rows.
+                    self.store.ack(std::mem::take(&mut acks))?;
+                    if let Some((pkid, since)) = inflight.oldest() {
+                        let waited = since.elapsed();
+                        if waited > self.tuning.ack_timeout {
+                            break Err(UplinkError::AckTimeout { pkid, waited });
+                        }
+                    }
+                }
+            }
+            if acks.len() >= 256 {
+                self.store.ack(std::mem::take(&mut acks))?;
+            }
+        };
+        self.store.ack(std::mem::take(&mut acks))?;
+        result?;
+
+        // Shutdown: wait briefly for what is in flight, say offline, disconnect.
+        let deadline = Instant::now() + self.tuning.drain_timeout;
+        let _ = client.try_publish(&self.status_topic, QoS::AtLeastOnce, true, "offline");
+        inflight.submitted(Entry::Control { qos: 1 });
+        while !inflight.is_empty() {
+            match timeout(deadline.saturating_duration_since(Instant::now()), events.recv()).await {
+                Ok(Some(Ok(ev))) => {
+                    if handle(&mut inflight, &mut acks, ev).is_err() {
+                        break;
+                    }
+                }
+                _ => break,
+            }
+        }
+        self.store.ack(std::mem::take(&mut acks))?;
+        let left = inflight.rows_awaiting();
+        let _ = client.try_disconnect();
+        let _ = timeout(Duration::from_millis(500), async {
+            while let Some(Ok(ev)) = events.recv().await {
+                if matches!(ev, Event::Outgoing(Outgoing::Disconnect)) {
+                    break;
+                }
+            }
+        })
+        .await;
+        tracing::info!(unacknowledged_rows_kept = left, "MQTT uplink closed");
+        Ok(Ended::Shutdown)
+    }
+}
+
+/// Applies one event to the bookkeeping; acknowledged rows go to `acks`.
+fn handle(inflight: &mut Inflight, acks: &mut Vec<u64>, ev: Event) -> Result<(), UplinkError> {
+    match ev {
+        Event::Outgoing(Outgoing::Publish(pkid)) => {
+            if let Some(seq) = inflight.written(pkid, Instant::now())? {
+                acks.push(seq);
+            }
+        }
+        Event::Outgoing(Outgoing::AwaitAck(pkid)) => return Err(InflightError::Collision(pkid).into()),
+        Event::Incoming(Packet::PubAck(a)) => acks.extend(inflight.acknowledged(a.pkid)),
+        Event::Incoming(Packet::PubComp(c)) => acks.extend(inflight.acknowledged(c.pkid)),
+        _ => {}
+    }
+    Ok(())
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(seq: u64) -> Entry {
+        Entry::Row { seq, qos: 1 }
+    }
+
+    #[test]
+    fn packet_ids_are_matched_to_rows_in_submission_order() {
+        let mut f = Inflight::default();
+        let now = Instant::now();
+        f.submitted(row(10));
+        f.submitted(row(11));
+        assert_eq!(f.written(1, now), Ok(None));
+        assert_eq!(f.written(2, now), Ok(None));
+        assert_eq!(f.acknowledged(2), Some(11));
+        assert_eq!(f.acknowledged(1), Some(10));
+        assert!(f.is_empty());
+    }
+
+    #[test]
+    fn qos0_rows_are_done_once_written() {
+        let mut f = Inflight::default();
+        f.submitted(Entry::Row { seq: 5, qos: 0 });
+        assert_eq!(f.written(0, Instant::now()), Ok(Some(5)));
+        assert!(f.is_empty());
+    }
+
+    #[test]
+    fn a_reused_packet_id_is_a_collision_not_a_delete() {
+        let mut f = Inflight::default();
+        let now = Instant::now();
+        f.submitted(row(1));
+        f.submitted(row(2));
+        f.written(7, now).unwrap();
+        assert_eq!(f.written(7, now), Err(InflightError::Collision(7)));
+    }
+
+    #[test]
+    fn an_unknown_ack_deletes_nothing() {
+        let mut f = Inflight::default();
+        f.submitted(row(1));
+        f.written(1, Instant::now()).unwrap();
+        assert_eq!(f.acknowledged(9), None);
+        assert_eq!(f.rows_awaiting(), 1);
+    }
+
+    #[test]
+    fn control_messages_are_tracked_but_never_deleted_from_the_queue() {
+        let mut f = Inflight::default();
+        f.submitted(Entry::Control { qos: 1 });
+        f.written(1, Instant::now()).unwrap();
+        assert_eq!(f.acknowledged(1), None);
+        assert!(f.is_empty());
+    }
+
+    #[test]
+    fn written_without_submission_is_an_error() {
+        let mut f = Inflight::default();
+        assert_eq!(f.written(3, Instant::now()), Err(InflightError::NothingSubmitted(3)));
+    }
+
+    #[test]
+    fn oldest_names_the_longest_waiting_packet() {
+        let mut f = Inflight::default();
+        let t0 = Instant::now();
+        f.submitted(row(1));
+        f.submitted(row(2));
+        f.written(4, t0 + Duration::from_millis(5)).unwrap();
+        f.written(3, t0).unwrap();
+        assert_eq!(f.oldest(), Some((3, t0)));
+    }
+}
