@@ -6,7 +6,7 @@
 //! during the outage arrive afterwards with their original timestamps and gapless `seq`.
 
 use std::collections::BTreeSet;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
@@ -35,7 +35,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let sim = Simulator::start(None).await?;
     tokio::spawn(animate(sim.clone()));
 
-    let broker_addr = start_broker()?;
+    let broker_addr = fieldgate::broker::start()?;
     let (msg_tx, mut msgs) = mpsc::unbounded_channel();
     subscribe(broker_addr, msg_tx)?;
     let proxy = FaultProxy::start(broker_addr).await?;
@@ -186,57 +186,6 @@ async fn animate(sim: Simulator) {
             b.discrete.insert(2, (t as u64 / 7) % 2 == 1);
             b.set_holding(110, &[if temp > 64.0 { 0b1000 } else { 0 }]);
         });
-    }
-}
-
-/// Starts rumqttd on a free loopback port, in its own thread.
-fn start_broker() -> anyhow::Result<SocketAddr> {
-    let addr = TcpListener::bind("127.0.0.1:0")?.local_addr()?;
-    let config = broker_config(addr);
-    let broker = rumqttd::Broker::new(config);
-    std::thread::Builder::new().name("rumqttd".into()).spawn(move || {
-        let mut broker = broker;
-        if let Err(e) = broker.start() {
-            tracing::error!(error = %e, "demo broker stopped");
-        }
-    })?;
-    // Wait until it listens.
-    for _ in 0..100 {
-        if std::net::TcpStream::connect(addr).is_ok() {
-            return Ok(addr);
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    anyhow::bail!("the demo broker did not start on {addr}")
-}
-
-fn broker_config(addr: SocketAddr) -> rumqttd::Config {
-    use std::collections::HashMap;
-    let server = rumqttd::ServerSettings {
-        name: "demo".into(),
-        listen: addr,
-        tls: None,
-        next_connection_delay_ms: 1,
-        connections: rumqttd::ConnectionSettings {
-            connection_timeout_ms: 60_000,
-            max_payload_size: 1 << 20,
-            max_inflight_count: 500,
-            auth: None,
-            external_auth: None,
-            dynamic_filters: true,
-        },
-    };
-    rumqttd::Config {
-        id: 0,
-        router: rumqttd::RouterConfig {
-            max_connections: 100,
-            max_outgoing_packet_count: 1000,
-            max_segment_size: 10 << 20,
-            max_segment_count: 10,
-            ..Default::default()
-        },
-        v4: Some(HashMap::from([("1".to_string(), server)])),
-        ..Default::default()
     }
 }
 

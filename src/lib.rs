@@ -19,9 +19,10 @@
 //! uplink                              (rumqttc QoS 1; a row is deleted on its PUBACK)
 //! ```
 //!
-//! `gateway` wires these together and owns shutdown. `sim` (a simulated Modbus device) and
-//! `proxy` (a fault-injecting TCP proxy) serve the demo and the tests.
+//! `gateway` wires these together and owns shutdown. `sim` (a simulated Modbus device), `proxy`
+//! (a fault-injecting TCP proxy) and `broker` (rumqttd in-process) serve the demo and the tests.
 
+pub mod broker;
 pub mod bus;
 pub mod config;
 pub mod gateway;

@@ -1,0 +1,263 @@
+//! The shared harness of the integration tests: simulated devices, brokers (in-process rumqttd
+//! or a real mosquitto), a subscriber that records what arrives, and the gateway itself.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fieldgate::config::Config;
+use fieldgate::uplink::Tuning;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// A message as a subscriber received it.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub topic: String,
+    pub payload: String,
+    pub retain: bool,
+    pub json: Option<serde_json::Value>,
+}
+
+impl Received {
+    pub fn seq(&self) -> Option<u64> {
+        self.json.as_ref()?.get("seq")?.as_u64()
+    }
+    pub fn value(&self) -> Option<&serde_json::Value> {
+        self.json.as_ref()?.get("value")
+    }
+    pub fn ts_ms(&self) -> Option<i64> {
+        let ts = self.json.as_ref()?.get("ts")?.as_str()?;
+        let t = time::OffsetDateTime::parse(ts, &time::format_description::well_known::Rfc3339).ok()?;
+        Some((t.unix_timestamp_nanos() / 1_000_000) as i64)
+    }
+}
+
+/// Records every message on `#`.
+#[derive(Clone)]
+pub struct Subscriber {
+    pub got: Arc<Mutex<Vec<Received>>>,
+}
+
+impl Subscriber {
+    /// Connects, subscribes to `#` with QoS 1 and returns once the broker confirmed it.
+    pub async fn start(broker: SocketAddr) -> Subscriber {
+        let mut o = rumqttc::MqttOptions::new(
+            format!("test-sub-{}", std::process::id() as u64 * 1000 + rand_u16() as u64),
+            broker.ip().to_string(),
+            broker.port(),
+        );
+        o.set_keep_alive(Duration::from_secs(5));
+        o.set_max_packet_size(1 << 20, 1 << 20);
+        o.set_clean_session(true);
+        let (client, mut el) = rumqttc::AsyncClient::new(o, 1000);
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let sink = got.clone();
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let mut ready_tx = Some(ready_tx);
+        tokio::spawn(async move {
+            loop {
+                match el.poll().await {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => {
+                        client.subscribe("#", rumqttc::QoS::AtLeastOnce).await.unwrap();
+                    }
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))) => {
+                        if let Some(tx) = ready_tx.take() {
+                            let _ = tx.send(());
+                        }
+                    }
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
+                        let payload = String::from_utf8_lossy(&p.payload).into_owned();
+                        let json = serde_json::from_str(&payload).ok();
+                        sink.lock().unwrap().push(Received {
+                            topic: p.topic,
+                            payload,
+                            retain: p.retain,
+                            json,
+                        });
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(10), ready_rx)
+            .await
+            .expect("subscriber connects within 10s")
+            .unwrap();
+        Subscriber { got }
+    }
+
+    pub fn all(&self) -> Vec<Received> {
+        self.got.lock().unwrap().clone()
+    }
+
+    /// Messages carrying a `seq`, one per seq (duplicates from at-least-once dropped).
+    pub fn by_seq(&self) -> BTreeMap<u64, Received> {
+        self.all().into_iter().filter_map(|r| Some((r.seq()?, r))).collect()
+    }
+
+    /// Waits until `pred` holds for what has arrived, or panics after `limit`.
+    pub async fn wait_for(&self, limit: Duration, what: &str, pred: impl Fn(&[Received]) -> bool) {
+        let deadline = Instant::now() + limit;
+        loop {
+            if pred(&self.got.lock().unwrap()) {
+                return;
+            }
+            if Instant::now() > deadline {
+                let got = self.all();
+                panic!(
+                    "timed out after {limit:?} waiting for {what}; {} messages arrived, last: {:?}",
+                    got.len(),
+                    got.last()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+fn rand_u16() -> u16 {
+    (std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos()
+        % 65536) as u16
+}
+
+/// A gateway running in this process.
+pub struct Gateway {
+    pub cancel: CancellationToken,
+    pub task: tokio::task::JoinHandle<Result<(), fieldgate::gateway::GatewayError>>,
+    pub state_dir: PathBuf,
+}
+
+impl Gateway {
+    /// Loads `yaml` as if from `{dir}/config.yaml` and runs it.
+    pub fn start(dir: &Path, yaml: &str) -> Gateway {
+        Gateway::start_with(dir, yaml, test_tuning())
+    }
+
+    pub fn start_with(dir: &Path, yaml: &str, tuning: Tuning) -> Gateway {
+        let path = dir.join("config.yaml");
+        std::fs::write(&path, yaml).unwrap();
+        let config = Config::load(&path).unwrap_or_else(|e| panic!("test config is invalid:\n{e}"));
+        let state_dir = config.gateway.state_dir.clone();
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(fieldgate::gateway::run_with(config, tuning, cancel.clone()));
+        Gateway {
+            cancel,
+            task,
+            state_dir,
+        }
+    }
+
+    /// Cancels and waits for a clean stop (bounded).
+    pub async fn stop(self) {
+        self.cancel.cancel();
+        tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .expect("gateway stops within 10s")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+/// Short timeouts so fault tests stay quick.
+pub fn test_tuning() -> Tuning {
+    Tuning {
+        ack_timeout: Duration::from_secs(5),
+        drain_timeout: Duration::from_secs(2),
+        backoff_min: Duration::from_millis(100),
+        backoff_max: Duration::from_millis(500),
+    }
+}
+
+/// A config with one Modbus TCP bus `plc` at `modbus`, publishing to `mqtt`.
+pub fn config(state: &Path, mqtt: SocketAddr, modbus: SocketAddr, devices: &str) -> String {
+    format!(
+        "gateway:\n  id: gw1\n  state_dir: {}\nmqtt:\n  url: mqtt://{}\n  keep_alive: 2s\nbuses:\n  plc:\n    modbus_tcp: {{ host: 127.0.0.1, port: {}, timeout: 300ms }}\ndevices:\n{}",
+        state.display(),
+        mqtt,
+        modbus.port(),
+        devices
+    )
+}
+
+/// A mosquitto broker on a free loopback port, killed on drop.
+pub struct Mosquitto {
+    pub addr: SocketAddr,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Mosquitto {
+    /// Starts mosquitto, or returns None (test skipped) when it is not installed — unless
+    /// `FIELDGATE_REQUIRE_MOSQUITTO=1`, as `.ci/run` sets, which turns a skip into a failure.
+    pub fn start() -> Option<Mosquitto> {
+        let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto", "/usr/local/sbin/mosquitto"]
+            .into_iter()
+            .find(|p| Path::new(p).exists());
+        let Some(bin) = bin else {
+            if std::env::var("FIELDGATE_REQUIRE_MOSQUITTO").as_deref() == Ok("1") {
+                panic!("mosquitto is required (FIELDGATE_REQUIRE_MOSQUITTO=1) but not installed");
+            }
+            eprintln!("SKIPPED: mosquitto is not installed (apt-get install mosquitto)");
+            return None;
+        };
+        Some(Mosquitto::start_bin(bin, None))
+    }
+
+    fn start_bin(bin: &str, port: Option<u16>) -> Mosquitto {
+        let dir = tempfile::tempdir().unwrap();
+        let port = port.unwrap_or_else(free_port);
+        let conf = dir.path().join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 0\n"),
+        )
+        .unwrap();
+        let child = Command::new(bin)
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto starts");
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(addr).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        Mosquitto {
+            addr,
+            child,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Asserts that `seqs` is exactly `first..=last` with no gap.
+pub fn assert_gapless(seqs: impl IntoIterator<Item = u64>) {
+    let v: Vec<u64> = seqs.into_iter().collect();
+    assert!(!v.is_empty(), "no seq at all");
+    let missing: Vec<u64> = (v[0]..=*v.last().unwrap()).filter(|s| v.binary_search(s).is_err()).collect();
+    assert!(missing.is_empty(), "seq gaps: {missing:?} (of {}..={})", v[0], v.last().unwrap());
+}
