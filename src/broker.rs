@@ -9,12 +9,14 @@ pub fn start() -> std::io::Result<SocketAddr> {
     let addr = TcpListener::bind("127.0.0.1:0")?.local_addr()?;
     let config = broker_config(addr);
     let broker = rumqttd::Broker::new(config);
-    std::thread::Builder::new().name("rumqttd".into()).spawn(move || {
-        let mut broker = broker;
-        if let Err(e) = broker.start() {
-            tracing::error!(error = %e, "in-process broker stopped");
-        }
-    })?;
+    std::thread::Builder::new()
+        .name("rumqttd".into())
+        .spawn(move || {
+            let mut broker = broker;
+            if let Err(e) = broker.start() {
+                tracing::error!(error = %e, "in-process broker stopped");
+            }
+        })?;
     // Wait until it listens.
     for _ in 0..100 {
         if std::net::TcpStream::connect(addr).is_ok() {
@@ -22,7 +24,9 @@ pub fn start() -> std::io::Result<SocketAddr> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    Err(std::io::Error::other(format!("the in-process broker did not start on {addr}")))
+    Err(std::io::Error::other(format!(
+        "the in-process broker did not start on {addr}"
+    )))
 }
 
 fn broker_config(addr: SocketAddr) -> rumqttd::Config {
@@ -54,4 +58,3 @@ fn broker_config(addr: SocketAddr) -> rumqttd::Config {
         ..Default::default()
     }
 }
-

@@ -40,7 +40,11 @@ pub struct Diagnostic {
 
 impl fmt::Display for Diagnostic {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let path = if self.path.is_empty() { "(top)" } else { &self.path };
+        let path = if self.path.is_empty() {
+            "(top)"
+        } else {
+            &self.path
+        };
         write!(
             f,
             "{}:{}:{}: {}: {}",
@@ -318,7 +322,9 @@ impl Config {
         if r.errors.is_empty() {
             Ok(config)
         } else {
-            r.errors.sort_by(|a, b| (&a.file, a.loc.line, a.loc.col).cmp(&(&b.file, b.loc.line, b.loc.col)));
+            r.errors.sort_by(|a, b| {
+                (&a.file, a.loc.line, a.loc.col).cmp(&(&b.file, b.loc.line, b.loc.col))
+            });
             r.errors.dedup();
             Err(ConfigErrors(r.errors))
         }
@@ -362,7 +368,11 @@ impl Config {
             let _ = writeln!(s, "device {} on bus {}, unit {}:", d.name, d.bus, d.unit);
             for g in &d.groups {
                 for r in &g.requests {
-                    let names: Vec<&str> = r.points.iter().map(|&i| d.points[i].name.as_str()).collect();
+                    let names: Vec<&str> = r
+                        .points
+                        .iter()
+                        .map(|&i| d.points[i].name.as_str())
+                        .collect();
                     let _ = writeln!(
                         s,
                         "  every {:>6}  read {} {}..{} ({} {})  {}",
@@ -371,7 +381,11 @@ impl Config {
                         r.start,
                         r.end(),
                         r.count,
-                        if r.table.is_bits() { "bits" } else { "registers" },
+                        if r.table.is_bits() {
+                            "bits"
+                        } else {
+                            "registers"
+                        },
                         names.join(", ")
                     );
                 }
@@ -475,7 +489,13 @@ fn serde_diagnostic(file: &str, map: &SourceMap, e: &serde_yaml::Error) -> Diagn
     let key_path = message
         .strip_prefix("unknown field `")
         .and_then(|rest| rest.split('`').next())
-        .map(|k| if path.is_empty() { k.to_string() } else { format!("{path}.{k}") });
+        .map(|k| {
+            if path.is_empty() {
+                k.to_string()
+            } else {
+                format!("{path}.{k}")
+            }
+        });
     let loc = match (&key_path, e.location()) {
         (Some(k), _) if map.has(k) => map.locate_key(k),
         (_, Some(l)) => Loc {
@@ -517,35 +537,39 @@ pub fn expand_env(
                 prev_space = false;
                 continue;
             }
-            if line[i..].starts_with("${") {
-                if let Some(end) = line[i + 2..].find('}') {
-                    let inner = &line[i + 2..i + 2 + end];
-                    let (name, default) = match inner.split_once(":-") {
-                        Some((n, d)) => (n, Some(d)),
-                        None => (inner, None),
-                    };
-                    match env(name).or_else(|| default.map(str::to_string)) {
-                        Some(v) => {
-                            let whole_scalar = quote.is_none()
-                                && line[..i].trim_end().ends_with(':')
-                                && line[i + 3 + end..].trim().is_empty();
-                            out.push_str(&quote_for(&v, quote, whole_scalar));
-                        }
-                        None => missing.push((
-                            Loc {
-                                line: lineno + 1,
-                                col: line[..i].chars().count() + 1,
-                            },
-                            name.to_string(),
-                        )),
+            if line[i..].starts_with("${")
+                && let Some(end) = line[i + 2..].find('}')
+            {
+                let inner = &line[i + 2..i + 2 + end];
+                let (name, default) = match inner.split_once(":-") {
+                    Some((n, d)) => (n, Some(d)),
+                    None => (inner, None),
+                };
+                match env(name).or_else(|| default.map(str::to_string)) {
+                    Some(v) => {
+                        let whole_scalar = quote.is_none()
+                            && line[..i].trim_end().ends_with(':')
+                            && line[i + 3 + end..].trim().is_empty();
+                        out.push_str(&quote_for(&v, quote, whole_scalar));
                     }
-                    i += 3 + end;
-                    prev_space = false;
-                    continue;
+                    None => missing.push((
+                        Loc {
+                            line: lineno + 1,
+                            col: line[..i].chars().count() + 1,
+                        },
+                        name.to_string(),
+                    )),
                 }
+                i += 3 + end;
+                prev_space = false;
+                continue;
             }
             match (quote, c) {
-                (None, '"') | (None, '\'') if prev_space || i == 0 || matches!(bytes[i - 1], b'[' | b'{' | b',' | b':') => {
+                (None, '"') | (None, '\'')
+                    if prev_space
+                        || i == 0
+                        || matches!(bytes[i - 1], b'[' | b'{' | b',' | b':') =>
+                {
                     quote = Some(c)
                 }
                 (Some('"'), '\\') => {
@@ -566,7 +590,11 @@ pub fn expand_env(
             i += c.len_utf8();
         }
     }
-    if missing.is_empty() { Ok(out) } else { Err(missing) }
+    if missing.is_empty() {
+        Ok(out)
+    } else {
+        Err(missing)
+    }
 }
 
 fn quote_for(v: &str, quote: Option<char>, whole_scalar: bool) -> String {
@@ -656,7 +684,9 @@ impl Resolver<'_> {
                 Some(t) => {
                     let timeout = t.timeout.unwrap_or(Duration::from_secs(1));
                     if timeout.is_zero() {
-                        self.errors.push(ctx.diag(&format!("{p}.modbus_tcp.timeout"), "must be more than 0"));
+                        self.errors.push(
+                            ctx.diag(&format!("{p}.modbus_tcp.timeout"), "must be more than 0"),
+                        );
                     }
                     buses.push(Bus {
                         name: name.clone(),
@@ -667,13 +697,18 @@ impl Resolver<'_> {
                         },
                     })
                 }
-                None => self
-                    .errors
-                    .push(ctx.diag(&p, "a bus needs a transport: `modbus_tcp: { host: …, port: … }`")),
+                None => self.errors.push(ctx.diag(
+                    &p,
+                    "a bus needs a transport: `modbus_tcp: { host: …, port: … }`",
+                )),
             }
         }
 
-        let folders: Vec<PathBuf> = raw.models.iter().map(|m| base.join(m)).collect();
+        let folders: Vec<PathBuf> = raw
+            .models
+            .iter()
+            .map(|m| tidy_path(&base.join(m)))
+            .collect();
         for (i, f) in folders.iter().enumerate() {
             if !f.is_dir() {
                 self.errors.push(ctx.diag(
@@ -708,7 +743,10 @@ impl Resolver<'_> {
         };
         let password = match (&m.password, &m.password_file) {
             (Some(_), Some(_)) => {
-                self.errors.push(ctx.diag("mqtt.password_file", "give either password or password_file, not both"));
+                self.errors.push(ctx.diag(
+                    "mqtt.password_file",
+                    "give either password or password_file, not both",
+                ));
                 None
             }
             (Some(p), None) => Some(Secret(p.clone())),
@@ -728,20 +766,26 @@ impl Resolver<'_> {
             (None, None) => None,
         };
         if password.is_some() && m.username.is_none() {
-            self.errors.push(ctx.diag("mqtt.username", "a password needs a username"));
+            self.errors
+                .push(ctx.diag("mqtt.username", "a password needs a username"));
         }
         let keep_alive = m.keep_alive.unwrap_or(Duration::from_secs(30));
         if keep_alive < Duration::from_secs(1) {
-            self.errors.push(ctx.diag("mqtt.keep_alive", "must be at least 1s"));
+            self.errors
+                .push(ctx.diag("mqtt.keep_alive", "must be at least 1s"));
         }
         let inflight = m.inflight.unwrap_or(100);
         if inflight == 0 {
-            self.errors.push(ctx.diag("mqtt.inflight", "must be at least 1"));
+            self.errors
+                .push(ctx.diag("mqtt.inflight", "must be at least 1"));
         }
         Mqtt {
             host,
             port,
-            client_id: m.client_id.clone().unwrap_or_else(|| format!("fieldgate-{}", gateway.id)),
+            client_id: m
+                .client_id
+                .clone()
+                .unwrap_or_else(|| format!("fieldgate-{}", gateway.id)),
             username: m.username.clone(),
             password,
             keep_alive,
@@ -765,16 +809,24 @@ impl Resolver<'_> {
             let known: Vec<&str> = buses.keys().map(String::as_str).collect();
             self.errors.push(ctx.diag(
                 &format!("{p}.bus"),
-                format!("unknown bus `{}` (buses defined: {})", d.bus, list_or_none(&known)),
+                format!(
+                    "unknown bus `{}` (buses defined: {})",
+                    d.bus,
+                    list_or_none(&known)
+                ),
             ));
         }
         let unit = d.unit.unwrap_or(1);
         if unit > 255 {
-            self.errors.push(ctx.diag(&format!("{p}.unit"), format!("unit id {unit} is out of range 0..=255")));
+            self.errors.push(ctx.diag(
+                &format!("{p}.unit"),
+                format!("unit id {unit} is out of range 0..=255"),
+            ));
         }
         let every = d.every.unwrap_or(Duration::from_secs(1));
         if every < Duration::from_millis(10) {
-            self.errors.push(ctx.diag(&format!("{p}.every"), "must be at least 10ms"));
+            self.errors
+                .push(ctx.diag(&format!("{p}.every"), "must be at least 10ms"));
         }
         if let Some(q) = d.qos {
             check_qos(ctx, &mut self.errors, &format!("{p}.qos"), q);
@@ -785,10 +837,12 @@ impl Resolver<'_> {
 
         // Model points first, then inline points replace those of the same name.
         let mut specs: BTreeMap<String, PointSpec> = BTreeMap::new();
+        let mut model_failed = false;
         if let Some(model) = &d.model {
             match self.load_model(ctx, folders, &format!("{p}.model"), model) {
                 Some(points) => specs.extend(points.into_iter().map(|s| (s.name.clone(), s))),
-                None => {}
+                // Reported once, where the model is first used or in its own file.
+                None => model_failed = true,
             }
         }
         for (pname, rp) in &d.points {
@@ -797,8 +851,14 @@ impl Resolver<'_> {
                 specs.insert(pname.clone(), spec);
             }
         }
+        if model_failed {
+            return None;
+        }
         if specs.is_empty() && self.errors.len() == before {
-            self.errors.push(ctx.diag(&p, "a device needs at least one point (from `model:` or `points:`)"));
+            self.errors.push(ctx.diag(
+                &p,
+                "a device needs at least one point (from `model:` or `points:`)",
+            ));
         }
 
         let publish = d.publish.unwrap_or(PublishMode::Point);
@@ -806,7 +866,9 @@ impl Resolver<'_> {
             PublishMode::Point => "fieldgate/{gateway}/{device}/{point}".into(),
             PublishMode::Device => "fieldgate/{gateway}/{device}".into(),
         });
-        if publish == PublishMode::Device && (device_topic.contains("{point}") || device_topic.contains("{unit}")) {
+        if publish == PublishMode::Device
+            && (device_topic.contains("{point}") || device_topic.contains("{unit}"))
+        {
             self.errors.push(ctx.diag(
                 &format!("{p}.topic"),
                 "with `publish: device` the topic is per device: {point} and {unit} cannot be used",
@@ -822,7 +884,10 @@ impl Resolver<'_> {
                 &s.name,
                 s.unit.as_deref().unwrap_or(""),
             );
-            payload.insert(s.name.clone(), s.payload.or(d.payload).unwrap_or(PayloadFormat::Json));
+            payload.insert(
+                s.name.clone(),
+                s.payload.or(d.payload).unwrap_or(PayloadFormat::Json),
+            );
             points.push(Point {
                 name: s.name,
                 source: s.source,
@@ -847,7 +912,8 @@ impl Resolver<'_> {
 
         let max_registers = d.max_registers.unwrap_or(125);
         if !(1..=125).contains(&max_registers) {
-            self.errors.push(ctx.diag(&format!("{p}.max_registers"), "must be within 1..=125"));
+            self.errors
+                .push(ctx.diag(&format!("{p}.max_registers"), "must be within 1..=125"));
             return None;
         }
         let mut by_every: BTreeMap<Duration, Vec<usize>> = BTreeMap::new();
@@ -878,18 +944,31 @@ impl Resolver<'_> {
     }
 
     /// Loads `model` from the first folder holding `<model>.yaml`, once per config.
-    fn load_model(&mut self, ctx: &Ctx, folders: &[PathBuf], path: &str, model: &str) -> Option<Vec<PointSpec>> {
+    fn load_model(
+        &mut self,
+        ctx: &Ctx,
+        folders: &[PathBuf],
+        path: &str,
+        model: &str,
+    ) -> Option<Vec<PointSpec>> {
         if let Some(cached) = self.models.get(model) {
             return cached.clone();
         }
-        let file = folders.iter().map(|f| f.join(format!("{model}.yaml"))).find(|f| f.is_file());
+        let file = folders
+            .iter()
+            .map(|f| f.join(format!("{model}.yaml")))
+            .find(|f| f.is_file());
         let Some(file) = file else {
             let searched: Vec<String> = folders.iter().map(|f| f.display().to_string()).collect();
             self.errors.push(ctx.diag(
                 path,
                 format!(
                     "unknown model `{model}`: no {model}.yaml in the model folders ({})",
-                    if searched.is_empty() { "none configured: add `models: [./mappings]`".to_string() } else { searched.join(", ") }
+                    if searched.is_empty() {
+                        "none configured: add `models: [./mappings]`".to_string()
+                    } else {
+                        searched.join(", ")
+                    }
                 ),
             ));
             self.models.insert(model.to_string(), None);
@@ -898,7 +977,8 @@ impl Resolver<'_> {
         let fname = file.display().to_string();
         let result = match std::fs::read_to_string(&file) {
             Err(e) => {
-                self.errors.push(ctx.diag(path, format!("cannot read {fname}: {e}")));
+                self.errors
+                    .push(ctx.diag(path, format!("cannot read {fname}: {e}")));
                 None
             }
             Ok(text) => {
@@ -906,16 +986,28 @@ impl Resolver<'_> {
                 match parse::<RawModel>(&fname, &text, self.env, &mut self.errors) {
                     None => None,
                     Some((raw, map)) => {
-                        let mctx = Ctx { file: &fname, map: &map };
+                        let mctx = Ctx {
+                            file: &fname,
+                            map: &map,
+                        };
                         if raw.model != model {
                             self.errors.push(mctx.diag(
                                 "model",
-                                format!("the file is named {model}.yaml but says `model: {}`", raw.model),
+                                format!(
+                                    "the file is named {model}.yaml but says `model: {}`",
+                                    raw.model
+                                ),
                             ));
                         }
                         let mut specs = Vec::new();
                         for (pname, rp) in &raw.points {
-                            if let Some(s) = validate_point(&mctx, &mut self.errors, &format!("points.{pname}"), pname, rp) {
+                            if let Some(s) = validate_point(
+                                &mctx,
+                                &mut self.errors,
+                                &format!("points.{pname}"),
+                                pname,
+                                rp,
+                            ) {
                                 specs.push(s);
                             }
                         }
@@ -930,16 +1022,34 @@ impl Resolver<'_> {
 }
 
 /// Validates one point; every problem is pushed to `errors`.
-fn validate_point(ctx: &Ctx, errors: &mut Vec<Diagnostic>, p: &str, name: &str, r: &RawPoint) -> Option<PointSpec> {
+fn validate_point(
+    ctx: &Ctx,
+    errors: &mut Vec<Diagnostic>,
+    p: &str,
+    name: &str,
+    r: &RawPoint,
+) -> Option<PointSpec> {
     let before = errors.len();
     let mut err = |field: &str, msg: String| {
-        let path = if field.is_empty() { p.to_string() } else { format!("{p}.{field}") };
+        let path = if field.is_empty() {
+            p.to_string()
+        } else {
+            format!("{p}.{field}")
+        };
         errors.push(ctx.diag(&path, msg));
     };
     check_topic_segment_with(&mut err, name, "point name");
 
-    let sources = [("register", r.register), ("coil", r.coil), ("discrete", r.discrete)];
-    let given: Vec<&str> = sources.iter().filter(|(_, v)| v.is_some()).map(|(k, _)| *k).collect();
+    let sources = [
+        ("register", r.register),
+        ("coil", r.coil),
+        ("discrete", r.discrete),
+    ];
+    let given: Vec<&str> = sources
+        .iter()
+        .filter(|(_, v)| v.is_some())
+        .map(|(k, _)| *k)
+        .collect();
     let (table, address) = match (given.as_slice(), r.register, r.coil, r.discrete) {
         (["register"], Some(a), _, _) => (
             match r.kind.unwrap_or(RegisterKind::Holding) {
@@ -951,11 +1061,20 @@ fn validate_point(ctx: &Ctx, errors: &mut Vec<Diagnostic>, p: &str, name: &str, 
         (["coil"], _, Some(a), _) => (Table::Coil, a),
         (["discrete"], _, _, Some(a)) => (Table::Discrete, a),
         ([], ..) => {
-            err("", "a point needs one of `register:`, `coil:` or `discrete:`".into());
+            err(
+                "",
+                "a point needs one of `register:`, `coil:` or `discrete:`".into(),
+            );
             return None;
         }
         _ => {
-            err(given[1], format!("give only one of `register:`, `coil:`, `discrete:` (found {})", given.join(", ")));
+            err(
+                given[1],
+                format!(
+                    "give only one of `register:`, `coil:`, `discrete:` (found {})",
+                    given.join(", ")
+                ),
+            );
             return None;
         }
     };
@@ -969,11 +1088,24 @@ fn validate_point(ctx: &Ctx, errors: &mut Vec<Diagnostic>, p: &str, name: &str, 
             ("offset", r.offset.is_some()),
         ] {
             if set {
-                err(field, format!("`{field}` does not apply to a {} (a single bit)", if table == Table::Coil { "coil" } else { "discrete input" }));
+                err(
+                    field,
+                    format!(
+                        "`{field}` does not apply to a {} (a single bit)",
+                        if table == Table::Coil {
+                            "coil"
+                        } else {
+                            "discrete input"
+                        }
+                    ),
+                );
             }
         }
         if let Some(t) = r.dtype.filter(|t| *t != DataType::Bool) {
-            err("type", format!("a single bit is a bool, not {}", type_name(t)));
+            err(
+                "type",
+                format!("a single bit is a bool, not {}", type_name(t)),
+            );
         }
     }
     let dtype = match (r.dtype, r.bit, table.is_bits()) {
@@ -996,7 +1128,10 @@ fn validate_point(ctx: &Ctx, errors: &mut Vec<Diagnostic>, p: &str, name: &str, 
     };
     let length = match (dtype, r.length) {
         (DataType::String, None) => {
-            err("length", "a string needs `length:` in registers (two characters each)".into());
+            err(
+                "length",
+                "a string needs `length:` in registers (two characters each)".into(),
+            );
             1
         }
         (DataType::String, Some(0)) => {
@@ -1004,7 +1139,10 @@ fn validate_point(ctx: &Ctx, errors: &mut Vec<Diagnostic>, p: &str, name: &str, 
             1
         }
         (DataType::String, Some(l)) if l > 125 => {
-            err("length", format!("{l} registers do not fit one request (at most 125)"));
+            err(
+                "length",
+                format!("{l} registers do not fit one request (at most 125)"),
+            );
             1
         }
         (DataType::String, Some(l)) => l as u16,
@@ -1017,7 +1155,13 @@ fn validate_point(ctx: &Ctx, errors: &mut Vec<Diagnostic>, p: &str, name: &str, 
     if !dtype.is_numeric() {
         for (field, set) in [("scale", r.scale.is_some()), ("offset", r.offset.is_some())] {
             if set && !table.is_bits() {
-                err(field, format!("`{field}` applies only to numeric types, not {}", type_name(dtype)));
+                err(
+                    field,
+                    format!(
+                        "`{field}` applies only to numeric types, not {}",
+                        type_name(dtype)
+                    ),
+                );
             }
         }
     }
@@ -1033,31 +1177,42 @@ fn validate_point(ctx: &Ctx, errors: &mut Vec<Diagnostic>, p: &str, name: &str, 
     };
     let field = given[0];
     if address > 65535 {
-        err(field, format!("address {address} is past 65535 (addresses are 0-based protocol addresses; see README: 4xxxx/3xxxx numbers)"));
+        err(
+            field,
+            format!(
+                "address {address} is past 65535 (addresses are 0-based protocol addresses; see README: 4xxxx/3xxxx numbers)"
+            ),
+        );
     } else if address + width - 1 > 65535 {
-        err(field, format!("{address} + {width} registers runs past address 65535"));
+        err(
+            field,
+            format!("{address} + {width} registers runs past address 65535"),
+        );
     }
-    if let Some(e) = r.every {
-        if e < Duration::from_millis(10) {
-            err("every", "must be at least 10ms".into());
-        }
+    if let Some(e) = r.every
+        && e < Duration::from_millis(10)
+    {
+        err("every", "must be at least 10ms".into());
     }
-    if let Some(q) = r.qos {
-        if q > 2 {
-            err("qos", format!("QoS {q} does not exist (0, 1 or 2)"));
-        }
+    if let Some(q) = r.qos
+        && q > 2
+    {
+        err("qos", format!("QoS {q} does not exist (0, 1 or 2)"));
     }
-    if let Some(t) = &r.topic {
-        if let Some(msg) = template_error(t) {
-            err("topic", msg);
-        }
+    if let Some(t) = &r.topic
+        && let Some(msg) = template_error(t)
+    {
+        err("topic", msg);
     }
     if errors.len() != before {
         return None;
     }
     Some(PointSpec {
         name: name.to_string(),
-        source: Source { table, address: address as u16 },
+        source: Source {
+            table,
+            address: address as u16,
+        },
         dtype,
         order: r.order.unwrap_or_default(),
         bit,
@@ -1089,13 +1244,26 @@ fn check_template(ctx: &Ctx, errors: &mut Vec<Diagnostic>, path: &str, t: &str) 
     }
 }
 
-fn check_topic_segment(ctx: &Ctx, errors: &mut Vec<Diagnostic>, path: &str, name: &str, what: &str) {
-    check_topic_segment_with(&mut |_: &str, m: String| errors.push(ctx.diag(path, m)), name, what);
+fn check_topic_segment(
+    ctx: &Ctx,
+    errors: &mut Vec<Diagnostic>,
+    path: &str,
+    name: &str,
+    what: &str,
+) {
+    check_topic_segment_with(
+        &mut |_: &str, m: String| errors.push(ctx.diag(path, m)),
+        name,
+        what,
+    );
 }
 
 fn check_topic_segment_with(err: &mut dyn FnMut(&str, String), name: &str, what: &str) {
     if name.is_empty() || name.contains(['/', '+', '#']) {
-        err("", format!("{what} `{name}` cannot be an MQTT topic level (no '/', '+', '#', not empty)"));
+        err(
+            "",
+            format!("{what} `{name}` cannot be an MQTT topic level (no '/', '+', '#', not empty)"),
+        );
     }
 }
 
@@ -1105,7 +1273,9 @@ fn template_error(t: &str) -> Option<String> {
         return Some("a topic cannot be empty".into());
     }
     if t.contains(['+', '#']) {
-        return Some(format!("`{t}`: '+' and '#' are subscription wildcards, not allowed in a topic"));
+        return Some(format!(
+            "`{t}`: '+' and '#' are subscription wildcards, not allowed in a topic"
+        ));
     }
     let mut rest = t;
     while let Some(i) = rest.find('{') {
@@ -1131,22 +1301,35 @@ fn render_topic(t: &str, gateway: &str, device: &str, point: &str, unit: &str) -
 }
 
 fn list_or_none(items: &[&str]) -> String {
-    if items.is_empty() { "none".into() } else { items.join(", ") }
+    if items.is_empty() {
+        "none".into()
+    } else {
+        items.join(", ")
+    }
 }
 
 /// `mqtt://host[:port]`; `tcp://` is accepted as a synonym.
 fn parse_mqtt_url(url: &str) -> Result<(String, u16), String> {
-    let rest = if let Some(r) = url.strip_prefix("mqtt://").or_else(|| url.strip_prefix("tcp://")) {
+    let rest = if let Some(r) = url
+        .strip_prefix("mqtt://")
+        .or_else(|| url.strip_prefix("tcp://"))
+    {
         r
     } else if url.starts_with("mqtts://") || url.starts_with("ssl://") {
-        return Err(format!("`{url}`: TLS (mqtts://) is not supported yet; use mqtt://"));
+        return Err(format!(
+            "`{url}`: TLS (mqtts://) is not supported yet; use mqtt://"
+        ));
     } else {
-        return Err(format!("`{url}` is not an MQTT URL: expected mqtt://host:port"));
+        return Err(format!(
+            "`{url}` is not an MQTT URL: expected mqtt://host:port"
+        ));
     };
     let rest = rest.trim_end_matches('/');
     let (host, port) = if let Some(stripped) = rest.strip_prefix('[') {
         // [ipv6]:port
-        let (h, p) = stripped.split_once(']').ok_or_else(|| format!("`{url}`: unclosed '['"))?;
+        let (h, p) = stripped
+            .split_once(']')
+            .ok_or_else(|| format!("`{url}`: unclosed '['"))?;
         (h.to_string(), p.strip_prefix(':'))
     } else {
         match rest.rsplit_once(':') {
@@ -1159,9 +1342,18 @@ fn parse_mqtt_url(url: &str) -> Result<(String, u16), String> {
     }
     let port = match port {
         None => 1883,
-        Some(p) => p.parse::<u16>().map_err(|_| format!("`{url}`: port `{p}` is not a number 1..=65535"))?,
+        Some(p) => p
+            .parse::<u16>()
+            .map_err(|_| format!("`{url}`: port `{p}` is not a number 1..=65535"))?,
     };
     Ok((host, port))
+}
+
+/// Drops `.` components so file names in messages read naturally (`a/./b` → `a/b`).
+fn tidy_path(p: &Path) -> PathBuf {
+    p.components()
+        .filter(|c| !matches!(c, std::path::Component::CurDir))
+        .collect()
 }
 
 fn hostname() -> String {
@@ -1193,14 +1385,20 @@ mod tests {
 
     #[test]
     fn env_defaults_and_escapes() {
-        assert_eq!(expand_env("port: ${NOPE:-1883}\n", &env).unwrap(), "port: 1883\n");
+        assert_eq!(
+            expand_env("port: ${NOPE:-1883}\n", &env).unwrap(),
+            "port: 1883\n"
+        );
         assert_eq!(expand_env("x: $${PASS}\n", &env).unwrap(), "x: ${PASS}\n");
     }
 
     #[test]
     fn env_values_yaml_would_misread_are_quoted() {
         assert_eq!(expand_env("p: ${ODD}\n", &env).unwrap(), "p: \"a: b #c\"\n");
-        assert_eq!(expand_env("p: \"x${ODD}\"\n", &env).unwrap(), "p: \"xa: b #c\"\n");
+        assert_eq!(
+            expand_env("p: \"x${ODD}\"\n", &env).unwrap(),
+            "p: \"xa: b #c\"\n"
+        );
     }
 
     #[test]
@@ -1211,17 +1409,33 @@ mod tests {
 
     #[test]
     fn mqtt_urls() {
-        assert_eq!(parse_mqtt_url("mqtt://127.0.0.1:1883").unwrap(), ("127.0.0.1".into(), 1883));
-        assert_eq!(parse_mqtt_url("mqtt://broker").unwrap(), ("broker".into(), 1883));
-        assert_eq!(parse_mqtt_url("mqtt://[::1]:1884").unwrap(), ("::1".into(), 1884));
+        assert_eq!(
+            parse_mqtt_url("mqtt://127.0.0.1:1883").unwrap(),
+            ("127.0.0.1".into(), 1883)
+        );
+        assert_eq!(
+            parse_mqtt_url("mqtt://broker").unwrap(),
+            ("broker".into(), 1883)
+        );
+        assert_eq!(
+            parse_mqtt_url("mqtt://[::1]:1884").unwrap(),
+            ("::1".into(), 1884)
+        );
         assert!(parse_mqtt_url("http://x").is_err());
         assert!(parse_mqtt_url("mqtt://x:99999").is_err());
     }
 
     #[test]
     fn templates_accept_known_placeholders_only() {
-        assert_eq!(template_error("site/{gateway}/{device}/{point}/{unit}"), None);
-        assert!(template_error("x/{devise}").unwrap().contains("unknown placeholder {devise}"));
+        assert_eq!(
+            template_error("site/{gateway}/{device}/{point}/{unit}"),
+            None
+        );
+        assert!(
+            template_error("x/{devise}")
+                .unwrap()
+                .contains("unknown placeholder {devise}")
+        );
         assert!(template_error("x/#").is_some());
     }
 }

@@ -30,7 +30,9 @@ pub struct Options {
 const DEMO_CONFIG: &str = include_str!("../mappings/demo.yaml");
 
 pub async fn run(opts: Options) -> anyhow::Result<()> {
-    let state = tempfile::Builder::new().prefix("fieldgate-demo-").tempdir()?;
+    let state = tempfile::Builder::new()
+        .prefix("fieldgate-demo-")
+        .tempdir()?;
 
     let sim = Simulator::start(None).await?;
     tokio::spawn(animate(sim.clone()));
@@ -45,7 +47,10 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let path = Path::new("mappings/demo.yaml");
     let (path, text) = match std::fs::read_to_string(path) {
         Ok(t) => (path.to_path_buf(), t),
-        Err(_) => (std::env::temp_dir().join("fieldgate-demo.yaml"), DEMO_CONFIG.to_string()),
+        Err(_) => (
+            std::env::temp_dir().join("fieldgate-demo.yaml"),
+            DEMO_CONFIG.to_string(),
+        ),
     };
     let sim_port = sim.addr.port().to_string();
     let mqtt_port = proxy.addr().port().to_string();
@@ -56,7 +61,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         "FIELDGATE_DEMO_STATE_DIR" => Some(state_dir.clone()),
         _ => std::env::var(k).ok(),
     };
-    let config = Config::from_text_with_env(&path, &text, &env).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let config =
+        Config::from_text_with_env(&path, &text, &env).map_err(|e| anyhow::anyhow!("{e}"))?;
     println!(
         "fieldgate demo: simulated boiler on {}, MQTT broker on {}, queue in {}",
         sim.addr,
@@ -125,13 +131,11 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                     if let Some(seq) = v.get("seq").and_then(|s| s.as_u64()) {
                         seqs.insert(seq);
                     }
-                    if let Some(ts) = v.get("ts").and_then(|t| t.as_str()) {
-                        if let Some(age) = age_ms(ts) {
-                            if age > 1500 {
-                                replayed += 1;
-                                note = format!("   <- replayed, measured {:.1}s ago", age as f64 / 1000.0);
-                            }
-                        }
+                    if let Some(age) = v.get("ts").and_then(|t| t.as_str()).and_then(age_ms)
+                        && age > 1500
+                    {
+                        replayed += 1;
+                        note = format!("   <- replayed, measured {:.1}s ago", age as f64 / 1000.0);
                     }
                 }
                 println!("{topic} {text}{note}");
@@ -167,7 +171,15 @@ async fn animate(sim: Simulator) {
     sim.with_unit(1, |b| {
         b.set_input(7, &[152]); // 1.52 bar
         b.set_holding(110, &[0]);
-        b.set_holding(200, &[u16::from_be_bytes(*b"FG"), u16::from_be_bytes(*b"-D"), u16::from_be_bytes(*b"EM"), u16::from_be_bytes(*b"O1")]);
+        b.set_holding(
+            200,
+            &[
+                u16::from_be_bytes(*b"FG"),
+                u16::from_be_bytes(*b"-D"),
+                u16::from_be_bytes(*b"EM"),
+                u16::from_be_bytes(*b"O1"),
+            ],
+        );
         b.discrete.insert(2, false);
     });
     let mut tick = tokio::time::interval(Duration::from_millis(250));
@@ -190,8 +202,12 @@ async fn animate(sim: Simulator) {
 }
 
 /// Subscribes to everything with a plain MQTT client, as any consumer would.
-fn subscribe(broker: SocketAddr, tx: mpsc::UnboundedSender<(String, Vec<u8>)>) -> anyhow::Result<()> {
-    let mut o = rumqttc::MqttOptions::new("demo-subscriber", broker.ip().to_string(), broker.port());
+fn subscribe(
+    broker: SocketAddr,
+    tx: mpsc::UnboundedSender<(String, Vec<u8>)>,
+) -> anyhow::Result<()> {
+    let mut o =
+        rumqttc::MqttOptions::new("demo-subscriber", broker.ip().to_string(), broker.port());
     o.set_keep_alive(Duration::from_secs(5));
     o.set_max_packet_size(1 << 20, 1 << 20);
     let (client, mut el) = rumqttc::AsyncClient::new(o, 100);

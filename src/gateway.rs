@@ -28,7 +28,11 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), Gatewa
 }
 
 /// [`run`] with explicit uplink timing (tests shorten the timeouts).
-pub async fn run_with(config: Config, tuning: Tuning, cancel: CancellationToken) -> Result<(), GatewayError> {
+pub async fn run_with(
+    config: Config,
+    tuning: Tuning,
+    cancel: CancellationToken,
+) -> Result<(), GatewayError> {
     let store = Store::open(&config.gateway.state_dir)?;
     let stats = store.stats()?;
     tracing::info!(gateway = %config.gateway.id, queue = %config.gateway.state_dir.join("queue.db").display(),
@@ -37,11 +41,21 @@ pub async fn run_with(config: Config, tuning: Tuning, cancel: CancellationToken)
 
     let tasks = TaskTracker::new();
     for bus in &config.buses {
-        let devices: Vec<_> = config.devices.iter().filter(|d| d.bus == bus.name).cloned().collect();
+        let devices: Vec<_> = config
+            .devices
+            .iter()
+            .filter(|d| d.bus == bus.name)
+            .cloned()
+            .collect();
         if devices.is_empty() {
             continue;
         }
-        tasks.spawn(crate::poller::run(bus.clone(), devices, handle.clone(), cancel.clone()));
+        tasks.spawn(crate::poller::run(
+            bus.clone(),
+            devices,
+            handle.clone(),
+            cancel.clone(),
+        ));
     }
     let mut uplink = Uplink::new(config.mqtt.clone(), &config.gateway, handle.clone());
     uplink.tuning = tuning;

@@ -13,7 +13,11 @@ use fieldgate::config::{Config, EX_CONFIG};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(name = "fieldgate", version, about = "Modbus to MQTT edge gateway that never drops a reading")]
+#[command(
+    name = "fieldgate",
+    version,
+    about = "Modbus to MQTT edge gateway that never drops a reading"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

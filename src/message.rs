@@ -140,9 +140,8 @@ pub fn now_ms() -> i64 {
 
 /// RFC 3339, UTC, milliseconds: `2026-11-26T04:00:00.123Z`.
 pub fn format_ts(ts_ms: i64) -> String {
-    let fmt = format_description!(
-        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
-    );
+    let fmt =
+        format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z");
     OffsetDateTime::from_unix_timestamp_nanos(ts_ms as i128 * 1_000_000)
         .ok()
         .and_then(|t| t.format(&fmt).ok())

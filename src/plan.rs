@@ -30,9 +30,20 @@ impl ReadRequest {
 /// `max_gap` is the largest number of unused addresses a request may read over to join two
 /// points; `max_registers` caps register requests below the protocol's 125 for devices that
 /// accept less.
-pub fn plan(points: &[Point], members: &[usize], max_gap: u16, max_registers: u16) -> Vec<ReadRequest> {
+pub fn plan(
+    points: &[Point],
+    members: &[usize],
+    max_gap: u16,
+    max_registers: u16,
+) -> Vec<ReadRequest> {
     let mut order: Vec<usize> = members.to_vec();
-    order.sort_by_key(|&i| (points[i].source.table, points[i].source.address, points[i].width()));
+    order.sort_by_key(|&i| {
+        (
+            points[i].source.table,
+            points[i].source.address,
+            points[i].width(),
+        )
+    });
 
     let mut out: Vec<ReadRequest> = Vec::new();
     for i in order {
@@ -49,7 +60,7 @@ pub fn plan(points: &[Point], members: &[usize], max_gap: u16, max_registers: u1
             let cur_end = cur.end() as u32;
             let joins = cur.table == table && start as u32 <= cur_end + 1 + max_gap as u32;
             let new_end = cur_end.max(end);
-            if joins && new_end - cur.start as u32 + 1 <= limit as u32 {
+            if joins && new_end - (cur.start as u32) < limit as u32 {
                 cur.count = (new_end - cur.start as u32 + 1) as u16;
                 cur.points.push(i);
                 continue;
@@ -142,37 +153,62 @@ mod tests {
     #[test]
     fn requests_never_exceed_125_registers() {
         // 130 consecutive u16 registers: 125 + 5.
-        let points: Vec<Point> = (0..130).map(|a| reg(Table::Holding, a, DataType::U16)).collect();
+        let points: Vec<Point> = (0..130)
+            .map(|a| reg(Table::Holding, a, DataType::U16))
+            .collect();
         let reqs = plan(&points, &all(&points), 0, 125);
-        assert_eq!(spans(&reqs), vec![(Table::Holding, 0, 125), (Table::Holding, 125, 5)]);
+        assert_eq!(
+            spans(&reqs),
+            vec![(Table::Holding, 0, 125), (Table::Holding, 125, 5)]
+        );
         // A multi-register value is never split across requests.
-        let points: Vec<Point> = (0..64).map(|a| reg(Table::Holding, a * 2, DataType::F32)).collect();
+        let points: Vec<Point> = (0..64)
+            .map(|a| reg(Table::Holding, a * 2, DataType::F32))
+            .collect();
         let reqs = plan(&points, &all(&points), 0, 125);
-        assert_eq!(spans(&reqs), vec![(Table::Holding, 0, 124), (Table::Holding, 124, 4)]);
+        assert_eq!(
+            spans(&reqs),
+            vec![(Table::Holding, 0, 124), (Table::Holding, 124, 4)]
+        );
     }
 
     #[test]
     fn a_device_limit_below_125_is_respected() {
-        let points: Vec<Point> = (0..10).map(|a| reg(Table::Holding, a, DataType::U16)).collect();
+        let points: Vec<Point> = (0..10)
+            .map(|a| reg(Table::Holding, a, DataType::U16))
+            .collect();
         let reqs = plan(&points, &all(&points), 0, 4);
         assert_eq!(
             spans(&reqs),
-            vec![(Table::Holding, 0, 4), (Table::Holding, 4, 4), (Table::Holding, 8, 2)]
+            vec![
+                (Table::Holding, 0, 4),
+                (Table::Holding, 4, 4),
+                (Table::Holding, 8, 2)
+            ]
         );
     }
 
     #[test]
     fn bits_coalesce_up_to_2000() {
-        let points: Vec<Point> = (0..2001).map(|a| reg(Table::Coil, a, DataType::Bool)).collect();
+        let points: Vec<Point> = (0..2001)
+            .map(|a| reg(Table::Coil, a, DataType::Bool))
+            .collect();
         let reqs = plan(&points, &all(&points), 0, 125);
-        assert_eq!(spans(&reqs), vec![(Table::Coil, 0, 2000), (Table::Coil, 2000, 1)]);
+        assert_eq!(
+            spans(&reqs),
+            vec![(Table::Coil, 0, 2000), (Table::Coil, 2000, 1)]
+        );
     }
 
     #[test]
     fn overlapping_points_share_registers() {
         let mut bit = reg(Table::Holding, 10, DataType::Bool);
         bit.bit = Some(3);
-        let points = vec![reg(Table::Holding, 10, DataType::U16), bit, reg(Table::Holding, 9, DataType::U32)];
+        let points = vec![
+            reg(Table::Holding, 10, DataType::U16),
+            bit,
+            reg(Table::Holding, 9, DataType::U32),
+        ];
         let reqs = plan(&points, &all(&points), 0, 125);
         assert_eq!(spans(&reqs), vec![(Table::Holding, 9, 2)]);
         assert_eq!(reqs[0].points.len(), 3);
@@ -180,7 +216,10 @@ mod tests {
 
     #[test]
     fn only_the_members_are_planned() {
-        let points = vec![reg(Table::Holding, 0, DataType::U16), reg(Table::Holding, 1, DataType::U16)];
+        let points = vec![
+            reg(Table::Holding, 0, DataType::U16),
+            reg(Table::Holding, 1, DataType::U16),
+        ];
         let reqs = plan(&points, &[1], 0, 125);
         assert_eq!(spans(&reqs), vec![(Table::Holding, 1, 1)]);
         assert_eq!(reqs[0].points, vec![1]);

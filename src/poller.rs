@@ -77,7 +77,9 @@ pub async fn run(bus: Bus, devices: Vec<Device>, store: StoreHandle, cancel: Can
     tracing::info!(bus = %bus.name, devices = states.len(), "polling started");
 
     loop {
-        let next = (0..slots.len()).min_by_key(|&i| slots[i].due).expect("not empty");
+        let next = (0..slots.len())
+            .min_by_key(|&i| slots[i].due)
+            .expect("not empty");
         let due = slots[next].due;
         tokio::select! {
             biased;
@@ -132,13 +134,21 @@ pub async fn run(bus: Bus, devices: Vec<Device>, store: StoreHandle, cancel: Can
 /// Exponential backoff: 1s, 2s, 4s … capped at 60s.
 fn backoff(failures: u32) -> Duration {
     BACKOFF_MIN
-        .saturating_mul(1u32.checked_shl(failures.saturating_sub(1).min(16)).unwrap_or(u32::MAX))
+        .saturating_mul(
+            1u32.checked_shl(failures.saturating_sub(1).min(16))
+                .unwrap_or(u32::MAX),
+        )
         .min(BACKOFF_MAX)
 }
 
 /// Reads every request of one group, decodes the values and enqueues their messages. Values
 /// read before a transport failure are still enqueued.
-async fn poll_group(link: &mut Link, st: &mut DeviceState, g: usize, store: &StoreHandle) -> Result<(), BusError> {
+async fn poll_group(
+    link: &mut Link,
+    st: &mut DeviceState,
+    g: usize,
+    store: &StoreHandle,
+) -> Result<(), BusError> {
     let ts = now_ms();
     let dev = &st.device;
     let mut values: Vec<(usize, Value)> = Vec::new();
@@ -161,7 +171,11 @@ async fn poll_group(link: &mut Link, st: &mut DeviceState, g: usize, store: &Sto
             Err(BusError::Exception(code)) => {
                 st.counters.exceptions += 1;
                 if st.refused.insert((g, r)) {
-                    let names: Vec<&str> = req.points.iter().map(|&i| dev.points[i].name.as_str()).collect();
+                    let names: Vec<&str> = req
+                        .points
+                        .iter()
+                        .map(|&i| dev.points[i].name.as_str())
+                        .collect();
                     tracing::warn!(device = %dev.name, unit = dev.unit, exception = ?code,
                         table = req.table.name(), start = req.start, count = req.count, points = %names.join(","),
                         "device refused a read (check the mapping); these points are skipped");

@@ -57,16 +57,17 @@ pub struct Simulator {
 impl Simulator {
     /// Starts serving on `127.0.0.1:0` (or `addr`).
     pub async fn start(addr: Option<SocketAddr>) -> std::io::Result<Simulator> {
-        let listener = TcpListener::bind(addr.unwrap_or_else(|| "127.0.0.1:0".parse().expect("valid"))).await?;
+        let listener =
+            TcpListener::bind(addr.unwrap_or_else(|| "127.0.0.1:0".parse().expect("valid")))
+                .await?;
         let addr = listener.local_addr()?;
         let state = Arc::new(Mutex::new(State::default()));
         let server = Server::new(listener);
         let st = state.clone();
         tokio::spawn(async move {
             let new_service = |_socket_addr| Ok(Some(Handler { state: st.clone() }));
-            let on_connected = |stream, socket_addr| {
-                let new_service = new_service.clone();
-                async move { accept_tcp_connection(stream, socket_addr, new_service) }
+            let on_connected = |stream, socket_addr| async move {
+                accept_tcp_connection(stream, socket_addr, new_service)
             };
             if let Err(e) = server.serve(&on_connected, |_err| {}).await {
                 tracing::warn!(error = %e, "simulator stopped");
@@ -124,19 +125,33 @@ fn answer(st: &State, unit: u8, req: &Request<'_>) -> Answer {
     };
     fn words(map: &HashMap<u16, u16>, start: u16, n: u16) -> Result<Vec<u16>, ExceptionCode> {
         (0..n)
-            .map(|i| map.get(&(start + i)).copied().ok_or(ExceptionCode::IllegalDataAddress))
+            .map(|i| {
+                map.get(&(start + i))
+                    .copied()
+                    .ok_or(ExceptionCode::IllegalDataAddress)
+            })
             .collect()
     }
     fn bits(map: &HashMap<u16, bool>, start: u16, n: u16) -> Result<Vec<bool>, ExceptionCode> {
         (0..n)
-            .map(|i| map.get(&(start + i)).copied().ok_or(ExceptionCode::IllegalDataAddress))
+            .map(|i| {
+                map.get(&(start + i))
+                    .copied()
+                    .ok_or(ExceptionCode::IllegalDataAddress)
+            })
             .collect()
     }
     Ok(Some(match req {
-        Request::ReadHoldingRegisters(a, n) => Response::ReadHoldingRegisters(words(&bank.holding, *a, *n)?),
-        Request::ReadInputRegisters(a, n) => Response::ReadInputRegisters(words(&bank.input, *a, *n)?),
+        Request::ReadHoldingRegisters(a, n) => {
+            Response::ReadHoldingRegisters(words(&bank.holding, *a, *n)?)
+        }
+        Request::ReadInputRegisters(a, n) => {
+            Response::ReadInputRegisters(words(&bank.input, *a, *n)?)
+        }
         Request::ReadCoils(a, n) => Response::ReadCoils(bits(&bank.coils, *a, *n)?),
-        Request::ReadDiscreteInputs(a, n) => Response::ReadDiscreteInputs(bits(&bank.discrete, *a, *n)?),
+        Request::ReadDiscreteInputs(a, n) => {
+            Response::ReadDiscreteInputs(bits(&bank.discrete, *a, *n)?)
+        }
         _ => return Err(ExceptionCode::IllegalFunction),
     }))
 }

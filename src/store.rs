@@ -48,9 +48,15 @@ use crate::message::{Body, Message, Stored};
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("cannot create the state directory {path}: {source}")]
-    StateDir { path: PathBuf, source: std::io::Error },
+    StateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("queue database {path}: {source}")]
-    Sqlite { path: PathBuf, source: rusqlite::Error },
+    Sqlite {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
     #[error("queue database: {0}")]
     Query(#[from] rusqlite::Error),
     #[error("the store thread has stopped")]
@@ -86,12 +92,16 @@ impl Store {
         };
         let conn = Connection::open_with_flags(
             &path,
-            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            OpenFlags::SQLITE_OPEN_READ_WRITE
+                | OpenFlags::SQLITE_OPEN_CREATE
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )
         .map_err(wrap)?;
         conn.busy_timeout(Duration::from_secs(5)).map_err(wrap)?;
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(wrap)?;
-        conn.pragma_update(None, "synchronous", "FULL").map_err(wrap)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(wrap)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(wrap)?;
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS queue (
                 seq    INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -179,9 +189,11 @@ impl Store {
     }
 
     pub fn stats(&self) -> Result<Stats, StoreError> {
-        let (depth, oldest): (i64, Option<i64>) = self
-            .conn
-            .query_row("SELECT count(*), min(ts_ms) FROM queue", [], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        let (depth, oldest): (i64, Option<i64>) =
+            self.conn
+                .query_row("SELECT count(*), min(ts_ms) FROM queue", [], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })?;
         Ok(Stats {
             depth: depth as u64,
             oldest_ts_ms: oldest,
@@ -193,7 +205,11 @@ impl Store {
     pub fn last_seq(&self) -> Result<u64, StoreError> {
         let seq: Option<i64> = self
             .conn
-            .query_row("SELECT seq FROM sqlite_sequence WHERE name = 'queue'", [], |r| r.get(0))
+            .query_row(
+                "SELECT seq FROM sqlite_sequence WHERE name = 'queue'",
+                [],
+                |r| r.get(0),
+            )
             .or_else(|e| match e {
                 rusqlite::Error::QueryReturnedNoRows => Ok(None),
                 e => Err(e),
@@ -226,13 +242,19 @@ impl StoreHandle {
         if msgs.is_empty() {
             return Ok(());
         }
-        self.tx.send(Cmd::Enqueue(msgs)).map_err(|_| StoreError::Closed)
+        self.tx
+            .send(Cmd::Enqueue(msgs))
+            .map_err(|_| StoreError::Closed)
     }
 
     pub async fn peek(&self, after: u64, limit: usize) -> Result<Vec<Stored>, StoreError> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Cmd::Peek { after, limit, reply })
+            .send(Cmd::Peek {
+                after,
+                limit,
+                reply,
+            })
             .map_err(|_| StoreError::Closed)?;
         rx.await
             .map_err(|_| StoreError::Closed)?
@@ -249,7 +271,9 @@ impl StoreHandle {
 
     pub async fn stats(&self) -> Result<Stats, StoreError> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(Cmd::Stats(reply)).map_err(|_| StoreError::Closed)?;
+        self.tx
+            .send(Cmd::Stats(reply))
+            .map_err(|_| StoreError::Closed)?;
         rx.await
             .map_err(|_| StoreError::Closed)?
             .map_err(StoreError::Thread)
@@ -310,7 +334,10 @@ fn run(mut store: Store, rx: mpsc::Receiver<Cmd>, committed: watch::Sender<u64>)
             match store.append(&unsaved) {
                 Ok(last) => {
                     if failing {
-                        tracing::info!(count = unsaved.len(), "queue writes work again; readings held in memory are saved");
+                        tracing::info!(
+                            count = unsaved.len(),
+                            "queue writes work again; readings held in memory are saved"
+                        );
                         failing = false;
                     }
                     unsaved.clear();
@@ -327,12 +354,18 @@ fn run(mut store: Store, rx: mpsc::Receiver<Cmd>, committed: watch::Sender<u64>)
         if !unacked.is_empty() {
             match store.ack(&unacked) {
                 Ok(_) => unacked.clear(),
-                Err(e) => tracing::warn!(error = %e, "cannot delete acknowledged rows; retrying (they may be published twice)"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot delete acknowledged rows; retrying (they may be published twice)")
+                }
             }
         }
         for q in queries {
             match q {
-                Cmd::Peek { after, limit, reply } => {
+                Cmd::Peek {
+                    after,
+                    limit,
+                    reply,
+                } => {
                     let _ = reply.send(store.peek(after, limit).map_err(|e| e.to_string()));
                 }
                 Cmd::Stats(reply) => {
@@ -343,7 +376,10 @@ fn run(mut store: Store, rx: mpsc::Receiver<Cmd>, committed: watch::Sender<u64>)
         }
         if !open && failing {
             // Shutting down while the disk refuses writes: we cannot keep them.
-            tracing::error!(lost = unsaved.len(), "shutting down with readings the queue could not save");
+            tracing::error!(
+                lost = unsaved.len(),
+                "shutting down with readings the queue could not save"
+            );
             break;
         }
     }
@@ -373,7 +409,10 @@ mod tests {
         let mut s = Store::open(dir.path()).unwrap();
         assert_eq!(s.append(&[msg(1), msg(2), msg(3)]).unwrap(), 3);
         let rows = s.peek(0, 10).unwrap();
-        assert_eq!(rows.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![1, 2, 3]);
+        assert_eq!(
+            rows.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            vec![1, 2, 3]
+        );
         assert_eq!(rows[1].message, msg(2));
         assert_eq!(s.ack(&[1, 2, 3]).unwrap(), 3);
         drop(s);
@@ -389,7 +428,10 @@ mod tests {
         let mut s = Store::open(dir.path()).unwrap();
         s.append(&(1..=10).map(msg).collect::<Vec<_>>()).unwrap();
         let rows = s.peek(4, 3).unwrap();
-        assert_eq!(rows.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![5, 6, 7]);
+        assert_eq!(
+            rows.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            vec![5, 6, 7]
+        );
     }
 
     #[test]
@@ -399,7 +441,10 @@ mod tests {
         s.append(&(1..=5).map(msg).collect::<Vec<_>>()).unwrap();
         s.ack(&[4, 2]).unwrap();
         let rows = s.peek(0, 10).unwrap();
-        assert_eq!(rows.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![1, 3, 5]);
+        assert_eq!(
+            rows.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            vec![1, 3, 5]
+        );
         let st = s.stats().unwrap();
         assert_eq!((st.depth, st.oldest_ts_ms, st.last_seq), (3, Some(1001), 5));
     }

@@ -16,7 +16,9 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, ConnectReturnCode, Event, LastWill, MqttOptions, Outgoing, Packet, QoS};
+use rumqttc::{
+    AsyncClient, ConnectReturnCode, Event, LastWill, MqttOptions, Outgoing, Packet, QoS,
+};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep, timeout};
 use tokio_util::sync::CancellationToken;
@@ -27,7 +29,7 @@ use crate::store::{StoreError, StoreHandle};
 #[derive(Debug, thiserror::Error)]
 pub enum UplinkError {
     #[error("{0}")]
-    Connection(#[from] rumqttc::ConnectionError),
+    Connection(Box<rumqttc::ConnectionError>),
     #[error("the broker refused the connection: {0:?}")]
     Refused(ConnectReturnCode),
     #[error("no CONNACK within {0:?}")]
@@ -40,6 +42,12 @@ pub enum UplinkError {
     Inflight(#[from] InflightError),
     #[error("no acknowledgement for packet {pkid} within {waited:?}")]
     AckTimeout { pkid: u16, waited: Duration },
+}
+
+impl From<rumqttc::ConnectionError> for UplinkError {
+    fn from(e: rumqttc::ConnectionError) -> Self {
+        UplinkError::Connection(Box::new(e))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -236,7 +244,12 @@ impl Uplink {
         o.set_clean_session(true);
         o.set_inflight(m.inflight);
         o.set_max_packet_size(1 << 20, 1 << 20);
-        o.set_last_will(LastWill::new(&self.status_topic, "offline", QoS::AtLeastOnce, true));
+        o.set_last_will(LastWill::new(
+            &self.status_topic,
+            "offline",
+            QoS::AtLeastOnce,
+            true,
+        ));
         if let Some(user) = &m.username {
             let pass = m.password.as_ref().map(|p| p.0.clone()).unwrap_or_default();
             o.set_credentials(user.clone(), pass);
@@ -312,7 +325,10 @@ impl Uplink {
                 for r in rows {
                     let m = &r.message;
                     client.try_publish(m.topic.as_str(), qos(m.qos), m.retain, r.payload())?;
-                    inflight.submitted(Entry::Row { seq: r.seq, qos: m.qos });
+                    inflight.submitted(Entry::Row {
+                        seq: r.seq,
+                        qos: m.qos,
+                    });
                     cursor = r.seq;
                 }
             }
@@ -357,7 +373,12 @@ impl Uplink {
         let _ = client.try_publish(&self.status_topic, QoS::AtLeastOnce, true, "offline");
         inflight.submitted(Entry::Control { qos: 1 });
         while !inflight.is_empty() {
-            match timeout(deadline.saturating_duration_since(Instant::now()), events.recv()).await {
+            match timeout(
+                deadline.saturating_duration_since(Instant::now()),
+                events.recv(),
+            )
+            .await
+            {
                 Ok(Some(Ok(ev))) => {
                     if handle(&mut inflight, &mut acks, ev).is_err() {
                         break;
@@ -390,7 +411,9 @@ fn handle(inflight: &mut Inflight, acks: &mut Vec<u64>, ev: Event) -> Result<(),
                 acks.push(seq);
             }
         }
-        Event::Outgoing(Outgoing::AwaitAck(pkid)) => return Err(InflightError::Collision(pkid).into()),
+        Event::Outgoing(Outgoing::AwaitAck(pkid)) => {
+            return Err(InflightError::Collision(pkid).into());
+        }
         Event::Incoming(Packet::PubAck(a)) => acks.extend(inflight.acknowledged(a.pkid)),
         Event::Incoming(Packet::PubComp(c)) => acks.extend(inflight.acknowledged(c.pkid)),
         _ => {}
@@ -466,7 +489,10 @@ mod tests {
     #[test]
     fn written_without_submission_is_an_error() {
         let mut f = Inflight::default();
-        assert_eq!(f.written(3, Instant::now()), Err(InflightError::NothingSubmitted(3)));
+        assert_eq!(
+            f.written(3, Instant::now()),
+            Err(InflightError::NothingSubmitted(3))
+        );
     }
 
     #[test]

@@ -62,11 +62,16 @@ async fn every_point_arrives_exactly(broker: SocketAddr) {
     let dir = tempfile::tempdir().unwrap();
     let sub = Subscriber::start(broker).await;
     let t0 = now_ms();
-    let gw = Gateway::start(dir.path(), &config(&dir.path().join("state"), broker, sim.addr, BOILER));
+    let gw = Gateway::start(
+        dir.path(),
+        &config(&dir.path().join("state"), broker, sim.addr, BOILER),
+    );
 
-    sub.wait_for(Duration::from_secs(10), "3 poll cycles of 8 points", |got| {
-        got.iter().filter(|r| r.seq().is_some()).count() >= 24
-    })
+    sub.wait_for(
+        Duration::from_secs(10),
+        "3 poll cycles of 8 points",
+        |got| got.iter().filter(|r| r.seq().is_some()).count() >= 24,
+    )
     .await;
     gw.stop().await;
     let t1 = now_ms();
@@ -74,20 +79,35 @@ async fn every_point_arrives_exactly(broker: SocketAddr) {
     let got = sub.all();
     let expected = expected_values();
     for r in got.iter().filter(|r| r.seq().is_some()) {
-        let point = r.topic.strip_prefix("fieldgate/gw1/boiler/").unwrap_or_else(|| panic!("unexpected topic {}", r.topic));
+        let point = r
+            .topic
+            .strip_prefix("fieldgate/gw1/boiler/")
+            .unwrap_or_else(|| panic!("unexpected topic {}", r.topic));
         assert_eq!(r.value(), Some(&expected[point]), "{point}: {}", r.payload);
         let ts = r.ts_ms().expect("ts is RFC 3339");
         assert!(ts >= t0 && ts <= t1, "ts {ts} outside the run {t0}..{t1}");
-        assert!(r.payload.ends_with(&format!("\"seq\":{}}}", r.seq().unwrap())), "{}", r.payload);
+        assert!(
+            r.payload
+                .ends_with(&format!("\"seq\":{}}}", r.seq().unwrap())),
+            "{}",
+            r.payload
+        );
     }
-    let r = got.iter().find(|r| r.topic.ends_with("/flow_temp")).unwrap();
+    let r = got
+        .iter()
+        .find(|r| r.topic.ends_with("/flow_temp"))
+        .unwrap();
     assert_eq!(r.json.as_ref().unwrap()["unit"], json!("°C"));
     // The seq of a fresh gateway starts at 1 and has no gap.
     let seqs: Vec<u64> = sub.by_seq().keys().copied().collect();
     assert_eq!(seqs[0], 1);
     assert_gapless(seqs);
     // Availability: online on connect, offline on a clean shutdown, both retained.
-    let status: Vec<&str> = got.iter().filter(|r| r.topic == "fieldgate/gw1/status").map(|r| r.payload.as_str()).collect();
+    let status: Vec<&str> = got
+        .iter()
+        .filter(|r| r.topic == "fieldgate/gw1/status")
+        .map(|r| r.payload.as_str())
+        .collect();
     assert_eq!(status.first(), Some(&"online"));
     assert_eq!(status.last(), Some(&"offline"));
 }
@@ -112,10 +132,15 @@ async fn an_uplink_cut_loses_nothing(broker: SocketAddr) {
     let sub = Subscriber::start(broker).await;
     let devices = BOILER.replace("every: 200ms", "every: 100ms");
     let state = dir.path().join("state");
-    let gw = Gateway::start(dir.path(), &config(&state, proxy.addr(), sim.addr, &devices));
+    let gw = Gateway::start(
+        dir.path(),
+        &config(&state, proxy.addr(), sim.addr, &devices),
+    );
 
-    sub.wait_for(Duration::from_secs(10), "the first readings", |got| got.iter().any(|r| r.seq().is_some()))
-        .await;
+    sub.wait_for(Duration::from_secs(10), "the first readings", |got| {
+        got.iter().any(|r| r.seq().is_some())
+    })
+    .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     proxy.set(Mode::Cut);
     let cut_from = now_ms();
@@ -129,15 +154,32 @@ async fn an_uplink_cut_loses_nothing(broker: SocketAddr) {
     // Everything ever enqueued either arrived or is still queued for the next start.
     let store = Store::open(&state).unwrap();
     let last = store.last_seq().unwrap();
-    let still_queued: BTreeSet<u64> = store.peek(0, 100_000).unwrap().iter().map(|r| r.seq).collect();
+    let still_queued: BTreeSet<u64> = store
+        .peek(0, 100_000)
+        .unwrap()
+        .iter()
+        .map(|r| r.seq)
+        .collect();
     let got = sub.by_seq();
-    let missing: Vec<u64> = (1..=last).filter(|s| !got.contains_key(s) && !still_queued.contains(s)).collect();
+    let missing: Vec<u64> = (1..=last)
+        .filter(|s| !got.contains_key(s) && !still_queued.contains(s))
+        .collect();
     assert!(missing.is_empty(), "lost: {missing:?}");
-    assert!(last > 200, "polling went on during the cut ({last} readings)");
+    assert!(
+        last > 200,
+        "polling went on during the cut ({last} readings)"
+    );
     assert!(got.len() > before, "the backlog was replayed");
     // Readings polled during the outage arrived with their poll times.
-    let during: Vec<_> = got.values().filter(|r| (cut_from + 500..cut_to - 500).contains(&r.ts_ms().unwrap())).collect();
-    assert!(during.len() >= 80, "{} readings carry a ts inside the outage", during.len());
+    let during: Vec<_> = got
+        .values()
+        .filter(|r| (cut_from + 500..cut_to - 500).contains(&r.ts_ms().unwrap()))
+        .collect();
+    assert!(
+        during.len() >= 80,
+        "{} readings carry a ts inside the outage",
+        during.len()
+    );
     assert_gapless(got.keys().copied().chain(still_queued));
 }
 
@@ -174,13 +216,19 @@ async fn a_restart_resumes_the_queue_and_the_seq() {
     let sub = Subscriber::start(broker).await;
     let gw = Gateway::start(dir.path(), &config(&state, proxy.addr(), sim.addr, BOILER));
     let want = queued.last_seq + 16;
-    sub.wait_for(Duration::from_secs(10), "the backlog and new readings", |got| {
-        got.iter().filter_map(|r| r.seq()).max().unwrap_or(0) >= want
-    })
+    sub.wait_for(
+        Duration::from_secs(10),
+        "the backlog and new readings",
+        |got| got.iter().filter_map(|r| r.seq()).max().unwrap_or(0) >= want,
+    )
     .await;
     gw.stop().await;
     let got = sub.by_seq();
-    assert_eq!(*got.keys().next().unwrap(), 1, "the backlog starts at seq 1");
+    assert_eq!(
+        *got.keys().next().unwrap(),
+        1,
+        "the backlog starts at seq 1"
+    );
     assert_gapless(got.keys().copied().filter(|&s| s <= want));
 }
 
@@ -193,12 +241,22 @@ async fn a_silent_device_does_not_stall_the_others_on_its_bus() {
     let dir = tempfile::tempdir().unwrap();
     let sub = Subscriber::start(broker).await;
     let devices = "  healthy:\n    bus: plc\n    unit: 1\n    every: 200ms\n    points:\n      p: { register: 7, kind: input }\n  dead:\n    bus: plc\n    unit: 2\n    every: 200ms\n    points:\n      q: { register: 0 }\n";
-    let gw = Gateway::start(dir.path(), &config(&dir.path().join("state"), broker, sim.addr, devices));
+    let gw = Gateway::start(
+        dir.path(),
+        &config(&dir.path().join("state"), broker, sim.addr, devices),
+    );
     tokio::time::sleep(Duration::from_secs(4)).await;
     gw.stop().await;
-    let healthy = sub.all().iter().filter(|r| r.topic == "fieldgate/gw1/healthy/p").count();
+    let healthy = sub
+        .all()
+        .iter()
+        .filter(|r| r.topic == "fieldgate/gw1/healthy/p")
+        .count();
     // 4s at 5/s = 20 polls; the dead device's few timeouts (backed off 1s, 2s …) cost ≤ 4 × 300ms.
-    assert!(healthy >= 13, "healthy device polled only {healthy} times in 4s");
+    assert!(
+        healthy >= 13,
+        "healthy device polled only {healthy} times in 4s"
+    );
     assert!(sub.all().iter().all(|r| !r.topic.contains("/dead/")));
 }
 
@@ -210,10 +268,15 @@ async fn a_modbus_exception_skips_only_the_points_of_that_request() {
     let sub = Subscriber::start(broker).await;
     // Register 5000 is not in the simulator's bank: IllegalDataAddress.
     let devices = "  boiler:\n    bus: plc\n    every: 200ms\n    points:\n      good: { register: 7, kind: input }\n      missing: { register: 5000 }\n";
-    let gw = Gateway::start(dir.path(), &config(&dir.path().join("state"), broker, sim.addr, devices));
-    sub.wait_for(Duration::from_secs(5), "five readings of the good point", |got| {
-        got.iter().filter(|r| r.topic.ends_with("/good")).count() >= 5
-    })
+    let gw = Gateway::start(
+        dir.path(),
+        &config(&dir.path().join("state"), broker, sim.addr, devices),
+    );
+    sub.wait_for(
+        Duration::from_secs(5),
+        "five readings of the good point",
+        |got| got.iter().filter(|r| r.topic.ends_with("/good")).count() >= 5,
+    )
     .await;
     gw.stop().await;
     assert!(!sub.all().iter().any(|r| r.topic.ends_with("/missing")));
@@ -241,17 +304,27 @@ async fn device_mode_publishes_one_message_per_poll_and_bare_values_publish_text
     points:
       pressure: { register: 7, kind: input, scale: 0.01 }
 "#;
-    let gw = Gateway::start(dir.path(), &config(&dir.path().join("state"), broker, sim.addr, devices));
+    let gw = Gateway::start(
+        dir.path(),
+        &config(&dir.path().join("state"), broker, sim.addr, devices),
+    );
     sub.wait_for(Duration::from_secs(5), "both forms", |got| {
-        got.iter().any(|r| r.topic == "fieldgate/gw1/whole") && got.iter().any(|r| r.topic == "site/bare/pressure")
+        got.iter().any(|r| r.topic == "fieldgate/gw1/whole")
+            && got.iter().any(|r| r.topic == "site/bare/pressure")
     })
     .await;
     gw.stop().await;
     let all = sub.all();
-    let whole = all.iter().find(|r| r.topic == "fieldgate/gw1/whole").unwrap();
+    let whole = all
+        .iter()
+        .find(|r| r.topic == "fieldgate/gw1/whole")
+        .unwrap();
     let j = whole.json.as_ref().unwrap();
     assert_eq!(j["values"], json!({"pressure": 1.52, "pump": true}));
     assert!(j["seq"].is_u64() && j["ts"].is_string());
-    let bare = all.iter().find(|r| r.topic == "site/bare/pressure").unwrap();
+    let bare = all
+        .iter()
+        .find(|r| r.topic == "site/bare/pressure")
+        .unwrap();
     assert_eq!(bare.payload, "1.52");
 }

@@ -58,9 +58,11 @@ pub enum Link {
 impl Link {
     pub fn new(bus: &Bus) -> Link {
         match &bus.transport {
-            Transport::ModbusTcp { host, port, timeout } => {
-                Link::ModbusTcp(modbus_tcp::ModbusTcp::new(host.clone(), *port, *timeout))
-            }
+            Transport::ModbusTcp {
+                host,
+                port,
+                timeout,
+            } => Link::ModbusTcp(modbus_tcp::ModbusTcp::new(host.clone(), *port, *timeout)),
         }
     }
 

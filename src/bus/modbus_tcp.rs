@@ -53,10 +53,22 @@ impl ModbusTcp {
         let (start, count) = (req.start, req.count);
         let answer = timeout(limit, async {
             match req.table {
-                Table::Holding => ctx.read_holding_registers(start, count).await.map(|r| r.map(Data::Words)),
-                Table::Input => ctx.read_input_registers(start, count).await.map(|r| r.map(Data::Words)),
-                Table::Coil => ctx.read_coils(start, count).await.map(|r| r.map(Data::Bits)),
-                Table::Discrete => ctx.read_discrete_inputs(start, count).await.map(|r| r.map(Data::Bits)),
+                Table::Holding => ctx
+                    .read_holding_registers(start, count)
+                    .await
+                    .map(|r| r.map(Data::Words)),
+                Table::Input => ctx
+                    .read_input_registers(start, count)
+                    .await
+                    .map(|r| r.map(Data::Words)),
+                Table::Coil => ctx
+                    .read_coils(start, count)
+                    .await
+                    .map(|r| r.map(Data::Bits)),
+                Table::Discrete => ctx
+                    .read_discrete_inputs(start, count)
+                    .await
+                    .map(|r| r.map(Data::Bits)),
             }
         })
         .await;
@@ -80,7 +92,9 @@ impl ModbusTcp {
                 };
                 if got < count as usize {
                     self.ctx = None;
-                    return Err(BusError::Protocol(format!("asked for {count} items, got {got}")));
+                    return Err(BusError::Protocol(format!(
+                        "asked for {count} items, got {got}"
+                    )));
                 }
                 Ok(data)
             }

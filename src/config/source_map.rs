@@ -63,7 +63,10 @@ impl SourceMap {
     ///
     /// [`locate`]: SourceMap::locate
     pub fn locate_key(&self, path: &str) -> Loc {
-        self.keys.get(path).copied().unwrap_or_else(|| self.locate(path))
+        self.keys
+            .get(path)
+            .copied()
+            .unwrap_or_else(|| self.locate(path))
     }
 
     /// The value path that starts last on `line` (for errors found before parsing).
@@ -227,7 +230,10 @@ devices:
         assert_eq!(map.locate_key("gateway.id"), Loc { line: 2, col: 3 });
         assert_eq!(map.locate("models[1]"), Loc { line: 3, col: 22 });
         assert_eq!(map.locate("devices.boiler.bus"), Loc { line: 6, col: 10 });
-        assert_eq!(map.locate("devices.boiler.points.pump.coil"), Loc { line: 8, col: 21 });
+        assert_eq!(
+            map.locate("devices.boiler.points.pump.coil"),
+            Loc { line: 8, col: 21 }
+        );
     }
 
     #[test]
@@ -239,7 +245,10 @@ devices:
     #[test]
     fn duplicate_keys_are_reported_at_the_second_one() {
         let map = SourceMap::build("a:\n  x: 1\n  x: 2\n").unwrap();
-        assert_eq!(map.duplicates, vec![("a.x".to_string(), Loc { line: 3, col: 3 })]);
+        assert_eq!(
+            map.duplicates,
+            vec![("a.x".to_string(), Loc { line: 3, col: 3 })]
+        );
     }
 
     #[test]

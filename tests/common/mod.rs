@@ -32,7 +32,8 @@ impl Received {
     }
     pub fn ts_ms(&self) -> Option<i64> {
         let ts = self.json.as_ref()?.get("ts")?.as_str()?;
-        let t = time::OffsetDateTime::parse(ts, &time::format_description::well_known::Rfc3339).ok()?;
+        let t =
+            time::OffsetDateTime::parse(ts, &time::format_description::well_known::Rfc3339).ok()?;
         Some((t.unix_timestamp_nanos() / 1_000_000) as i64)
     }
 }
@@ -47,7 +48,10 @@ impl Subscriber {
     /// Connects, subscribes to `#` with QoS 1 and returns once the broker confirmed it.
     pub async fn start(broker: SocketAddr) -> Subscriber {
         let mut o = rumqttc::MqttOptions::new(
-            format!("test-sub-{}", std::process::id() as u64 * 1000 + rand_u16() as u64),
+            format!(
+                "test-sub-{}",
+                std::process::id() as u64 * 1000 + rand_u16() as u64
+            ),
             broker.ip().to_string(),
             broker.port(),
         );
@@ -63,7 +67,10 @@ impl Subscriber {
             loop {
                 match el.poll().await {
                     Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => {
-                        client.subscribe("#", rumqttc::QoS::AtLeastOnce).await.unwrap();
+                        client
+                            .subscribe("#", rumqttc::QoS::AtLeastOnce)
+                            .await
+                            .unwrap();
                     }
                     Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))) => {
                         if let Some(tx) = ready_tx.take() {
@@ -98,7 +105,10 @@ impl Subscriber {
 
     /// Messages carrying a `seq`, one per seq (duplicates from at-least-once dropped).
     pub fn by_seq(&self) -> BTreeMap<u64, Received> {
-        self.all().into_iter().filter_map(|r| Some((r.seq()?, r))).collect()
+        self.all()
+            .into_iter()
+            .filter_map(|r| Some((r.seq()?, r)))
+            .collect()
     }
 
     /// Waits until `pred` holds for what has arrived, or panics after `limit`.
@@ -199,9 +209,13 @@ impl Mosquitto {
     /// Starts mosquitto, or returns None (test skipped) when it is not installed — unless
     /// `FIELDGATE_REQUIRE_MOSQUITTO=1`, as `.ci/run` sets, which turns a skip into a failure.
     pub fn start() -> Option<Mosquitto> {
-        let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto", "/usr/local/sbin/mosquitto"]
-            .into_iter()
-            .find(|p| Path::new(p).exists());
+        let bin = [
+            "/usr/sbin/mosquitto",
+            "/usr/bin/mosquitto",
+            "/usr/local/sbin/mosquitto",
+        ]
+        .into_iter()
+        .find(|p| Path::new(p).exists());
         let Some(bin) = bin else {
             if std::env::var("FIELDGATE_REQUIRE_MOSQUITTO").as_deref() == Ok("1") {
                 panic!("mosquitto is required (FIELDGATE_REQUIRE_MOSQUITTO=1) but not installed");
@@ -251,13 +265,24 @@ impl Drop for Mosquitto {
 }
 
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Asserts that `seqs` is exactly `first..=last` with no gap.
 pub fn assert_gapless(seqs: impl IntoIterator<Item = u64>) {
     let v: Vec<u64> = seqs.into_iter().collect();
     assert!(!v.is_empty(), "no seq at all");
-    let missing: Vec<u64> = (v[0]..=*v.last().unwrap()).filter(|s| v.binary_search(s).is_err()).collect();
-    assert!(missing.is_empty(), "seq gaps: {missing:?} (of {}..={})", v[0], v.last().unwrap());
+    let missing: Vec<u64> = (v[0]..=*v.last().unwrap())
+        .filter(|s| v.binary_search(s).is_err())
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "seq gaps: {missing:?} (of {}..={})",
+        v[0],
+        v.last().unwrap()
+    );
 }

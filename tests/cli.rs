@@ -1,0 +1,85 @@
+//! The `fieldgate` binary as systemd or a shell runs it.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Subscriber, config};
+use fieldgate::sim::Simulator;
+use fieldgate::store::Store;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_publishes_offline_keeps_the_queue_and_exits_zero_within_seconds() {
+    let broker = fieldgate::broker::start().unwrap();
+    let sim = Simulator::start(None).await.unwrap();
+    sim.with_unit(1, |b| b.set_input(7, &[152]));
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let cfg = dir.path().join("config.yaml");
+    std::fs::write(
+        &cfg,
+        config(&state, broker, sim.addr, "  boiler:\n    bus: plc\n    every: 100ms\n    points:\n      p: { register: 7, kind: input }\n"),
+    )
+    .unwrap();
+    let sub = Subscriber::start(broker).await;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fieldgate"))
+        .arg("run")
+        .arg(&cfg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    sub.wait_for(Duration::from_secs(10), "readings", |got| {
+        got.iter().filter(|r| r.seq().is_some()).count() >= 5
+    })
+    .await;
+
+    let t = Instant::now();
+    let ok = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "still running 5s after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(0));
+    sub.wait_for(Duration::from_secs(2), "offline", |got| {
+        got.iter()
+            .any(|r| r.topic == "fieldgate/gw1/status" && r.payload == "offline")
+    })
+    .await;
+    // Whatever was not acknowledged is still in the queue, and nothing was lost in between.
+    let store = Store::open(&state).unwrap();
+    let last = store.last_seq().unwrap();
+    let queued: Vec<u64> = store
+        .peek(0, 10_000)
+        .unwrap()
+        .iter()
+        .map(|r| r.seq)
+        .collect();
+    let got = sub.by_seq();
+    let lost: Vec<u64> = (1..=last)
+        .filter(|s| !got.contains_key(s) && !queued.contains(s))
+        .collect();
+    assert!(lost.is_empty(), "lost {lost:?}");
+}
+
+#[test]
+fn version_and_help_work() {
+    let out = Command::new(env!("CARGO_BIN_EXE_fieldgate"))
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("fieldgate "));
+}
