@@ -328,3 +328,39 @@ async fn device_mode_publishes_one_message_per_poll_and_bare_values_publish_text
         .unwrap();
     assert_eq!(bare.payload, "1.52");
 }
+
+/// QoS 0 rows are done once written, QoS 2 rows once PUBCOMP arrives: the queue empties.
+async fn every_qos_level_is_delivered_and_deleted(broker: SocketAddr) {
+    let sim = boiler().await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let sub = Subscriber::start(broker).await;
+    let devices = "  d:\n    bus: plc\n    every: 1h\n    points:\n      q0: { register: 7, kind: input, qos: 0 }\n      q1: { register: 7, kind: input, qos: 1 }\n      q2: { register: 7, kind: input, qos: 2 }\n";
+    let gw = Gateway::start(dir.path(), &config(&state, broker, sim.addr, devices));
+    sub.wait_for(Duration::from_secs(5), "all three", |got| {
+        ["q0", "q1", "q2"].iter().all(|p| got.iter().any(|r| r.topic.ends_with(p)))
+    })
+    .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let depth = Store::open(&state).unwrap().stats().unwrap().depth;
+        if depth == 0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{depth} rows never deleted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_qos_level_is_delivered_and_deleted_from_the_queue() {
+    let broker = fieldgate::broker::start().unwrap();
+    every_qos_level_is_delivered_and_deleted(broker).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mosquitto_every_qos_level_is_delivered_and_deleted_from_the_queue() {
+    let Some(m) = Mosquitto::start() else { return };
+    every_qos_level_is_delivered_and_deleted(m.addr).await;
+}
