@@ -1,6 +1,6 @@
 //! A fault-injecting TCP proxy for the demo and the tests: forwards loopback connections to an
-//! upstream address and can cut them (and refuse new ones), stall them without a reset
-//! (half-open), or pass traffic again.
+//! upstream address and can cut them (and refuse new ones), black-hole them without a reset
+//! (half-open), reset them in the middle of a packet, or pass traffic again.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,8 +16,13 @@ pub enum Mode {
     Pass,
     /// Close every connection and refuse new ones (accepted, then closed at once).
     Cut,
-    /// Keep connections open but forward nothing: a half-open link.
+    /// Keep connections open but deliver nothing: bytes sent either way are lost, as on a
+    /// half-open link. When the stall ends, the stalled connections are closed: what was sent
+    /// into the hole never arrives.
     Stall,
+    /// Forward only the first half of the next chunk from the client, then reset (RST) the
+    /// connection; afterwards behave as `Pass`.
+    ResetMidPacket,
 }
 
 pub struct FaultProxy {
@@ -86,26 +91,36 @@ async fn relay(client: TcpStream, server: TcpStream, mut mode: watch::Receiver<M
     let (mut sr, mut sw) = server.into_split();
     let mut cbuf = vec![0u8; 16 * 1024];
     let mut sbuf = vec![0u8; 16 * 1024];
+    let mut stalled = false;
     loop {
         let m = *mode.borrow_and_update();
+        if stalled && m != Mode::Stall {
+            return; // the half-open connection never recovers
+        }
         match m {
             Mode::Cut => return,
-            Mode::Stall => {
-                if mode.changed().await.is_err() {
-                    return;
-                }
-                continue;
-            }
-            Mode::Pass => {}
+            Mode::Stall => stalled = true,
+            Mode::Pass | Mode::ResetMidPacket => {}
         }
         tokio::select! {
             r = mode.changed() => if r.is_err() { return },
             n = cr.read(&mut cbuf) => match n {
                 Ok(0) | Err(_) => return,
+                Ok(_) if stalled => {}
+                Ok(n) if m == Mode::ResetMidPacket => {
+                    let _ = sw.write_all(&cbuf[..n.div_ceil(2)]).await;
+                    // Reset both sides: SO_LINGER 0 turns the close into an RST.
+                    if let (Ok(c), Ok(s)) = (cr.reunite(cw), sr.reunite(sw)) {
+                        let _ = c.set_zero_linger();
+                        let _ = s.set_zero_linger();
+                    }
+                    return;
+                }
                 Ok(n) => if sw.write_all(&cbuf[..n]).await.is_err() { return },
             },
             n = sr.read(&mut sbuf) => match n {
                 Ok(0) | Err(_) => return,
+                Ok(_) if stalled => {}
                 Ok(n) => if cw.write_all(&sbuf[..n]).await.is_err() { return },
             },
         }

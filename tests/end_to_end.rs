@@ -338,7 +338,9 @@ async fn every_qos_level_is_delivered_and_deleted(broker: SocketAddr) {
     let devices = "  d:\n    bus: plc\n    every: 1h\n    points:\n      q0: { register: 7, kind: input, qos: 0 }\n      q1: { register: 7, kind: input, qos: 1 }\n      q2: { register: 7, kind: input, qos: 2 }\n";
     let gw = Gateway::start(dir.path(), &config(&state, broker, sim.addr, devices));
     sub.wait_for(Duration::from_secs(5), "all three", |got| {
-        ["q0", "q1", "q2"].iter().all(|p| got.iter().any(|r| r.topic.ends_with(p)))
+        ["q0", "q1", "q2"]
+            .iter()
+            .all(|p| got.iter().any(|r| r.topic.ends_with(p)))
     })
     .await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
@@ -347,7 +349,10 @@ async fn every_qos_level_is_delivered_and_deleted(broker: SocketAddr) {
         if depth == 0 {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "{depth} rows never deleted");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{depth} rows never deleted"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     gw.stop().await;
