@@ -20,6 +20,7 @@ use serde::Deserialize;
 
 use crate::mapping::{DataType, Delivery, Order, Point, Source, Table};
 use crate::plan::{ReadRequest, plan};
+use crate::store::{Limits, WhenFull};
 pub use source_map::{Loc, SourceMap};
 
 /// Exit code for a bad configuration (sysexits.h EX_CONFIG).
@@ -84,6 +85,28 @@ pub struct RawConfig {
     pub buses: BTreeMap<String, RawBus>,
     #[serde(default)]
     pub devices: BTreeMap<String, RawDevice>,
+    #[serde(default)]
+    pub queue: RawQueue,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawQueue {
+    pub max_messages: Option<u64>,
+    /// Bytes, as a number or with a unit: `512MiB`, `1GB`.
+    pub max_bytes: Option<NumberOrText>,
+    #[serde(default, with = "humantime_serde")]
+    pub max_age: Option<Duration>,
+    pub when_full: Option<WhenFull>,
+    /// Most messages per second the uplink takes from the queue (0: no limit).
+    pub replay_rate: Option<f64>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum NumberOrText {
+    Number(u64),
+    Text(String),
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -91,6 +114,9 @@ pub struct RawConfig {
 pub struct RawGateway {
     pub id: Option<String>,
     pub state_dir: Option<PathBuf>,
+    /// How often the retained `status/stats` message is published.
+    #[serde(default, with = "humantime_serde")]
+    pub status_interval: Option<Duration>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -105,6 +131,8 @@ pub struct RawMqtt {
     pub keep_alive: Option<Duration>,
     /// Most QoS 1/2 publishes awaiting their acknowledgement at once.
     pub inflight: Option<u16>,
+    /// Most QoS 2 publishes in flight (mosquitto 2.0.11 stalls a publisher past 20).
+    pub inflight_qos2: Option<u16>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -206,14 +234,23 @@ pub struct Config {
     pub path: PathBuf,
     pub gateway: Gateway,
     pub mqtt: Mqtt,
+    pub queue: Queue,
     pub buses: Vec<Bus>,
     pub devices: Vec<Device>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Queue {
+    pub limits: Limits,
+    /// Messages per second taken from the queue; None: as fast as the broker acknowledges.
+    pub replay_rate: Option<f64>,
 }
 
 #[derive(Debug, Clone)]
 pub struct Gateway {
     pub id: String,
     pub state_dir: PathBuf,
+    pub status_interval: Duration,
 }
 
 impl Gateway {
@@ -242,6 +279,7 @@ pub struct Mqtt {
     pub password: Option<Secret>,
     pub keep_alive: Duration,
     pub inflight: u16,
+    pub inflight_qos2: u16,
 }
 
 #[derive(Debug, Clone)]
@@ -674,8 +712,21 @@ impl Resolver<'_> {
             Some(d) => d,
             None => PathBuf::from("/var/lib/fieldgate"),
         };
-        let gateway = Gateway { id, state_dir };
+        let status_interval = raw
+            .gateway
+            .status_interval
+            .unwrap_or(Duration::from_secs(60));
+        if status_interval < Duration::from_secs(1) {
+            self.errors
+                .push(ctx.diag("gateway.status_interval", "must be at least 1s"));
+        }
+        let gateway = Gateway {
+            id,
+            state_dir,
+            status_interval,
+        };
         let mqtt = self.resolve_mqtt(ctx, base, &gateway, &raw.mqtt);
+        let queue = self.resolve_queue(ctx, &raw.queue);
 
         let mut buses = Vec::new();
         for (name, b) in &raw.buses {
@@ -728,8 +779,50 @@ impl Resolver<'_> {
             path: path.to_path_buf(),
             gateway,
             mqtt,
+            queue,
             buses,
             devices,
+        }
+    }
+
+    fn resolve_queue(&mut self, ctx: &Ctx, q: &RawQueue) -> Queue {
+        let d = Limits::default();
+        let max_bytes = match &q.max_bytes {
+            None => d.max_bytes,
+            Some(NumberOrText::Number(n)) => *n,
+            Some(NumberOrText::Text(t)) => parse_bytes(t).unwrap_or_else(|msg| {
+                self.errors.push(ctx.diag("queue.max_bytes", msg));
+                d.max_bytes
+            }),
+        };
+        if max_bytes < 64 * 1024 {
+            self.errors
+                .push(ctx.diag("queue.max_bytes", "must be at least 64KiB"));
+        }
+        let max_messages = q.max_messages.unwrap_or(d.max_messages);
+        if max_messages == 0 {
+            self.errors
+                .push(ctx.diag("queue.max_messages", "must be at least 1"));
+        }
+        let replay_rate = match q.replay_rate {
+            Some(r) if r < 0.0 || !r.is_finite() => {
+                self.errors.push(ctx.diag(
+                    "queue.replay_rate",
+                    "must be 0 (no limit) or a positive number of messages per second",
+                ));
+                None
+            }
+            Some(r) if r > 0.0 => Some(r),
+            _ => None,
+        };
+        Queue {
+            limits: Limits {
+                max_messages,
+                max_bytes,
+                max_age: q.max_age.unwrap_or(d.max_age),
+                when_full: q.when_full.unwrap_or(d.when_full),
+            },
+            replay_rate,
         }
     }
 
@@ -774,10 +867,15 @@ impl Resolver<'_> {
             self.errors
                 .push(ctx.diag("mqtt.keep_alive", "must be at least 1s"));
         }
-        let inflight = m.inflight.unwrap_or(100);
+        let inflight = m.inflight.unwrap_or(500);
         if inflight == 0 {
             self.errors
                 .push(ctx.diag("mqtt.inflight", "must be at least 1"));
+        }
+        let inflight_qos2 = m.inflight_qos2.unwrap_or(20);
+        if inflight_qos2 == 0 {
+            self.errors
+                .push(ctx.diag("mqtt.inflight_qos2", "must be at least 1"));
         }
         Mqtt {
             host,
@@ -790,6 +888,7 @@ impl Resolver<'_> {
             password,
             keep_alive,
             inflight: inflight.max(1),
+            inflight_qos2: inflight_qos2.clamp(1, inflight.max(1)),
         }
     }
 
@@ -1349,6 +1448,36 @@ fn parse_mqtt_url(url: &str) -> Result<(String, u16), String> {
     Ok((host, port))
 }
 
+/// `1048576`, `512KiB`, `64MB`, `1GiB`, `1.5GB` → bytes (KB/MB/GB are powers of 1000).
+fn parse_bytes(t: &str) -> Result<u64, String> {
+    let t = t.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '_'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let num: f64 = num
+        .replace('_', "")
+        .parse()
+        .map_err(|_| format!("`{t}` is not a size (write e.g. 512MiB or 1GB)"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1_000,
+        "kib" => 1 << 10,
+        "m" | "mb" => 1_000_000,
+        "mib" => 1 << 20,
+        "g" | "gb" => 1_000_000_000,
+        "gib" => 1 << 30,
+        "t" | "tb" => 1_000_000_000_000,
+        "tib" => 1 << 40,
+        u => {
+            return Err(format!(
+                "unknown size unit `{u}` in `{t}` (B, KB, KiB, MB, MiB, GB, GiB)"
+            ));
+        }
+    };
+    Ok((num * mult as f64) as u64)
+}
+
 /// Drops `.` components so file names in messages read naturally (`a/./b` → `a/b`).
 fn tidy_path(p: &Path) -> PathBuf {
     p.components()
@@ -1405,6 +1534,15 @@ mod tests {
     fn a_missing_env_var_names_its_line_and_column() {
         let err = expand_env("a: 1\nb: ${MISSING}\n", &env).unwrap_err();
         assert_eq!(err, vec![(Loc { line: 2, col: 4 }, "MISSING".to_string())]);
+    }
+
+    #[test]
+    fn sizes_take_units() {
+        assert_eq!(parse_bytes("1048576"), Ok(1 << 20));
+        assert_eq!(parse_bytes("512KiB"), Ok(512 << 10));
+        assert_eq!(parse_bytes("1GB"), Ok(1_000_000_000));
+        assert_eq!(parse_bytes("1.5 GiB"), Ok(3 << 29));
+        assert!(parse_bytes("12 parsecs").is_err());
     }
 
     #[test]

@@ -11,6 +11,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
+use std::time::Duration;
+
 use crate::store::{self, Store, StoreError};
 use crate::uplink::{Tuning, Uplink};
 
@@ -33,7 +35,9 @@ pub async fn run_with(
     tuning: Tuning,
     cancel: CancellationToken,
 ) -> Result<(), GatewayError> {
-    let store = Store::open(&config.gateway.state_dir)?;
+    let Some(store) = open_queue(&config, &cancel).await else {
+        return Ok(()); // stopped while waiting for the state directory
+    };
     let stats = store.stats()?;
     tracing::info!(gateway = %config.gateway.id, queue = %config.gateway.state_dir.join("queue.db").display(),
         queued = stats.depth, last_seq = stats.last_seq, "queue open");
@@ -57,7 +61,7 @@ pub async fn run_with(
             cancel.clone(),
         ));
     }
-    let mut uplink = Uplink::new(config.mqtt.clone(), &config.gateway, handle.clone());
+    let mut uplink = Uplink::new(&config, handle.clone());
     uplink.tuning = tuning;
     tasks.spawn(uplink.run(cancel.clone()));
     drop(handle);
@@ -70,4 +74,40 @@ pub async fn run_with(
         .map_err(|_| GatewayError::StorePanicked)?;
     tracing::info!("gateway stopped; unacknowledged readings stay queued for the next start");
     Ok(())
+}
+
+/// Opens the queue, retrying with backoff while it cannot be opened (a read-only or missing
+/// state directory, a full disk): the gateway stays up, says why once (and every ten minutes),
+/// and polls nothing until every reading has a place to go. No crash loop under systemd.
+async fn open_queue(config: &Config, cancel: &CancellationToken) -> Option<Store> {
+    let dir = config.gateway.state_dir.clone();
+    let limits = config.queue.limits;
+    let mut backoff = Duration::from_secs(1);
+    let mut last_log: Option<std::time::Instant> = None;
+    loop {
+        let d = dir.clone();
+        let result = tokio::task::spawn_blocking(move || Store::open_with(&d, limits))
+            .await
+            .expect("store open does not panic");
+        match result {
+            Ok(s) => {
+                if last_log.is_some() {
+                    tracing::info!(dir = %dir.display(), "queue opened; polling starts");
+                }
+                return Some(s);
+            }
+            Err(e) => {
+                if last_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(600)) {
+                    tracing::error!(dir = %dir.display(), error = %e,
+                        "cannot open the queue; nothing is polled until it can be opened, retrying");
+                    last_log = Some(std::time::Instant::now());
+                }
+            }
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return None,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(60));
+    }
 }

@@ -2,7 +2,7 @@
 //!
 //! # Design
 //!
-//! One SQLite file, `{state_dir}/queue.db`, one table:
+//! One SQLite file, `{state_dir}/queue.db`:
 //!
 //! ```sql
 //! CREATE TABLE queue (
@@ -13,37 +13,64 @@
 //!     retain INTEGER NOT NULL,
 //!     body   TEXT    NOT NULL                    -- message::Body as JSON, without ts and seq
 //! );
+//! CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);  -- counters, see Stats
 //! ```
 //!
-//! Invariants:
+//! ## Invariants
 //! - `seq` is assigned by SQLite when the row is inserted. `AUTOINCREMENT` keeps the highest
 //!   `seq` ever used in `sqlite_sequence`, so a `seq` is never reused, even after every row was
 //!   deleted and the gateway restarted; a rolled-back insert rolls that counter back too, so the
 //!   sequence has no gaps. A consumer can order and de-duplicate by `seq` alone.
-//! - A row exists until the broker acknowledged it (PUBACK for QoS 1, PUBCOMP for QoS 2; a QoS 0
-//!   row once it was written to the socket). Only [`Store::ack`] deletes, and only the uplink calls
-//!   it, only for those acknowledgements.
-//! - Rows are published oldest first (`ORDER BY seq`), so replay keeps `seq` order.
+//! - A row leaves the queue in exactly one of four ways, each counted in `meta` in the same
+//!   transaction: acknowledged by the broker (`acked_total`; PUBACK for QoS 1, PUBCOMP for QoS 2,
+//!   written for QoS 0), or dropped by a bound — `dropped_oldest`, `dropped_expired` — while a
+//!   message refused by `when_full: drop_newest` never gets a row and counts in `dropped_newest`.
+//!   Nothing else deletes.
+//! - Rows are published oldest first (`ORDER BY seq`), so a replay keeps `seq` order.
 //!
-//! Durability: WAL journal with `synchronous = FULL`, so a commit is on disk (the WAL fsynced)
-//! when [`Store::append`] returns; a `kill -9` or a power loss after that loses nothing. To keep
-//! SD-card writes low, every message waiting when the store thread wakes goes into one
-//! transaction: one fsync per poll cycle, not per reading.
+//! ## Durability
+//! WAL journal with `synchronous = FULL`: a commit is on disk (the WAL fsynced) when
+//! [`Store::append`] returns, so a `kill -9` or a power loss after that loses nothing. (With
+//! `NORMAL`, a power loss could roll back the last commits: not acceptable for this queue.) To
+//! keep SD-card writes low, every message waiting when the store thread wakes goes into one
+//! transaction — one fsync per poll cycle, not per reading — and acknowledgements are deleted
+//! in batches (the uplink flushes them every 100 ms). A crash can therefore re-send at most the
+//! acknowledged-but-not-yet-deleted rows plus the in-flight window, with their original `seq`.
+//!
+//! ## Bounds
+//! `max_messages` and `max_bytes` bound the queue; `max_bytes` is measured as the pages in use
+//! (`page_count - freelist_count`), so it is the file's real size, not an estimate. Deleted rows
+//! free their pages to SQLite's freelist and new rows reuse them: the file does not grow past
+//! its budget across fills and drains, and no `VACUUM` ever runs on the hot path. The WAL is
+//! checkpointed automatically and truncated to `journal_size_limit` (8 MiB). Rows older than
+//! `max_age` are dropped once a minute.
+//!
+//! ## Faults
+//! - A commit that fails (disk full, I/O error): the batch stays in memory and is retried every
+//!   second, logged once per episode; past [`MAX_HELD`] messages the oldest held ones are dropped
+//!   and counted. Pollers never wait.
+//! - A corrupt file (at open, or a corruption error later): moved aside as
+//!   `queue.db.corrupt-<unix ms>` (with its `-wal`/`-shm`), a new file is started with `seq`
+//!   continuing above the old one, and this is logged as an error with the number of rows the
+//!   old file held. After an unclean shutdown the file is checked with `PRAGMA quick_check`.
 //!
 //! Concurrency: one thread owns the connection ([`spawn`]); pollers and the uplink talk to it
-//! through a [`StoreHandle`]. Enqueueing never waits for the disk; the caller only hands the
-//! batch to the thread. If a commit fails (disk full, I/O error) the batch stays in memory and
-//! is retried every second, so a transient fault loses nothing; it is logged once per episode.
+//! through a [`StoreHandle`]. Enqueueing never waits for the disk. Other processes (`fieldgate
+//! queue stats`) may read the file at any time ([`Store::open_read_only`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::thread;
 use std::time::Duration;
 
-use rusqlite::{Connection, OpenFlags, params};
+use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, params};
+use serde::Serialize;
 use tokio::sync::{oneshot, watch};
 
-use crate::message::{Body, Message, Stored};
+use crate::message::{Body, Message, Stored, now_ms};
+
+/// Most messages held in memory while the disk refuses writes.
+pub const MAX_HELD: usize = 100_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -59,39 +86,152 @@ pub enum StoreError {
     },
     #[error("queue database: {0}")]
     Query(#[from] rusqlite::Error),
+    #[error("cannot move the corrupt queue aside: {0}")]
+    MoveAside(std::io::Error),
     #[error("the store thread has stopped")]
     Closed,
     #[error("queue database: {0}")]
     Thread(String),
 }
 
-/// Queue depth and age, for status reports.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+impl StoreError {
+    fn sqlite(&self) -> Option<&rusqlite::Error> {
+        match self {
+            StoreError::Sqlite { source, .. } | StoreError::Query(source) => Some(source),
+            _ => None,
+        }
+    }
+
+    /// The file is damaged (not a transient I/O problem).
+    pub fn is_corrupt(&self) -> bool {
+        matches!(
+            self.sqlite().and_then(|e| e.sqlite_error_code()),
+            Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase)
+        )
+    }
+}
+
+/// What to do with a new message when the queue is at a bound.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WhenFull {
+    /// Delete the oldest rows to make room (the newest readings are usually worth more).
+    #[default]
+    DropOldest,
+    /// Keep what is queued and refuse new messages.
+    DropNewest,
+}
+
+/// The queue's budget. The defaults suit a 32 GB SD card: at most 1 GiB and 5 million
+/// readings (days of backlog for hundreds of points), and nothing older than 30 days.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Limits {
+    pub max_messages: u64,
+    pub max_bytes: u64,
+    pub max_age: Duration,
+    pub when_full: WhenFull,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_messages: 5_000_000,
+            max_bytes: 1 << 30,
+            max_age: Duration::from_secs(30 * 24 * 3600),
+            when_full: WhenFull::DropOldest,
+        }
+    }
+}
+
+/// The queue's figures, for `fieldgate queue stats` and the status message.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct Stats {
     pub depth: u64,
     pub oldest_ts_ms: Option<i64>,
     pub last_seq: u64,
+    /// Bytes of the file in use (pages not on the freelist).
+    pub bytes: u64,
+    pub file_bytes: u64,
+    pub dropped_oldest: u64,
+    pub dropped_newest: u64,
+    pub dropped_expired: u64,
+    pub acked_total: u64,
+    /// Acknowledged since the gateway that writes this file started.
+    pub acked_since_start: u64,
+}
+
+impl Stats {
+    pub fn dropped(&self) -> u64 {
+        self.dropped_oldest + self.dropped_newest + self.dropped_expired
+    }
+}
+
+/// What one [`Store::append`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Appended {
+    /// Highest `seq` in use afterwards.
+    pub last_seq: u64,
+    pub inserted: u64,
+    pub dropped_oldest: u64,
+    pub dropped_newest: u64,
 }
 
 /// The queue file. Synchronous; see [`spawn`] for the thread that owns it in the gateway.
 pub struct Store {
     conn: Connection,
+    path: PathBuf,
+    limits: Limits,
+    page_size: u64,
+    depth: u64,
+    last_seq: u64,
 }
 
+const SCHEMA: &str = "
+    CREATE TABLE IF NOT EXISTS queue (
+        seq    INTEGER PRIMARY KEY AUTOINCREMENT,
+        ts_ms  INTEGER NOT NULL,
+        topic  TEXT    NOT NULL,
+        qos    INTEGER NOT NULL,
+        retain INTEGER NOT NULL,
+        body   TEXT    NOT NULL
+    );
+    CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+";
+
 impl Store {
-    /// Opens (or creates) `{state_dir}/queue.db`.
+    /// Opens (or creates) `{state_dir}/queue.db` with the default limits.
     pub fn open(state_dir: &Path) -> Result<Store, StoreError> {
+        Store::open_with(state_dir, Limits::default())
+    }
+
+    /// Opens (or creates) `{state_dir}/queue.db`. A corrupt file is moved aside and replaced.
+    pub fn open_with(state_dir: &Path, limits: Limits) -> Result<Store, StoreError> {
         std::fs::create_dir_all(state_dir).map_err(|source| StoreError::StateDir {
             path: state_dir.to_path_buf(),
             source,
         })?;
         let path = state_dir.join("queue.db");
+        match Store::open_file(&path, limits) {
+            Err(e) if e.is_corrupt() => {
+                let (seq_floor, rows) = salvage_counts(&path);
+                let aside = move_aside(&path)?;
+                tracing::error!(file = %path.display(), moved_to = %aside.display(), error = %e,
+                    rows_in_old_file = ?rows, "QUEUE FILE IS CORRUPT: moved aside, starting a new queue; readings in the old file are not published");
+                let mut s = Store::open_file(&path, limits)?;
+                s.raise_seq(seq_floor)?;
+                Ok(s)
+            }
+            other => other,
+        }
+    }
+
+    fn open_file(path: &Path, limits: Limits) -> Result<Store, StoreError> {
         let wrap = |source| StoreError::Sqlite {
-            path: path.clone(),
+            path: path.to_path_buf(),
             source,
         };
         let conn = Connection::open_with_flags(
-            &path,
+            path,
             OpenFlags::SQLITE_OPEN_READ_WRITE
                 | OpenFlags::SQLITE_OPEN_CREATE
                 | OpenFlags::SQLITE_OPEN_NO_MUTEX,
@@ -102,34 +242,139 @@ impl Store {
             .map_err(wrap)?;
         conn.pragma_update(None, "synchronous", "FULL")
             .map_err(wrap)?;
-        conn.execute_batch(
-            "CREATE TABLE IF NOT EXISTS queue (
-                seq    INTEGER PRIMARY KEY AUTOINCREMENT,
-                ts_ms  INTEGER NOT NULL,
-                topic  TEXT    NOT NULL,
-                qos    INTEGER NOT NULL,
-                retain INTEGER NOT NULL,
-                body   TEXT    NOT NULL
-            );",
-        )
-        .map_err(wrap)?;
-        Ok(Store { conn })
+        conn.pragma_update(None, "journal_size_limit", 8 << 20)
+            .map_err(wrap)?;
+        conn.execute_batch(SCHEMA).map_err(wrap)?;
+        let clean: i64 = meta_get(&conn, "clean_shutdown").map_err(wrap)?;
+        let fresh: bool = conn
+            .query_row("SELECT NOT EXISTS (SELECT 1 FROM meta)", [], |r| r.get(0))
+            .map_err(wrap)?;
+        if clean == 0 && !fresh {
+            let verdict: String = conn
+                .query_row("PRAGMA quick_check(1)", [], |r| r.get(0))
+                .map_err(wrap)?;
+            if verdict != "ok" {
+                return Err(wrap(rusqlite::Error::SqliteFailure(
+                    rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CORRUPT),
+                    Some(verdict),
+                )));
+            }
+        }
+        let page_size: i64 = conn
+            .query_row("PRAGMA page_size", [], |r| r.get(0))
+            .map_err(wrap)?;
+        let depth: i64 = conn
+            .query_row("SELECT count(*) FROM queue", [], |r| r.get(0))
+            .map_err(wrap)?;
+        let mut s = Store {
+            conn,
+            path: path.to_path_buf(),
+            limits,
+            page_size: page_size as u64,
+            depth: depth as u64,
+            last_seq: 0,
+        };
+        s.last_seq = s.read_last_seq().map_err(wrap)?;
+        // Marked clean again by `close`; a crash leaves it at 0 and the next open checks the file.
+        let acked = meta_get(&s.conn, "acked_total").map_err(wrap)?;
+        let tx = s.conn.transaction().map_err(wrap)?;
+        meta_set(&tx, "clean_shutdown", 0).map_err(wrap)?;
+        meta_set(&tx, "acked_at_start", acked).map_err(wrap)?;
+        tx.commit().map_err(wrap)?;
+        Ok(s)
     }
 
-    /// Appends `msgs` in one transaction; returns the highest `seq` now in use.
-    pub fn append(&mut self, msgs: &[Message]) -> Result<u64, StoreError> {
+    /// Opens an existing queue for reading only (while a gateway writes it).
+    pub fn open_read_only(state_dir: &Path) -> Result<Store, StoreError> {
+        let path = state_dir.join("queue.db");
+        let wrap = |source| StoreError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let conn = Connection::open_with_flags(
+            &path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(wrap)?;
+        conn.busy_timeout(Duration::from_secs(5)).map_err(wrap)?;
+        let page_size: i64 = conn
+            .query_row("PRAGMA page_size", [], |r| r.get(0))
+            .map_err(wrap)?;
+        let depth: i64 = conn
+            .query_row("SELECT count(*) FROM queue", [], |r| r.get(0))
+            .map_err(wrap)?;
+        let mut s = Store {
+            conn,
+            path: path.clone(),
+            limits: Limits::default(),
+            page_size: page_size as u64,
+            depth: depth as u64,
+            last_seq: 0,
+        };
+        s.last_seq = s.read_last_seq().map_err(wrap)?;
+        Ok(s)
+    }
+
+    /// Marks a clean shutdown, so the next open skips the integrity check.
+    pub fn close(self) -> Result<(), StoreError> {
+        meta_set(&self.conn, "clean_shutdown", 1)?;
+        let _ = self.conn.pragma_update(None, "wal_checkpoint", "TRUNCATE");
+        Ok(())
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// Appends `msgs` in one transaction, enforcing the bounds; see [`Appended`].
+    pub fn append(&mut self, msgs: &[Message]) -> Result<Appended, StoreError> {
+        let limits = self.limits;
+        let page_size = self.page_size;
         let tx = self.conn.transaction()?;
+        let mut out = Appended::default();
+        let mut depth = self.depth;
         {
             let mut stmt = tx.prepare_cached(
                 "INSERT INTO queue (ts_ms, topic, qos, retain, body) VALUES (?1, ?2, ?3, ?4, ?5)",
             )?;
-            for m in msgs {
+            for (i, m) in msgs.iter().enumerate() {
+                if limits.when_full == WhenFull::DropNewest
+                    && (depth >= limits.max_messages
+                        || (i % 64 == 0 && used_bytes(&tx, page_size)? >= limits.max_bytes))
+                {
+                    out.dropped_newest = (msgs.len() - i) as u64;
+                    break;
+                }
                 let body = serde_json::to_string(&m.body).expect("plain data serializes");
                 stmt.execute(params![m.ts_ms, m.topic, m.qos, m.retain, body])?;
+                depth += 1;
+                out.inserted += 1;
             }
         }
+        if limits.when_full == WhenFull::DropOldest {
+            let over = depth.saturating_sub(limits.max_messages);
+            if over > 0 {
+                depth -= delete_oldest(&tx, over)?;
+                out.dropped_oldest += over;
+            }
+            while depth > 0 && used_bytes(&tx, page_size)? > limits.max_bytes {
+                let n = delete_oldest(&tx, (depth / 64).max(16))?;
+                depth -= n;
+                out.dropped_oldest += n;
+            }
+        }
+        meta_add(&tx, "dropped_oldest", out.dropped_oldest)?;
+        meta_add(&tx, "dropped_newest", out.dropped_newest)?;
+        let last_seq = read_last_seq(&tx)?;
         tx.commit()?;
-        self.last_seq()
+        self.depth = depth;
+        self.last_seq = last_seq;
+        out.last_seq = last_seq;
+        Ok(out)
     }
 
     /// Up to `limit` rows with `seq > after`, oldest first.
@@ -174,48 +419,178 @@ impl Store {
         Ok(out)
     }
 
-    /// Deletes acknowledged rows in one transaction; returns how many were deleted.
-    pub fn ack(&mut self, seqs: &[u64]) -> Result<usize, StoreError> {
+    /// Deletes acknowledged rows in one transaction; returns how many were deleted (a row a
+    /// bound already dropped is not counted twice).
+    pub fn ack(&mut self, seqs: &[u64]) -> Result<u64, StoreError> {
         let tx = self.conn.transaction()?;
-        let mut n = 0;
+        let mut n = 0u64;
         {
             let mut stmt = tx.prepare_cached("DELETE FROM queue WHERE seq = ?1")?;
             for s in seqs {
-                n += stmt.execute(params![*s as i64])?;
+                n += stmt.execute(params![*s as i64])? as u64;
             }
         }
+        meta_add(&tx, "acked_total", n)?;
         tx.commit()?;
+        self.depth -= n.min(self.depth);
         Ok(n)
     }
 
+    /// Drops rows polled more than `max_age` before `now_ms`; returns how many.
+    pub fn expire(&mut self, now_ms: i64) -> Result<u64, StoreError> {
+        let cutoff = now_ms - self.limits.max_age.as_millis() as i64;
+        let tx = self.conn.transaction()?;
+        let n = tx.execute("DELETE FROM queue WHERE ts_ms < ?1", params![cutoff])? as u64;
+        meta_add(&tx, "dropped_expired", n)?;
+        tx.commit()?;
+        self.depth -= n.min(self.depth);
+        Ok(n)
+    }
+
+    pub fn depth(&self) -> u64 {
+        self.depth
+    }
+
     pub fn stats(&self) -> Result<Stats, StoreError> {
-        let (depth, oldest): (i64, Option<i64>) =
-            self.conn
-                .query_row("SELECT count(*), min(ts_ms) FROM queue", [], |r| {
-                    Ok((r.get(0)?, r.get(1)?))
-                })?;
+        let c = &self.conn;
+        let oldest: Option<i64> = c.query_row("SELECT min(ts_ms) FROM queue", [], |r| r.get(0))?;
+        let depth: i64 = c.query_row("SELECT count(*) FROM queue", [], |r| r.get(0))?;
+        let pages: i64 = c.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+        let acked = meta_get(c, "acked_total")? as u64;
         Ok(Stats {
             depth: depth as u64,
             oldest_ts_ms: oldest,
-            last_seq: self.last_seq()?,
+            last_seq: self.read_last_seq()?,
+            bytes: used_bytes(c, self.page_size)?,
+            file_bytes: pages as u64 * self.page_size,
+            dropped_oldest: meta_get(c, "dropped_oldest")? as u64,
+            dropped_newest: meta_get(c, "dropped_newest")? as u64,
+            dropped_expired: meta_get(c, "dropped_expired")? as u64,
+            acked_total: acked,
+            acked_since_start: acked.saturating_sub(meta_get(c, "acked_at_start")? as u64),
         })
     }
 
     /// The highest `seq` ever assigned (0 for a new file).
     pub fn last_seq(&self) -> Result<u64, StoreError> {
-        let seq: Option<i64> = self
-            .conn
-            .query_row(
-                "SELECT seq FROM sqlite_sequence WHERE name = 'queue'",
-                [],
-                |r| r.get(0),
-            )
-            .or_else(|e| match e {
-                rusqlite::Error::QueryReturnedNoRows => Ok(None),
-                e => Err(e),
-            })?;
-        Ok(seq.unwrap_or(0) as u64)
+        Ok(self.read_last_seq()?)
     }
+
+    fn read_last_seq(&self) -> rusqlite::Result<u64> {
+        read_last_seq(&self.conn)
+    }
+
+    /// Makes the next `seq` larger than `floor` (used when a corrupt file is replaced).
+    fn raise_seq(&mut self, floor: u64) -> Result<(), StoreError> {
+        if floor > self.last_seq {
+            self.conn
+                .execute("DELETE FROM sqlite_sequence WHERE name = 'queue'", [])?;
+            self.conn.execute(
+                "INSERT INTO sqlite_sequence (name, seq) VALUES ('queue', ?1)",
+                params![floor as i64],
+            )?;
+            self.last_seq = floor;
+        }
+        Ok(())
+    }
+
+    /// Replaces a file found corrupt while running: moved aside, a new one started with `seq`
+    /// continuing. Returns how many rows the old file was believed to hold.
+    fn replace_corrupt(&mut self) -> Result<u64, StoreError> {
+        let lost = self.depth;
+        let floor = self.last_seq;
+        let aside = move_aside(&self.path)?;
+        tracing::error!(file = %self.path.display(), moved_to = %aside.display(), rows_in_old_file = lost,
+            "QUEUE FILE BECAME CORRUPT: moved aside, starting a new queue; readings in the old file are not published");
+        let mut fresh = Store::open_file(&self.path, self.limits)?;
+        fresh.raise_seq(floor.max(now_ms() as u64))?;
+        *self = fresh;
+        Ok(lost)
+    }
+}
+
+fn read_last_seq(c: &Connection) -> rusqlite::Result<u64> {
+    let seq: Option<i64> = c
+        .query_row(
+            "SELECT seq FROM sqlite_sequence WHERE name = 'queue'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?;
+    Ok(seq.unwrap_or(0) as u64)
+}
+
+fn used_bytes(c: &Connection, page_size: u64) -> rusqlite::Result<u64> {
+    let pages: i64 = c.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+    let free: i64 = c.query_row("PRAGMA freelist_count", [], |r| r.get(0))?;
+    Ok((pages - free).max(0) as u64 * page_size)
+}
+
+/// Deletes the `n` oldest rows; returns how many were deleted.
+fn delete_oldest(c: &Connection, n: u64) -> rusqlite::Result<u64> {
+    Ok(c.execute(
+        "DELETE FROM queue WHERE seq IN (SELECT seq FROM queue ORDER BY seq LIMIT ?1)",
+        params![n as i64],
+    )? as u64)
+}
+
+fn meta_get(c: &Connection, key: &str) -> rusqlite::Result<i64> {
+    Ok(
+        c.query_row("SELECT value FROM meta WHERE key = ?1", params![key], |r| {
+            r.get(0)
+        })
+        .optional()?
+        .unwrap_or(0),
+    )
+}
+
+fn meta_set(c: &Connection, key: &str, value: i64) -> rusqlite::Result<()> {
+    c.execute(
+        "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+        params![key, value],
+    )?;
+    Ok(())
+}
+
+fn meta_add(c: &Connection, key: &str, n: u64) -> rusqlite::Result<()> {
+    if n > 0 {
+        c.execute(
+            "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = value + excluded.value",
+            params![key, n as i64],
+        )?;
+    }
+    Ok(())
+}
+
+/// What can still be read from a corrupt file: its highest `seq` (or, failing that, the current
+/// time in ms, which is larger than any `seq` a gateway reaches) and its row count.
+fn salvage_counts(path: &Path) -> (u64, Option<u64>) {
+    let Ok(c) = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY) else {
+        return (now_ms() as u64, None);
+    };
+    let seq = read_last_seq(&c)
+        .ok()
+        .filter(|s| *s > 0)
+        .unwrap_or(now_ms() as u64);
+    let rows = c
+        .query_row("SELECT count(*) FROM queue", [], |r| r.get::<_, i64>(0))
+        .ok()
+        .map(|n| n as u64);
+    (seq, rows)
+}
+
+/// Renames `queue.db` (and its `-wal`, `-shm`) to `queue.db.corrupt-<unix ms>`.
+fn move_aside(path: &Path) -> Result<PathBuf, StoreError> {
+    let stamp = now_ms();
+    let aside = PathBuf::from(format!("{}.corrupt-{stamp}", path.display()));
+    std::fs::rename(path, &aside).map_err(StoreError::MoveAside)?;
+    for ext in ["-wal", "-shm"] {
+        let side = PathBuf::from(format!("{}{ext}", path.display()));
+        if side.exists() {
+            let _ = std::fs::rename(&side, format!("{}{ext}", aside.display()));
+        }
+    }
+    Ok(aside)
 }
 
 enum Cmd {
@@ -286,101 +661,195 @@ impl StoreHandle {
 }
 
 /// Starts the thread that owns `store`. It runs until every [`StoreHandle`] is dropped, then
-/// commits whatever is still waiting and returns; join the handle to be sure it did.
+/// commits whatever is still waiting, marks the file cleanly closed and returns; join the
+/// handle to be sure it did.
 pub fn spawn(store: Store) -> Result<(StoreHandle, thread::JoinHandle<()>), StoreError> {
     let (tx, rx) = mpsc::channel();
     let (committed_tx, committed) = watch::channel(store.last_seq()?);
     let join = thread::Builder::new()
         .name("fieldgate-store".into())
-        .spawn(move || run(store, rx, committed_tx))
+        .spawn(move || Worker::new(store, committed_tx).run(rx))
         .expect("spawning a thread");
     Ok((StoreHandle { tx, committed }, join))
 }
 
-fn run(mut store: Store, rx: mpsc::Receiver<Cmd>, committed: watch::Sender<u64>) {
-    let mut unsaved: Vec<Message> = Vec::new();
-    let mut unacked: Vec<u64> = Vec::new();
-    let mut failing = false;
-    let mut open = true;
-    while open || !unsaved.is_empty() || !unacked.is_empty() {
-        let first = if unsaved.is_empty() && unacked.is_empty() {
-            rx.recv().ok()
-        } else {
-            match rx.recv_timeout(Duration::from_secs(1)) {
+/// The store thread's state.
+struct Worker {
+    store: Store,
+    committed: watch::Sender<u64>,
+    /// Messages not yet committed (the disk refused them so far).
+    unsaved: Vec<Message>,
+    /// Acknowledged seqs not yet deleted.
+    unacked: Vec<u64>,
+    /// Held messages dropped because memory was full, not yet added to the file's counter.
+    dropped_held: u64,
+    failing: bool,
+    /// Drops by a bound since the last log line (logged at most once a minute).
+    dropped_unlogged: u64,
+    last_drop_log: Option<std::time::Instant>,
+    last_expiry: std::time::Instant,
+}
+
+impl Worker {
+    fn new(store: Store, committed: watch::Sender<u64>) -> Worker {
+        Worker {
+            store,
+            committed,
+            unsaved: Vec::new(),
+            unacked: Vec::new(),
+            dropped_held: 0,
+            failing: false,
+            dropped_unlogged: 0,
+            last_drop_log: None,
+            last_expiry: std::time::Instant::now() - Duration::from_secs(3600),
+        }
+    }
+
+    fn run(mut self, rx: mpsc::Receiver<Cmd>) {
+        let mut open = true;
+        loop {
+            let pending = !self.unsaved.is_empty() || !self.unacked.is_empty();
+            if !open && (!pending || self.failing) {
+                break;
+            }
+            // Wake at least once a second for retries and expiry.
+            let first = match rx.recv_timeout(Duration::from_secs(1)) {
                 Ok(c) => Some(c),
                 Err(mpsc::RecvTimeoutError::Timeout) => None,
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
                     open = false;
                     None
                 }
+            };
+            let mut queries = Vec::new();
+            for c in first
+                .into_iter()
+                .chain(std::iter::from_fn(|| rx.try_recv().ok()))
+            {
+                match c {
+                    Cmd::Enqueue(m) => self.unsaved.extend(m),
+                    Cmd::Ack(s) => self.unacked.extend(s),
+                    q => queries.push(q),
+                }
             }
-        };
-        if first.is_none() && unsaved.is_empty() && unacked.is_empty() {
-            break; // every handle dropped and nothing left to write
-        }
-        let mut cmds: Vec<Cmd> = first.into_iter().collect();
-        while let Ok(c) = rx.try_recv() {
-            cmds.push(c);
-        }
-        let mut queries = Vec::new();
-        for c in cmds {
-            match c {
-                Cmd::Enqueue(m) => unsaved.extend(m),
-                Cmd::Ack(s) => unacked.extend(s),
-                q => queries.push(q),
-            }
-        }
-        if !unsaved.is_empty() {
-            match store.append(&unsaved) {
-                Ok(last) => {
-                    if failing {
-                        tracing::info!(
-                            count = unsaved.len(),
-                            "queue writes work again; readings held in memory are saved"
-                        );
-                        failing = false;
+            self.save();
+            self.delete_acked();
+            if self.last_expiry.elapsed() >= Duration::from_secs(60) {
+                self.last_expiry = std::time::Instant::now();
+                match self.store.expire(now_ms()) {
+                    Ok(0) => {}
+                    Ok(n) => {
+                        tracing::warn!(dropped = n, max_age = ?self.store.limits().max_age, "queue: dropped readings older than max_age")
                     }
-                    unsaved.clear();
-                    committed.send_replace(last);
+                    Err(e) => tracing::warn!(error = %e, "queue: cannot drop expired readings"),
                 }
-                Err(e) => {
-                    if !failing {
-                        tracing::error!(error = %e, held = unsaved.len(), "cannot write to the queue; holding readings in memory and retrying every second");
-                        failing = true;
+            }
+            for q in queries {
+                match q {
+                    Cmd::Peek {
+                        after,
+                        limit,
+                        reply,
+                    } => {
+                        let _ =
+                            reply.send(self.store.peek(after, limit).map_err(|e| e.to_string()));
                     }
+                    Cmd::Stats(reply) => {
+                        let _ = reply.send(self.store.stats().map_err(|e| e.to_string()));
+                    }
+                    Cmd::Enqueue(_) | Cmd::Ack(_) => unreachable!("sorted out above"),
                 }
             }
         }
-        if !unacked.is_empty() {
-            match store.ack(&unacked) {
-                Ok(_) => unacked.clear(),
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot delete acknowledged rows; retrying (they may be published twice)")
-                }
-            }
-        }
-        for q in queries {
-            match q {
-                Cmd::Peek {
-                    after,
-                    limit,
-                    reply,
-                } => {
-                    let _ = reply.send(store.peek(after, limit).map_err(|e| e.to_string()));
-                }
-                Cmd::Stats(reply) => {
-                    let _ = reply.send(store.stats().map_err(|e| e.to_string()));
-                }
-                Cmd::Enqueue(_) | Cmd::Ack(_) => unreachable!("sorted out above"),
-            }
-        }
-        if !open && failing {
-            // Shutting down while the disk refuses writes: we cannot keep them.
+        if !self.unsaved.is_empty() {
             tracing::error!(
-                lost = unsaved.len(),
+                lost = self.unsaved.len(),
                 "shutting down with readings the queue could not save"
             );
-            break;
+        }
+        if let Err(e) = self.store.close() {
+            tracing::warn!(error = %e, "queue: cannot mark a clean shutdown");
+        }
+    }
+
+    fn save(&mut self) {
+        if self.unsaved.len() > MAX_HELD {
+            let n = self.unsaved.len() - MAX_HELD;
+            self.unsaved.drain(..n);
+            self.dropped_held += n as u64;
+            tracing::error!(
+                dropped = n,
+                held = MAX_HELD,
+                "queue: the disk refuses writes and memory is full; dropped the oldest held readings"
+            );
+        }
+        if self.unsaved.is_empty() {
+            return;
+        }
+        match self.store.append(&self.unsaved) {
+            Ok(a) => {
+                if self.failing {
+                    tracing::info!(
+                        saved = self.unsaved.len(),
+                        "queue writes work again; the readings held in memory are saved"
+                    );
+                    self.failing = false;
+                }
+                if self.dropped_held > 0 {
+                    // Held-and-dropped readings count as the oldest dropped, now that we can say so.
+                    let _ = meta_add(&self.store.conn, "dropped_oldest", self.dropped_held);
+                    self.dropped_held = 0;
+                }
+                self.unsaved.clear();
+                self.note_drops(a.dropped_oldest + a.dropped_newest);
+                self.committed.send_replace(a.last_seq);
+            }
+            Err(e) if e.is_corrupt() => match self.store.replace_corrupt() {
+                Ok(_) => self.save(),
+                Err(e) => self.fail(&e),
+            },
+            Err(e) => self.fail(&e),
+        }
+    }
+
+    fn fail(&mut self, e: &StoreError) {
+        if !self.failing {
+            tracing::error!(error = %e, held = self.unsaved.len(), file = %self.store.path().display(),
+                "cannot write to the queue; holding readings in memory and retrying every second");
+            self.failing = true;
+        }
+    }
+
+    fn delete_acked(&mut self) {
+        if self.unacked.is_empty() {
+            return;
+        }
+        match self.store.ack(&self.unacked) {
+            Ok(_) => self.unacked.clear(),
+            Err(e) => {
+                if !self.failing {
+                    tracing::warn!(error = %e, "cannot delete acknowledged rows; retrying (they may be published twice)");
+                }
+                // Bounded: acks are cheap, but do not grow without end.
+                if self.unacked.len() > MAX_HELD {
+                    self.unacked.drain(..self.unacked.len() - MAX_HELD);
+                }
+            }
+        }
+    }
+
+    fn note_drops(&mut self, n: u64) {
+        self.dropped_unlogged += n;
+        if self.dropped_unlogged > 0
+            && self
+                .last_drop_log
+                .is_none_or(|t| t.elapsed() >= Duration::from_secs(60))
+        {
+            let l = self.store.limits();
+            tracing::warn!(dropped = self.dropped_unlogged, policy = ?l.when_full, max_messages = l.max_messages, max_bytes = l.max_bytes,
+                "queue full: readings dropped (see `fieldgate queue stats`)");
+            self.dropped_unlogged = 0;
+            self.last_drop_log = Some(std::time::Instant::now());
         }
     }
 }
@@ -390,12 +859,15 @@ mod tests {
     use super::*;
     use crate::mapping::Value;
 
+    /// 2026-11-26, so the default max_age keeps them.
+    const T0: i64 = 1_795_665_600_000;
+
     fn msg(i: i64) -> Message {
         Message {
             topic: format!("t/{i}"),
             qos: 1,
             retain: false,
-            ts_ms: 1_000 + i,
+            ts_ms: T0 + i,
             body: Body::Point {
                 value: Value::Int(i),
                 unit: None,
@@ -403,11 +875,23 @@ mod tests {
         }
     }
 
+    fn msgs(r: std::ops::RangeInclusive<i64>) -> Vec<Message> {
+        r.map(msg).collect()
+    }
+
+    fn seqs(s: &Store) -> Vec<u64> {
+        s.peek(0, usize::MAX >> 1)
+            .unwrap()
+            .iter()
+            .map(|r| r.seq)
+            .collect()
+    }
+
     #[test]
     fn seq_is_gapless_and_survives_deletes_and_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = Store::open(dir.path()).unwrap();
-        assert_eq!(s.append(&[msg(1), msg(2), msg(3)]).unwrap(), 3);
+        assert_eq!(s.append(&msgs(1..=3)).unwrap().last_seq, 3);
         let rows = s.peek(0, 10).unwrap();
         assert_eq!(
             rows.iter().map(|r| r.seq).collect::<Vec<_>>(),
@@ -418,7 +902,7 @@ mod tests {
         drop(s);
         let mut s = Store::open(dir.path()).unwrap();
         assert_eq!(s.stats().unwrap().depth, 0);
-        assert_eq!(s.append(&[msg(4)]).unwrap(), 4);
+        assert_eq!(s.append(&[msg(4)]).unwrap().last_seq, 4);
         assert_eq!(s.peek(0, 10).unwrap()[0].seq, 4);
     }
 
@@ -426,7 +910,7 @@ mod tests {
     fn peek_is_oldest_first_after_a_cursor() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = Store::open(dir.path()).unwrap();
-        s.append(&(1..=10).map(msg).collect::<Vec<_>>()).unwrap();
+        s.append(&msgs(1..=10)).unwrap();
         let rows = s.peek(4, 3).unwrap();
         assert_eq!(
             rows.iter().map(|r| r.seq).collect::<Vec<_>>(),
@@ -435,18 +919,164 @@ mod tests {
     }
 
     #[test]
-    fn ack_out_of_order_deletes_only_those_rows() {
+    fn ack_out_of_order_deletes_only_those_rows_and_counts_them() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = Store::open(dir.path()).unwrap();
-        s.append(&(1..=5).map(msg).collect::<Vec<_>>()).unwrap();
-        s.ack(&[4, 2]).unwrap();
-        let rows = s.peek(0, 10).unwrap();
-        assert_eq!(
-            rows.iter().map(|r| r.seq).collect::<Vec<_>>(),
-            vec![1, 3, 5]
-        );
+        s.append(&msgs(1..=5)).unwrap();
+        assert_eq!(s.ack(&[4, 2, 4]).unwrap(), 2);
+        assert_eq!(seqs(&s), vec![1, 3, 5]);
         let st = s.stats().unwrap();
-        assert_eq!((st.depth, st.oldest_ts_ms, st.last_seq), (3, Some(1001), 5));
+        assert_eq!(
+            (st.depth, st.oldest_ts_ms, st.last_seq, st.acked_total),
+            (3, Some(T0 + 1), 5, 2)
+        );
+    }
+
+    #[test]
+    fn drop_oldest_keeps_the_newest_and_counts_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = Limits {
+            max_messages: 100,
+            ..Limits::default()
+        };
+        let mut s = Store::open_with(dir.path(), limits).unwrap();
+        for chunk in 0..25 {
+            s.append(&msgs(chunk * 10 + 1..=chunk * 10 + 10)).unwrap();
+        }
+        assert_eq!(seqs(&s), (151..=250).collect::<Vec<_>>());
+        let st = s.stats().unwrap();
+        assert_eq!(
+            (st.depth, st.dropped_oldest, st.dropped_newest),
+            (100, 150, 0)
+        );
+        // Persisted: a reopened file reports the same.
+        drop(s);
+        let st = Store::open_with(dir.path(), limits)
+            .unwrap()
+            .stats()
+            .unwrap();
+        assert_eq!(st.dropped_oldest, 150);
+    }
+
+    #[test]
+    fn drop_newest_keeps_the_oldest_and_counts_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = Limits {
+            max_messages: 100,
+            when_full: WhenFull::DropNewest,
+            ..Limits::default()
+        };
+        let mut s = Store::open_with(dir.path(), limits).unwrap();
+        let mut refused = 0;
+        for chunk in 0..25 {
+            refused += s
+                .append(&msgs(chunk * 10 + 1..=chunk * 10 + 10))
+                .unwrap()
+                .dropped_newest;
+        }
+        assert_eq!(refused, 150);
+        assert_eq!(seqs(&s), (1..=100).collect::<Vec<_>>());
+        assert_eq!(s.stats().unwrap().dropped_newest, 150);
+        // Room again after acknowledgements; seq continues without a gap.
+        s.ack(&[1, 2]).unwrap();
+        assert_eq!(
+            s.append(&msgs(1..=3)).unwrap(),
+            Appended {
+                last_seq: 102,
+                inserted: 2,
+                dropped_oldest: 0,
+                dropped_newest: 1
+            }
+        );
+    }
+
+    #[test]
+    fn the_file_stays_within_max_bytes_across_fill_and_drain_cycles() {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = Limits {
+            max_bytes: 256 * 1024,
+            ..Limits::default()
+        };
+        let mut s = Store::open_with(dir.path(), limits).unwrap();
+        let mut sizes = Vec::new();
+        let mut next = 1;
+        for _cycle in 0..10 {
+            // Fill well past the budget …
+            for _ in 0..80 {
+                s.append(&msgs(next..=next + 99)).unwrap();
+                next += 100;
+            }
+            let st = s.stats().unwrap();
+            assert!(st.bytes <= limits.max_bytes, "{st:?}");
+            assert!(st.dropped_oldest > 0);
+            // … then drain everything.
+            let all = seqs(&s);
+            s.ack(&all).unwrap();
+            let size = |f: &str| std::fs::metadata(dir.path().join(f)).map_or(0, |m| m.len());
+            sizes.push(size("queue.db"));
+            assert!(
+                size("queue.db-wal") <= (8 << 20) + 64 * 1024,
+                "the WAL is truncated to its limit"
+            );
+        }
+        // Freed pages are reused: the file never grows past its budget (plus one batch), and
+        // once it has reached its working size it stays there.
+        for size in &sizes {
+            assert!(*size <= limits.max_bytes + 64 * 1024, "sizes {sizes:?}");
+        }
+        assert!(sizes[2..].iter().all(|s| *s == sizes[1]), "sizes {sizes:?}");
+    }
+
+    #[test]
+    fn readings_older_than_max_age_expire_and_are_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = Limits {
+            max_age: Duration::from_secs(10),
+            ..Limits::default()
+        };
+        let mut s = Store::open_with(dir.path(), limits).unwrap();
+        s.append(&msgs(1..=5)).unwrap(); // ts T0+1 ..= T0+5 ms
+        assert_eq!(s.expire(T0 + 3 + 10_000).unwrap(), 2);
+        assert_eq!(seqs(&s), vec![3, 4, 5]);
+        assert_eq!(s.stats().unwrap().dropped_expired, 2);
+    }
+
+    #[test]
+    fn a_corrupt_file_is_moved_aside_and_seq_keeps_growing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(dir.path()).unwrap();
+        s.append(&msgs(1..=5)).unwrap();
+        s.close().unwrap();
+        std::fs::write(
+            dir.path().join("queue.db"),
+            b"this is not a database, it is a mess".repeat(200),
+        )
+        .unwrap();
+        let mut s = Store::open(dir.path()).unwrap();
+        let aside: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.starts_with("queue.db.corrupt-"))
+            .collect();
+        assert_eq!(aside.len(), 1, "{aside:?}");
+        let seq = s.append(&[msg(6)]).unwrap().last_seq;
+        assert!(
+            seq > 5,
+            "a new seq ({seq}) is above every seq of the old file"
+        );
+    }
+
+    #[test]
+    fn acked_since_start_counts_from_this_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(dir.path()).unwrap();
+        s.append(&msgs(1..=5)).unwrap();
+        s.ack(&[1, 2]).unwrap();
+        s.close().unwrap();
+        let mut s = Store::open(dir.path()).unwrap();
+        s.ack(&[3]).unwrap();
+        let st = s.stats().unwrap();
+        assert_eq!((st.acked_total, st.acked_since_start), (3, 1));
     }
 
     #[tokio::test]

@@ -23,7 +23,8 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep, timeout};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Gateway, Mqtt};
+use crate::config::{Config, Mqtt};
+use crate::message::Stored;
 use crate::store::{StoreError, StoreHandle};
 
 #[derive(Debug, thiserror::Error)]
@@ -138,6 +139,15 @@ impl Inflight {
             .min_by_key(|(_, t)| *t)
     }
 
+    /// QoS 2 publishes submitted and not yet completed.
+    pub fn qos2_awaiting(&self) -> usize {
+        self.submitted
+            .iter()
+            .chain(self.awaiting.values().map(|(e, _)| e))
+            .filter(|e| e.qos() == 2)
+            .count()
+    }
+
     /// Rows still awaiting an acknowledgement.
     pub fn rows_awaiting(&self) -> usize {
         self.submitted
@@ -183,6 +193,11 @@ pub struct Uplink {
     pub status_topic: String,
     pub store: StoreHandle,
     pub tuning: Tuning,
+    /// Messages per second taken from the queue; None: as fast as acknowledgements allow.
+    pub replay_rate: Option<f64>,
+    /// How often the retained `status/stats` message goes out.
+    pub status_interval: Duration,
+    pub started: std::time::Instant,
 }
 
 /// How a session ended without an error.
@@ -191,13 +206,46 @@ enum Ended {
 }
 
 impl Uplink {
-    pub fn new(mqtt: Mqtt, gateway: &Gateway, store: StoreHandle) -> Uplink {
+    pub fn new(config: &Config, store: StoreHandle) -> Uplink {
         Uplink {
-            mqtt,
-            status_topic: gateway.status_topic(),
+            mqtt: config.mqtt.clone(),
+            status_topic: config.gateway.status_topic(),
             store,
             tuning: Tuning::default(),
+            replay_rate: config.queue.replay_rate,
+            status_interval: config.gateway.status_interval,
+            started: std::time::Instant::now(),
         }
+    }
+
+    fn stats_topic(&self) -> String {
+        format!("{}/stats", self.status_topic)
+    }
+
+    /// The retained statistics message: uptime and the queue's figures.
+    async fn stats_payload(&self) -> Result<Vec<u8>, UplinkError> {
+        let q = self.store.stats().await?;
+        let now = crate::message::now_ms();
+        let body = serde_json::json!({
+            "ts": crate::message::format_ts(now),
+            "uptime_s": self.started.elapsed().as_secs(),
+            "queue": {
+                "depth": q.depth,
+                "oldest_age_s": q.oldest_ts_ms.map(|t| (now - t).max(0) / 1000),
+                "bytes": q.bytes,
+                "file_bytes": q.file_bytes,
+                "last_seq": q.last_seq,
+                "dropped": {
+                    "oldest": q.dropped_oldest,
+                    "newest": q.dropped_newest,
+                    "expired": q.dropped_expired,
+                    "total": q.dropped(),
+                },
+                "acked_total": q.acked_total,
+                "acked_since_start": q.acked_since_start,
+            },
+        });
+        Ok(serde_json::to_vec(&body).expect("json values serialize"))
     }
 
     /// Connects, publishes, reconnects with backoff, until `cancel` fires.
@@ -309,28 +357,45 @@ impl Uplink {
         inflight.submitted(Entry::Control { qos: 1 });
 
         let mut committed = self.store.committed();
-        let mut cursor = 0u64; // highest seq submitted in this session
+        let mut cursor = 0u64; // highest seq read from the queue in this session
         let mut drained = false; // the queue held nothing past `cursor` at the last look
+        let mut ready: VecDeque<Stored> = VecDeque::new(); // read, not yet submitted
         let mut acks: Vec<u64> = Vec::new();
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut bucket = self.replay_rate.map(TokenBucket::new);
+        let mut status = tokio::time::interval(self.status_interval);
+        status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
         let result = loop {
-            // Keep the window full.
-            while !drained && inflight.len() < window {
-                committed.borrow_and_update();
-                let want = window - inflight.len();
-                let rows = self.store.peek(cursor, want).await?;
-                drained = rows.len() < want;
-                for r in rows {
-                    let m = &r.message;
-                    client.try_publish(m.topic.as_str(), qos(m.qos), m.retain, r.payload())?;
-                    inflight.submitted(Entry::Row {
-                        seq: r.seq,
-                        qos: m.qos,
-                    });
-                    cursor = r.seq;
+            // Keep the window full, in seq order, within the QoS 2 limit and the replay rate.
+            loop {
+                if ready.is_empty() && !drained {
+                    committed.borrow_and_update();
+                    let want = window.saturating_sub(inflight.len()).max(1);
+                    let rows = self.store.peek(cursor, want).await?;
+                    drained = rows.len() < want;
+                    if let Some(last) = rows.last() {
+                        cursor = last.seq;
+                    }
+                    ready.extend(rows);
                 }
+                let Some(next) = ready.front() else { break };
+                let m = &next.message;
+                if inflight.len() >= window
+                    || (m.qos == 2 && inflight.qos2_awaiting() >= self.mqtt.inflight_qos2 as usize)
+                    || !bucket
+                        .as_mut()
+                        .is_none_or(|b| b.take(std::time::Instant::now()))
+                {
+                    break;
+                }
+                client.try_publish(m.topic.as_str(), qos(m.qos), m.retain, next.payload())?;
+                inflight.submitted(Entry::Row {
+                    seq: next.seq,
+                    qos: m.qos,
+                });
+                ready.pop_front();
             }
             tokio::select! {
                 _ = cancel.cancelled() => break Ok(()),
@@ -343,11 +408,18 @@ impl Uplink {
                         },
                     }
                 }
-                changed = committed.changed(), if drained => {
+                changed = committed.changed(), if drained && ready.is_empty() => {
                     if changed.is_err() {
                         break Err(UplinkError::Store(StoreError::Closed));
                     }
                     drained = false;
+                }
+                _ = status.tick() => {
+                    if inflight.len() < window {
+                        let payload = self.stats_payload().await?;
+                        client.try_publish(self.stats_topic(), QoS::AtLeastOnce, true, payload)?;
+                        inflight.submitted(Entry::Control { qos: 1 });
+                    }
                 }
                 _ = tick.tick() => {
                     // Deletes are batched per tick: few fsyncs, and a crash re-sends at most
@@ -419,6 +491,37 @@ fn handle(inflight: &mut Inflight, acks: &mut Vec<u64>, ev: Event) -> Result<(),
         _ => {}
     }
     Ok(())
+}
+
+/// Paces publishing to `rate` messages per second, with at most one second of burst.
+#[derive(Debug)]
+struct TokenBucket {
+    rate: f64,
+    tokens: f64,
+    last: std::time::Instant,
+}
+
+impl TokenBucket {
+    fn new(rate: f64) -> TokenBucket {
+        TokenBucket {
+            rate,
+            tokens: 1.0,
+            last: std::time::Instant::now(),
+        }
+    }
+
+    /// Takes one token if there is one.
+    fn take(&mut self, now: std::time::Instant) -> bool {
+        let dt = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + dt * self.rate).min(self.rate.max(1.0));
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
@@ -493,6 +596,30 @@ mod tests {
             f.written(3, Instant::now()),
             Err(InflightError::NothingSubmitted(3))
         );
+    }
+
+    #[test]
+    fn the_token_bucket_paces_to_its_rate() {
+        let t0 = std::time::Instant::now();
+        let mut b = TokenBucket::new(10.0);
+        b.last = t0;
+        assert!(b.take(t0));
+        assert!(!b.take(t0), "no burst beyond the first token at start");
+        // One second later: ten more, not eleven.
+        let t1 = t0 + Duration::from_secs(1);
+        let n = (0..20).filter(|_| b.take(t1)).count();
+        assert_eq!(n, 10);
+    }
+
+    #[test]
+    fn qos2_in_flight_is_counted_apart() {
+        let mut f = Inflight::default();
+        f.submitted(Entry::Row { seq: 1, qos: 2 });
+        f.submitted(Entry::Row { seq: 2, qos: 1 });
+        f.written(1, Instant::now()).unwrap();
+        assert_eq!(f.qos2_awaiting(), 1);
+        f.acknowledged(1);
+        assert_eq!(f.qos2_awaiting(), 0);
     }
 
     #[test]
