@@ -29,6 +29,11 @@ enum Command {
     Run { config: PathBuf },
     /// Validate a config and every device model it uses; print the read plan.
     Check { config: PathBuf },
+    /// Inspect the store-and-forward queue (works while the gateway runs).
+    Queue {
+        #[command(subcommand)]
+        command: QueueCommand,
+    },
     /// Everything on loopback, no hardware: a simulated device, a broker, the gateway, and an
     /// uplink outage partway through.
     Demo {
@@ -41,6 +46,26 @@ enum Command {
         /// For how long.
         #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
         cut_for: Duration,
+    },
+}
+
+#[derive(Subcommand)]
+enum QueueCommand {
+    /// Depth, oldest age, bytes, dropped and acknowledged counts.
+    Stats {
+        /// The gateway's config (its gateway.state_dir is read).
+        #[arg(
+            long,
+            conflicts_with = "state_dir",
+            required_unless_present = "state_dir"
+        )]
+        config: Option<PathBuf>,
+        /// Or the state directory itself.
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -85,6 +110,24 @@ fn main() -> ExitCode {
             };
             report(runtime().block_on(run(config)))
         }
+        Command::Queue {
+            command:
+                QueueCommand::Stats {
+                    config,
+                    state_dir,
+                    json,
+                },
+        } => {
+            let dir = match (config, state_dir) {
+                (_, Some(d)) => d,
+                (Some(c), None) => match load(&c) {
+                    Ok(c) => c.gateway.state_dir,
+                    Err(code) => return code,
+                },
+                (None, None) => unreachable!("clap requires one"),
+            };
+            report(queue_stats(&dir, json))
+        }
         Command::Demo {
             duration,
             cut_at,
@@ -117,6 +160,46 @@ fn report(r: anyhow::Result<()>) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn queue_stats(dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let store = fieldgate::store::Store::open_read_only(dir)
+        .with_context(|| format!("no readable queue in {}", dir.display()))?;
+    let s = store.stats()?;
+    let now = fieldgate::message::now_ms();
+    let age = s
+        .oldest_ts_ms
+        .map(|t| Duration::from_secs(((now - t).max(0) / 1000) as u64));
+    if json {
+        let mut v = serde_json::to_value(s)?;
+        v["oldest_age_s"] = serde_json::json!(age.map(|a| a.as_secs()));
+        println!("{v}");
+        return Ok(());
+    }
+    println!("queue            {}", store.path().display());
+    println!("depth            {} readings", s.depth);
+    println!(
+        "oldest           {}",
+        age.map_or("-".to_string(), |a| format!(
+            "{} ago",
+            humantime::format_duration(a)
+        ))
+    );
+    println!("bytes in use     {} (file {})", s.bytes, s.file_bytes);
+    println!("last seq         {}", s.last_seq);
+    println!(
+        "dropped          {} (oldest {}, newest {}, expired {})",
+        s.dropped(),
+        s.dropped_oldest,
+        s.dropped_newest,
+        s.dropped_expired
+    );
+    println!(
+        "acknowledged     {} since start, {} in all",
+        s.acked_since_start, s.acked_total
+    );
+    Ok(())
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {

@@ -103,7 +103,7 @@ impl Order {
 }
 
 /// A decoded reading value, as it appears in a payload.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum Value {
     Bool(bool),
@@ -111,6 +111,23 @@ pub enum Value {
     UInt(u64),
     Float(f64),
     Text(String),
+}
+
+/// Equal when the payload would be equal: `Int(2) == UInt(2)` (JSON has one kind of integer,
+/// so a value read back from the queue may come back as the other variant).
+impl PartialEq for Value {
+    fn eq(&self, other: &Value) -> bool {
+        use Value::*;
+        match (self, other) {
+            (Bool(a), Bool(b)) => a == b,
+            (Int(a), Int(b)) => a == b,
+            (UInt(a), UInt(b)) => a == b,
+            (Int(a), UInt(b)) | (UInt(b), Int(a)) => u64::try_from(*a) == Ok(*b),
+            (Float(a), Float(b)) => a == b,
+            (Text(a), Text(b)) => a == b,
+            _ => false,
+        }
+    }
 }
 
 impl fmt::Display for Value {

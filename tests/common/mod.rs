@@ -47,17 +47,24 @@ pub struct Subscriber {
 impl Subscriber {
     /// Connects, subscribes to `#` with QoS 1 and returns once the broker confirmed it.
     pub async fn start(broker: SocketAddr) -> Subscriber {
-        let mut o = rumqttc::MqttOptions::new(
-            format!(
-                "test-sub-{}",
-                std::process::id() as u64 * 1000 + rand_u16() as u64
-            ),
-            broker.ip().to_string(),
-            broker.port(),
+        let id = format!(
+            "test-sub-{}",
+            std::process::id() as u64 * 1000 + rand_u16() as u64
         );
+        Subscriber::connect(broker, id, true).await
+    }
+
+    /// Like [`start`](Subscriber::start) with a persistent session (`clean_session = false`):
+    /// a broker that keeps sessions queues what arrives while this subscriber is away.
+    pub async fn start_persistent(broker: SocketAddr, id: &str) -> Subscriber {
+        Subscriber::connect(broker, id.to_string(), false).await
+    }
+
+    async fn connect(broker: SocketAddr, id: String, clean: bool) -> Subscriber {
+        let mut o = rumqttc::MqttOptions::new(id, broker.ip().to_string(), broker.port());
         o.set_keep_alive(Duration::from_secs(5));
         o.set_max_packet_size(1 << 20, 1 << 20);
-        o.set_clean_session(true);
+        o.set_clean_session(clean);
         let (client, mut el) = rumqttc::AsyncClient::new(o, 1000);
         let got = Arc::new(Mutex::new(Vec::new()));
         let sink = got.clone();
@@ -202,6 +209,7 @@ pub fn config(state: &Path, mqtt: SocketAddr, modbus: SocketAddr, devices: &str)
 pub struct Mosquitto {
     pub addr: SocketAddr,
     child: Child,
+    persistent: bool,
     _dir: tempfile::TempDir,
 }
 
@@ -223,16 +231,52 @@ impl Mosquitto {
             eprintln!("SKIPPED: mosquitto is not installed (apt-get install mosquitto)");
             return None;
         };
-        Some(Mosquitto::start_bin(bin, None))
+        Some(Mosquitto::launch(
+            bin,
+            tempfile::tempdir().unwrap(),
+            free_port(),
+            false,
+        ))
     }
 
-    fn start_bin(bin: &str, port: Option<u16>) -> Mosquitto {
-        let dir = tempfile::tempdir().unwrap();
-        let port = port.unwrap_or_else(free_port);
+    /// A mosquitto that saves its sessions and queued messages in its own directory when it
+    /// stops, so a persistent subscriber misses nothing across [`restart`](Mosquitto::restart).
+    pub fn start_persistent() -> Option<Mosquitto> {
+        let m = Mosquitto::start()?;
+        let (dir, port) = m.stop();
+        Some(Mosquitto::launch(mosquitto_bin().unwrap(), dir, port, true))
+    }
+
+    /// Stops the broker (SIGTERM: it saves its state) and starts it again on the same port.
+    pub fn restart(self) -> Mosquitto {
+        let persistent = self.persistent;
+        let (dir, port) = self.stop();
+        Mosquitto::launch(mosquitto_bin().unwrap(), dir, port, persistent)
+    }
+
+    fn stop(mut self) -> (tempfile::TempDir, u16) {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let _ = self.child.wait();
+        let dir = std::mem::replace(&mut self._dir, tempfile::tempdir().unwrap());
+        (dir, self.addr.port())
+    }
+
+    fn launch(bin: &str, dir: tempfile::TempDir, port: u16, persistent: bool) -> Mosquitto {
         let conf = dir.path().join("mosquitto.conf");
+        let persistence = if persistent {
+            format!(
+                "persistence true\npersistence_location {}/\nautosave_interval 1\n",
+                dir.path().display()
+            )
+        } else {
+            "persistence false\n".to_string()
+        };
         std::fs::write(
             &conf,
-            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 0\n"),
+            format!("listener {port} 127.0.0.1\nallow_anonymous true\n{persistence}max_queued_messages 0\n"),
         )
         .unwrap();
         let child = Command::new(bin)
@@ -252,9 +296,20 @@ impl Mosquitto {
         Mosquitto {
             addr,
             child,
+            persistent,
             _dir: dir,
         }
     }
+}
+
+fn mosquitto_bin() -> Option<&'static str> {
+    [
+        "/usr/sbin/mosquitto",
+        "/usr/bin/mosquitto",
+        "/usr/local/sbin/mosquitto",
+    ]
+    .into_iter()
+    .find(|p| Path::new(p).exists())
 }
 
 impl Drop for Mosquitto {
