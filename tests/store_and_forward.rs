@@ -411,3 +411,64 @@ fn queue_stats_command_reads_a_queue_in_use() {
         .unwrap();
     assert!(String::from_utf8_lossy(&text.stdout).contains("depth            7 readings"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_rate_paces_the_drain() {
+    let broker = fieldgate::broker::start().unwrap();
+    let sim = sim().await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    prefill(&state, 300);
+    let sub = Subscriber::start(broker).await;
+    let yaml = format!(
+        "{}queue: {{ replay_rate: 100 }}\n",
+        config(
+            &state,
+            broker,
+            sim.addr,
+            "  slow:\n    bus: plc\n    every: 1h\n    points:\n      a: { register: 0 }\n"
+        )
+    );
+    let t = std::time::Instant::now();
+    let gw = Gateway::start(dir.path(), &yaml);
+    sub.wait_for(Duration::from_secs(20), "the backlog", |g| {
+        g.iter().filter(|r| r.topic.ends_with("/backlog/x")).count() >= 300
+    })
+    .await;
+    let took = t.elapsed();
+    gw.stop().await;
+    // 300 readings at 100/s, with one second of burst allowed: at least two seconds.
+    assert!(took >= Duration::from_secs(2), "drained in {took:?}");
+    assert_gapless(sub.by_seq().keys().copied());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mosquitto_publishes_the_last_will_when_the_gateway_is_killed() {
+    let Some(broker) = Mosquitto::start() else {
+        return;
+    };
+    let sim = sim().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("config.yaml");
+    std::fs::write(
+        &cfg,
+        config(&dir.path().join("state"), broker.addr, sim.addr, FAST),
+    )
+    .unwrap();
+    let sub = Subscriber::start(broker.addr).await;
+    let mut child = spawn_gateway(&cfg);
+    sub.wait_for(Duration::from_secs(10), "online", |g| {
+        g.iter()
+            .any(|r| r.topic == "fieldgate/gw1/status" && r.payload == "online")
+    })
+    .await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // Mosquitto sends the will at once for a closed socket, and within ~2.5 keep-alives (2s
+    // here) for a silent one.
+    sub.wait_for(Duration::from_secs(7), "the Last Will", |g| {
+        g.iter()
+            .any(|r| r.topic == "fieldgate/gw1/status" && r.payload == "offline")
+    })
+    .await;
+}
