@@ -155,6 +155,7 @@ async fn main() {
         )
         .await;
         let _ = child.kill();
+        let _ = child.wait();
     } else {
         println!("drain to mosquitto: skipped (not installed)");
     }
