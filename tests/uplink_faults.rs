@@ -68,8 +68,23 @@ async fn survive(
     .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let from = now_ms();
+    let connections = proxy.connections();
+    let t = std::time::Instant::now();
     proxy.set(fault);
-    tokio::time::sleep(hold).await;
+    // The gateway notices the fault when it opens a new connection.
+    let mut noticed = None;
+    while t.elapsed() < hold {
+        if noticed.is_none() && proxy.connections() > connections {
+            noticed = Some(t.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if fault == Mode::Stall {
+        // keep_alive is 2s: a half-open link is found within about two keep-alives.
+        let noticed = noticed.expect("a reconnect during the stall");
+        eprintln!("half-open link detected after {noticed:?}");
+        assert!(noticed <= Duration::from_millis(5500), "detected after {noticed:?}");
+    }
     proxy.set(Mode::Pass);
     let to = now_ms();
     // Recovery: everything polled up to now must arrive.
