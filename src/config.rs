@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::bus::modbus_rtu::{Endpoint, Parity, SerialSettings};
 use crate::mapping::{DataType, Delivery, Order, Point, Source, Table};
 use crate::plan::{ReadRequest, plan};
 use crate::store::{Limits, WhenFull};
@@ -139,6 +140,25 @@ pub struct RawMqtt {
 #[serde(deny_unknown_fields)]
 pub struct RawBus {
     pub modbus_tcp: Option<RawModbusTcp>,
+    pub modbus_rtu: Option<RawModbusRtu>,
+    pub modbus_rtu_over_tcp: Option<RawModbusTcp>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawModbusRtu {
+    pub port: String,
+    pub baud: Option<u32>,
+    pub parity: Option<Parity>,
+    pub data_bits: Option<u8>,
+    pub stop_bits: Option<u8>,
+    #[serde(default, with = "humantime_serde")]
+    pub timeout: Option<Duration>,
+    /// Extra attempts after a timeout or a bad frame.
+    pub retries: Option<u32>,
+    /// Extra silence after t3.5 before each request (slow RS-485 transceivers).
+    #[serde(default, with = "humantime_serde")]
+    pub turnaround: Option<Duration>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -183,6 +203,8 @@ pub struct RawDevice {
     pub max_gap: Option<u16>,
     /// Most registers per request, for devices that accept fewer than 125.
     pub max_registers: Option<u16>,
+    /// Consecutive failed polls before the device is announced `offline` (default 3).
+    pub offline_after: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -295,6 +317,23 @@ pub enum Transport {
         port: u16,
         timeout: Duration,
     },
+    /// RTU framing on a serial port or through a TCP converter.
+    ModbusRtu {
+        endpoint: Endpoint,
+        timeout: Duration,
+        retries: u32,
+        turnaround: Duration,
+    },
+}
+
+impl Transport {
+    /// Highest unit id the transport addresses (RTU: 1..=247 per the serial line spec).
+    fn unit_range(&self) -> std::ops::RangeInclusive<u32> {
+        match self {
+            Transport::ModbusTcp { .. } => 0..=255,
+            Transport::ModbusRtu { .. } => 1..=247,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -309,6 +348,9 @@ pub struct Device {
     pub payload: HashMap<String, PayloadFormat>,
     /// Topic, QoS and retain of the one-message-per-poll form (`publish: device`).
     pub device_delivery: Delivery,
+    /// Retained `online`/`offline` topic of this device.
+    pub availability_topic: String,
+    pub offline_after: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -677,6 +719,17 @@ struct Resolver<'e> {
     env: &'e dyn Fn(&str) -> Option<String>,
 }
 
+/// What resolving a device needs from the rest of the config.
+#[derive(Clone, Copy)]
+struct DeviceEnv<'a> {
+    gateway: &'a Gateway,
+    /// Every bus named in the file, valid or not (so a device is not told its bus is unknown
+    /// when the bus only has an error of its own).
+    buses: &'a BTreeMap<String, RawBus>,
+    resolved: &'a [Bus],
+    folders: &'a [PathBuf],
+}
+
 /// A point as validated from YAML, before a device's defaults are applied.
 #[derive(Debug, Clone)]
 struct PointSpec {
@@ -730,28 +783,8 @@ impl Resolver<'_> {
 
         let mut buses = Vec::new();
         for (name, b) in &raw.buses {
-            let p = format!("buses.{name}");
-            match &b.modbus_tcp {
-                Some(t) => {
-                    let timeout = t.timeout.unwrap_or(Duration::from_secs(1));
-                    if timeout.is_zero() {
-                        self.errors.push(
-                            ctx.diag(&format!("{p}.modbus_tcp.timeout"), "must be more than 0"),
-                        );
-                    }
-                    buses.push(Bus {
-                        name: name.clone(),
-                        transport: Transport::ModbusTcp {
-                            host: t.host.clone(),
-                            port: t.port.unwrap_or(502),
-                            timeout,
-                        },
-                    })
-                }
-                None => self.errors.push(ctx.diag(
-                    &p,
-                    "a bus needs a transport: `modbus_tcp: { host: …, port: … }`",
-                )),
+            if let Some(bus) = self.resolve_bus(ctx, name, b) {
+                buses.push(bus);
             }
         }
 
@@ -769,9 +802,15 @@ impl Resolver<'_> {
             }
         }
 
+        let env = DeviceEnv {
+            gateway: &gateway,
+            buses: &raw.buses,
+            resolved: &buses,
+            folders: &folders,
+        };
         let mut devices = Vec::new();
         for (name, d) in &raw.devices {
-            if let Some(dev) = self.resolve_device(ctx, &gateway, &raw.buses, &folders, name, d) {
+            if let Some(dev) = self.resolve_device(ctx, &env, name, d) {
                 devices.push(dev);
             }
         }
@@ -783,6 +822,85 @@ impl Resolver<'_> {
             buses,
             devices,
         }
+    }
+
+    fn resolve_bus(&mut self, ctx: &Ctx, name: &str, b: &RawBus) -> Option<Bus> {
+        let p = format!("buses.{name}");
+        let given = [
+            b.modbus_tcp.is_some(),
+            b.modbus_rtu.is_some(),
+            b.modbus_rtu_over_tcp.is_some(),
+        ];
+        if given.iter().filter(|g| **g).count() != 1 {
+            self.errors.push(ctx.diag(
+                &p,
+                "a bus needs exactly one transport: `modbus_tcp: {…}`, `modbus_rtu: {…}` or `modbus_rtu_over_tcp: {…}`",
+            ));
+            return None;
+        }
+        let mut timeout_of = |field: &str, t: Option<Duration>, default: Duration| {
+            let t = t.unwrap_or(default);
+            if t.is_zero() {
+                self.errors
+                    .push(ctx.diag(&format!("{p}.{field}.timeout"), "must be more than 0"));
+            }
+            t
+        };
+        let transport = if let Some(t) = &b.modbus_tcp {
+            Transport::ModbusTcp {
+                host: t.host.clone(),
+                port: t.port.unwrap_or(502),
+                timeout: timeout_of("modbus_tcp", t.timeout, Duration::from_secs(1)),
+            }
+        } else if let Some(t) = &b.modbus_rtu_over_tcp {
+            Transport::ModbusRtu {
+                endpoint: Endpoint::Tcp {
+                    host: t.host.clone(),
+                    port: t.port.unwrap_or(502),
+                },
+                timeout: timeout_of("modbus_rtu_over_tcp", t.timeout, Duration::from_secs(1)),
+                retries: 1,
+                turnaround: Duration::ZERO,
+            }
+        } else {
+            let r = b.modbus_rtu.as_ref().expect("one transport given");
+            let timeout = timeout_of("modbus_rtu", r.timeout, Duration::from_millis(500));
+            let baud = r.baud.unwrap_or(9600);
+            if !(300..=4_000_000).contains(&baud) {
+                self.errors.push(ctx.diag(
+                    &format!("{p}.modbus_rtu.baud"),
+                    format!("{baud} baud is not a serial speed"),
+                ));
+            }
+            let data_bits = r.data_bits.unwrap_or(8);
+            if !(5..=8).contains(&data_bits) {
+                self.errors.push(ctx.diag(
+                    &format!("{p}.modbus_rtu.data_bits"),
+                    "must be 5, 6, 7 or 8 (Modbus RTU uses 8)",
+                ));
+            }
+            let stop_bits = r.stop_bits.unwrap_or(1);
+            if !(1..=2).contains(&stop_bits) {
+                self.errors
+                    .push(ctx.diag(&format!("{p}.modbus_rtu.stop_bits"), "must be 1 or 2"));
+            }
+            Transport::ModbusRtu {
+                endpoint: Endpoint::Serial(SerialSettings {
+                    port: r.port.clone(),
+                    baud,
+                    parity: r.parity.unwrap_or(Parity::None),
+                    data_bits,
+                    stop_bits,
+                }),
+                timeout,
+                retries: r.retries.unwrap_or(1),
+                turnaround: r.turnaround.unwrap_or(Duration::ZERO),
+            }
+        };
+        Some(Bus {
+            name: name.to_string(),
+            transport,
+        })
     }
 
     fn resolve_queue(&mut self, ctx: &Ctx, q: &RawQueue) -> Queue {
@@ -895,12 +1013,16 @@ impl Resolver<'_> {
     fn resolve_device(
         &mut self,
         ctx: &Ctx,
-        gateway: &Gateway,
-        buses: &BTreeMap<String, RawBus>,
-        folders: &[PathBuf],
+        env: &DeviceEnv,
         name: &str,
         d: &RawDevice,
     ) -> Option<Device> {
+        let DeviceEnv {
+            gateway,
+            buses,
+            resolved,
+            folders,
+        } = *env;
         let p = format!("devices.{name}");
         let before = self.errors.len();
         check_topic_segment(ctx, &mut self.errors, &p, name, "device name");
@@ -916,11 +1038,24 @@ impl Resolver<'_> {
             ));
         }
         let unit = d.unit.unwrap_or(1);
-        if unit > 255 {
+        let range = resolved
+            .iter()
+            .find(|b| b.name == d.bus)
+            .map_or(0..=255, |b| b.transport.unit_range());
+        if !range.contains(&unit) {
             self.errors.push(ctx.diag(
                 &format!("{p}.unit"),
-                format!("unit id {unit} is out of range 0..=255"),
+                format!(
+                    "unit id {unit} is out of range {}..={} for this bus",
+                    range.start(),
+                    range.end()
+                ),
             ));
+        }
+        let offline_after = d.offline_after.unwrap_or(3);
+        if offline_after == 0 {
+            self.errors
+                .push(ctx.diag(&format!("{p}.offline_after"), "must be at least 1"));
         }
         let every = d.every.unwrap_or(Duration::from_secs(1));
         if every < Duration::from_millis(10) {
@@ -1039,6 +1174,8 @@ impl Resolver<'_> {
                 qos: d.qos.unwrap_or(1),
                 retain: d.retain.unwrap_or(false),
             },
+            availability_topic: format!("fieldgate/{}/{name}/availability", gateway.id),
+            offline_after: offline_after.max(1),
         })
     }
 

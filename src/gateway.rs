@@ -44,6 +44,8 @@ pub async fn run_with(
     let (handle, store_thread) = store::spawn(store)?;
 
     let tasks = TaskTracker::new();
+    let bus_stats = crate::poller::SharedStats::default();
+    let availability = std::sync::Arc::new(crate::poller::Availability::default());
     for bus in &config.buses {
         let devices: Vec<_> = config
             .devices
@@ -58,11 +60,15 @@ pub async fn run_with(
             bus.clone(),
             devices,
             handle.clone(),
+            bus_stats.clone(),
+            availability.clone(),
             cancel.clone(),
         ));
     }
     let mut uplink = Uplink::new(&config, handle.clone());
     uplink.tuning = tuning;
+    uplink.bus_stats = bus_stats;
+    uplink.availability = availability;
     tasks.spawn(uplink.run(cancel.clone()));
     drop(handle);
     tasks.close();

@@ -1,15 +1,26 @@
 //! Polling: one task per bus decides which device is asked for what, and when.
 //!
-//! The task owns its bus's [`Link`], so requests on one bus never overlap. Each device's points
-//! are grouped by interval (`config::PollGroup`); every group has its own schedule. A device
-//! that fails (timeout, connection refused, broken link) is backed off exponentially, so the
-//! other devices on the bus keep their schedule; a Modbus exception skips only the points of that
-//! request. Errors are logged once per change of state and counted, never fatal. Values read are
-//! turned into messages and handed to the store, which never makes the poller wait for the uplink.
+//! The task owns its bus's [`Link`], so requests on one bus never overlap (on RS-485, strictly
+//! one at a time, with the silence between frames kept by the link). Each device's points are
+//! grouped by interval (`config::PollGroup`); every group has its own schedule.
+//!
+//! Failure handling, by kind:
+//! - a device that keeps failing (timeouts, CRC errors, a broken link: two polls in a row) is
+//!   backed off exponentially (1 s up to 60 s), so the other devices on the bus keep their rate; after `offline_after`
+//!   consecutive failed polls it is announced `offline` on its retained availability topic, and
+//!   `online` again at its first success;
+//! - a port or connection that cannot be opened backs off the whole bus the same way;
+//! - a Modbus exception is a mapping problem: logged once naming the points of that request,
+//!   those points skipped, and the request retried at a slowly growing interval (never hot).
+//!
+//! Values read are turned into messages and handed to the store, which never makes the poller
+//! wait for the uplink. Per-bus figures go to a shared [`BusStats`] for the status message.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use serde::Serialize;
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 
@@ -21,24 +32,83 @@ use crate::store::StoreHandle;
 
 const BACKOFF_MIN: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(60);
+/// Longest pause for a request the device refuses with an exception.
+const REFUSED_MAX: Duration = Duration::from_secs(300);
 
-/// Error counts of one device, by kind.
-#[derive(Debug, Default, Clone)]
-pub struct Counters {
+/// Figures of one device.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct DeviceStats {
     pub polls: u64,
     pub failed_polls: u64,
-    pub exceptions: u64,
     pub timeouts: u64,
-    pub transport_errors: u64,
+    pub exceptions: u64,
+    /// None until the first poll decided it.
+    pub online: Option<bool>,
+    pub last_success_ms: Option<i64>,
+}
+
+/// Figures of one bus, as the status message reports them.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct BusStats {
+    pub requests: u64,
+    /// Failed requests by kind: timeout, crc, exception, io, connect, protocol.
+    pub errors: BTreeMap<&'static str, u64>,
+    /// Share of wall time with a transaction on the wire (RTU buses).
+    pub utilisation: f64,
+    /// CRC errors, noise, late replies and retries on the line (RTU).
+    pub line: crate::bus::LineFaults,
+    pub devices: BTreeMap<String, DeviceStats>,
+}
+
+/// Every bus's figures, shared between the pollers and the uplink's status message.
+pub type SharedStats = Arc<Mutex<BTreeMap<String, BusStats>>>;
+
+/// Device availability: the pollers set it, the uplink publishes it (retained) when it changes
+/// and again on every connect. It is state, not a reading: it does not go through the queue, so
+/// it takes no `seq` and a stale `offline` is never replayed hours later.
+#[derive(Debug, Default)]
+pub struct Availability {
+    /// Topic → (online, version); the version grows with every change.
+    states: Mutex<BTreeMap<String, (bool, u64)>>,
+    changed: tokio::sync::Notify,
+}
+
+impl Availability {
+    /// Records `online` for `topic`; returns whether it changed.
+    pub fn set(&self, topic: &str, online: bool) -> bool {
+        let mut states = self.states.lock().expect("not poisoned");
+        let entry = states.entry(topic.to_string()).or_insert((!online, 0));
+        if entry.0 == online && entry.1 > 0 {
+            return false;
+        }
+        *entry = (online, entry.1 + 1);
+        drop(states);
+        self.changed.notify_one();
+        true
+    }
+
+    /// Every topic with its state and version.
+    pub fn snapshot(&self) -> Vec<(String, bool, u64)> {
+        self.states
+            .lock()
+            .expect("not poisoned")
+            .iter()
+            .map(|(t, (o, v))| (t.clone(), *o, *v))
+            .collect()
+    }
+
+    /// Resolves when something changed since the last call.
+    pub async fn changed(&self) {
+        self.changed.notified().await
+    }
 }
 
 struct DeviceState {
     device: Device,
     /// Consecutive failed polls; 0 while healthy.
     failures: u32,
-    /// Requests (group, request index) whose exception has been logged already.
-    refused: HashSet<(usize, usize)>,
-    counters: Counters,
+    /// Requests (group, request index) refused with an exception: how often, and when to retry.
+    refused: HashMap<(usize, usize), (u32, Instant)>,
 }
 
 struct Slot {
@@ -48,7 +118,14 @@ struct Slot {
 }
 
 /// Polls every device of `bus` until `cancel` fires.
-pub async fn run(bus: Bus, devices: Vec<Device>, store: StoreHandle, cancel: CancellationToken) {
+pub async fn run(
+    bus: Bus,
+    devices: Vec<Device>,
+    store: StoreHandle,
+    stats: SharedStats,
+    availability: Arc<Availability>,
+    cancel: CancellationToken,
+) {
     let mut link = Link::new(&bus);
     let start = Instant::now();
     let mut slots: Vec<Slot> = devices
@@ -66,8 +143,7 @@ pub async fn run(bus: Bus, devices: Vec<Device>, store: StoreHandle, cancel: Can
         .map(|device| DeviceState {
             device,
             failures: 0,
-            refused: HashSet::new(),
-            counters: Counters::default(),
+            refused: HashMap::new(),
         })
         .collect();
     if slots.is_empty() {
@@ -75,6 +151,8 @@ pub async fn run(bus: Bus, devices: Vec<Device>, store: StoreHandle, cancel: Can
         return;
     }
     tracing::info!(bus = %bus.name, devices = states.len(), "polling started");
+    let mut bus_failures = 0u32;
+    let mut last_report = Instant::now();
 
     loop {
         let next = (0..slots.len())
@@ -89,7 +167,7 @@ pub async fn run(bus: Bus, devices: Vec<Device>, store: StoreHandle, cancel: Can
         let (d, g) = (slots[next].device, slots[next].group);
         let st = &mut states[d];
         let every = st.device.groups[g].every;
-        let result = poll_group(&mut link, st, g, &store).await;
+        let outcome = poll_group(&mut link, st, g, &store, &bus.name, &stats).await;
         let now = Instant::now();
         // Keep the cadence; after a stall, skip the missed cycles rather than bursting.
         let mut due_next = due + every;
@@ -98,26 +176,47 @@ pub async fn run(bus: Bus, devices: Vec<Device>, store: StoreHandle, cancel: Can
         }
         slots[next].due = due_next;
 
-        match result {
+        match outcome {
             Ok(()) => {
+                bus_failures = 0;
                 if st.failures > 0 {
                     tracing::info!(bus = %bus.name, device = %st.device.name, failed_polls = st.failures, "device answers again");
-                    st.failures = 0;
+                }
+                st.failures = 0;
+                set_online(st, true, &availability, &bus.name, &stats);
+            }
+            Err(BusError::Connect(e)) => {
+                // The port or connection itself: back off the whole bus, not one device.
+                bus_failures += 1;
+                let backoff = backoff(bus_failures);
+                if bus_failures == 1 {
+                    tracing::warn!(bus = %bus.name, error = %e, "cannot open the bus; retrying with backoff (up to 60s)");
+                } else {
+                    tracing::debug!(bus = %bus.name, error = %e, ?backoff, "bus still unavailable");
+                }
+                for st in states.iter_mut() {
+                    fail(st, &availability, &bus.name, &stats);
+                }
+                let until = now + backoff;
+                for s in slots.iter_mut() {
+                    s.due = s.due.max(until);
                 }
             }
             Err(e) => {
-                st.failures += 1;
-                st.counters.failed_polls += 1;
-                match e {
-                    BusError::Timeout(_) => st.counters.timeouts += 1,
-                    _ => st.counters.transport_errors += 1,
-                }
-                let backoff = backoff(st.failures);
-                if st.failures == 1 {
+                bus_failures = 0;
+                let failures = fail(st, &availability, &bus.name, &stats);
+                // One failed poll (a CRC error, one lost reply) is retried at the next cycle;
+                // a device that keeps failing is backed off.
+                let backoff = if failures >= 2 {
+                    backoff(failures - 1)
+                } else {
+                    Duration::ZERO
+                };
+                if failures == 1 {
                     tracing::warn!(bus = %bus.name, device = %st.device.name, unit = st.device.unit, error = %e, kind = e.kind(),
                         "device poll failed; backing off, the other devices keep their schedule");
                 } else {
-                    tracing::debug!(bus = %bus.name, device = %st.device.name, error = %e, failures = st.failures, ?backoff, "device still failing");
+                    tracing::debug!(bus = %bus.name, device = %st.device.name, error = %e, failures, ?backoff, "device still failing");
                 }
                 let until = now + backoff;
                 for s in slots.iter_mut().filter(|s| s.device == d) {
@@ -125,10 +224,68 @@ pub async fn run(bus: Bus, devices: Vec<Device>, store: StoreHandle, cancel: Can
                 }
             }
         }
+        let elapsed = start.elapsed().as_secs_f64().max(1e-3);
+        if let Some(b) = stats.lock().expect("not poisoned").get_mut(&bus.name) {
+            b.utilisation = (link.busy().as_secs_f64() / elapsed).min(1.0);
+            b.line = link.line_faults();
+        }
+        if last_report.elapsed() >= Duration::from_secs(600) {
+            last_report = Instant::now();
+            if let Some(b) = stats.lock().expect("not poisoned").get(&bus.name) {
+                tracing::info!(bus = %bus.name, requests = b.requests, errors = ?b.errors, utilisation = format!("{:.1}%", b.utilisation * 100.0), "bus figures");
+            }
+        }
     }
-    for st in &states {
-        tracing::debug!(bus = %bus.name, device = %st.device.name, counters = ?st.counters, "polling stopped");
+    tracing::debug!(bus = %bus.name, "polling stopped");
+}
+
+/// Counts a failed poll; announces `offline` when the device reaches its threshold.
+fn fail(st: &mut DeviceState, availability: &Availability, bus: &str, stats: &SharedStats) -> u32 {
+    st.failures += 1;
+    with_device(stats, bus, &st.device.name, |d| d.failed_polls += 1);
+    if st.failures >= st.device.offline_after {
+        set_online(st, false, availability, bus, stats);
     }
+    st.failures
+}
+
+/// Records the device's availability; the uplink publishes it when it changes.
+fn set_online(
+    st: &DeviceState,
+    online: bool,
+    availability: &Availability,
+    bus: &str,
+    stats: &SharedStats,
+) {
+    with_device(stats, bus, &st.device.name, |d| {
+        d.online = Some(online);
+        if online {
+            d.last_success_ms = Some(now_ms());
+        }
+    });
+    if availability.set(&st.device.availability_topic, online) && !online {
+        tracing::warn!(bus, device = %st.device.name, failed_polls = st.failures, "device is offline");
+    }
+}
+
+fn with_device<R>(
+    stats: &SharedStats,
+    bus: &str,
+    device: &str,
+    f: impl FnOnce(&mut DeviceStats) -> R,
+) -> R {
+    let mut all = stats.lock().expect("not poisoned");
+    let b = all.entry(bus.to_string()).or_default();
+    f(b.devices.entry(device.to_string()).or_default())
+}
+
+fn count_error(stats: &SharedStats, bus: &str, kind: &'static str) {
+    let mut all = stats.lock().expect("not poisoned");
+    *all.entry(bus.to_string())
+        .or_default()
+        .errors
+        .entry(kind)
+        .or_default() += 1;
 }
 
 /// Exponential backoff: 1s, 2s, 4s … capped at 60s.
@@ -142,22 +299,39 @@ fn backoff(failures: u32) -> Duration {
 }
 
 /// Reads every request of one group, decodes the values and enqueues their messages. Values
-/// read before a transport failure are still enqueued.
+/// read before a failure are still enqueued.
 async fn poll_group(
     link: &mut Link,
     st: &mut DeviceState,
     g: usize,
     store: &StoreHandle,
+    bus: &str,
+    stats: &SharedStats,
 ) -> Result<(), BusError> {
     let ts = now_ms();
     let dev = &st.device;
     let mut values: Vec<(usize, Value)> = Vec::new();
     let mut failure = None;
-    st.counters.polls += 1;
+    with_device(stats, bus, &dev.name, |d| d.polls += 1);
     for (r, req) in dev.groups[g].requests.iter().enumerate() {
+        if st
+            .refused
+            .get(&(g, r))
+            .is_some_and(|(_, until)| Instant::now() < *until)
+        {
+            continue;
+        }
+        stats
+            .lock()
+            .expect("not poisoned")
+            .entry(bus.to_string())
+            .or_default()
+            .requests += 1;
         match link.read(dev.unit, req).await {
             Ok(data) => {
-                st.refused.remove(&(g, r));
+                if st.refused.remove(&(g, r)).is_some() {
+                    tracing::info!(device = %dev.name, start = req.start, "device accepts the read again");
+                }
                 for &i in &req.points {
                     let p = &dev.points[i];
                     let off = (p.source.address - req.start) as usize;
@@ -169,8 +343,17 @@ async fn poll_group(
                 }
             }
             Err(BusError::Exception(code)) => {
-                st.counters.exceptions += 1;
-                if st.refused.insert((g, r)) {
+                count_error(stats, bus, "exception");
+                with_device(stats, bus, &dev.name, |d| d.exceptions += 1);
+                let every = dev.groups[g].every;
+                let entry = st.refused.entry((g, r)).or_insert((0, Instant::now()));
+                entry.0 += 1;
+                // Retry refused requests less and less often: 2, 4, 8 … intervals, at most 5 min.
+                let pause = every
+                    .saturating_mul(1 << entry.0.min(16))
+                    .min(REFUSED_MAX.max(every));
+                entry.1 = Instant::now() + pause;
+                if entry.0 == 1 {
                     let names: Vec<&str> = req
                         .points
                         .iter()
@@ -178,10 +361,14 @@ async fn poll_group(
                         .collect();
                     tracing::warn!(device = %dev.name, unit = dev.unit, exception = ?code,
                         table = req.table.name(), start = req.start, count = req.count, points = %names.join(","),
-                        "device refused a read (check the mapping); these points are skipped");
+                        "device refused a read (check the mapping); these points are skipped and retried rarely");
                 }
             }
             Err(e) => {
+                count_error(stats, bus, e.kind());
+                if matches!(e, BusError::Timeout(_)) {
+                    with_device(stats, bus, &dev.name, |d| d.timeouts += 1);
+                }
                 failure = Some(e);
                 break;
             }
@@ -200,6 +387,15 @@ async fn poll_group(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn availability_changes_are_versioned_and_repeats_ignored() {
+        let a = Availability::default();
+        assert!(a.set("t", true));
+        assert!(!a.set("t", true));
+        assert!(a.set("t", false));
+        assert_eq!(a.snapshot(), vec![("t".to_string(), false, 2)]);
+    }
 
     #[test]
     fn backoff_doubles_and_caps() {

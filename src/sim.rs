@@ -1,5 +1,7 @@
-//! A simulated Modbus TCP device for the demo and the tests: real tokio-modbus server side on
-//! loopback, with register banks the caller can change while it runs.
+//! Simulated Modbus devices for the demo, the tests and the benchmarks: a Modbus TCP server
+//! (tokio-modbus's server side, on loopback) and an RS-485 bus of RTU slaves on a pseudo-terminal
+//! ([`RtuBus`]), with register banks the caller can change while they run and knobs for the
+//! faults real buses have: silent slaves, late answers, corrupt frames, noise, an unplugged port.
 
 use std::collections::HashMap;
 use std::future;
@@ -46,6 +48,14 @@ pub struct State {
     pub delay: Duration,
     /// Requests served, for tests.
     pub requests: u64,
+    /// RTU: per-unit answer delay (a slave that answers late, after the master's timeout).
+    pub unit_delay: HashMap<u8, Duration>,
+    /// RTU: delay every Nth reply by this much (a slave that is sometimes late).
+    pub late_every: Option<(u64, Duration)>,
+    /// RTU: corrupt the CRC of every Nth reply.
+    pub corrupt_every: Option<u64>,
+    /// RTU: send this many bytes of line noise before every Nth reply.
+    pub noise_every: Option<(u64, usize)>,
 }
 
 #[derive(Clone)]
@@ -154,4 +164,174 @@ fn answer(st: &State, unit: u8, req: &Request<'_>) -> Answer {
         }
         _ => return Err(ExceptionCode::IllegalFunction),
     }))
+}
+
+/// An RS-485 bus of RTU slaves behind a pseudo-terminal. The gateway opens [`path`], a symlink
+/// to the pty's slave side, like a USB adapter under `/dev/serial/by-id/`. Replies go out with
+/// the timing of a real line at `baud`: the request's and the reply's wire time (11 bits per
+/// character) and each unit's delay.
+///
+/// [`path`]: RtuBus::path
+pub struct RtuBus {
+    pub state: Arc<Mutex<State>>,
+    pub path: std::path::PathBuf,
+    baud: u32,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl RtuBus {
+    /// Creates the pty and serves on it; `dir` holds the `ttyRTU` symlink.
+    pub fn start(dir: &std::path::Path, baud: u32) -> std::io::Result<RtuBus> {
+        let mut bus = RtuBus {
+            state: Arc::new(Mutex::new(State::default())),
+            path: dir.join("ttyRTU"),
+            baud,
+            task: None,
+        };
+        bus.plug()?;
+        Ok(bus)
+    }
+
+    /// Changes the bank of `unit` (created if new).
+    pub fn with_unit<R>(&self, unit: u8, f: impl FnOnce(&mut Bank) -> R) -> R {
+        let mut st = self.state.lock().expect("not poisoned");
+        f(st.units.entry(unit).or_default())
+    }
+
+    /// The adapter is pulled out: the pty closes and the device path disappears.
+    pub fn unplug(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+
+    /// The adapter is plugged in again: a new pty behind the same path.
+    pub fn plug(&mut self) -> std::io::Result<()> {
+        self.unplug();
+        let (master, slave) = tokio_serial::SerialStream::pair().map_err(std::io::Error::from)?;
+        let name = tokio_serial::SerialPort::name(&slave)
+            .ok_or_else(|| std::io::Error::other("pty without a name"))?;
+        std::os::unix::fs::symlink(&name, &self.path)?;
+        let state = self.state.clone();
+        let char_time = Duration::from_secs_f64(11.0 / self.baud as f64);
+        self.task = Some(tokio::spawn(async move {
+            // Keeping the slave side open keeps the master readable before the gateway opens it.
+            let _slave = slave;
+            serve_rtu(master, state, char_time).await
+        }));
+        Ok(())
+    }
+}
+
+impl Drop for RtuBus {
+    fn drop(&mut self) {
+        self.unplug();
+    }
+}
+
+async fn serve_rtu(
+    mut port: tokio_serial::SerialStream,
+    state: Arc<Mutex<State>>,
+    char_time: Duration,
+) {
+    use crate::bus::modbus_rtu::{crc16, with_crc};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf: Vec<u8> = Vec::new();
+    let mut chunk = [0u8; 256];
+    let mut replies = 0u64;
+    loop {
+        match port.read(&mut chunk).await {
+            Ok(0) | Err(_) => {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                continue;
+            }
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+        // Every request we serve is a read: 8 bytes with a valid CRC. Anything else is noise.
+        while buf.len() >= 8 {
+            let frame: Vec<u8> = buf[..8].to_vec();
+            if crc16(&frame[..6]).to_le_bytes() != [frame[6], frame[7]] {
+                buf.remove(0);
+                continue;
+            }
+            buf.drain(..8);
+            let unit = frame[0];
+            let (answer, delay, corrupt, noise) = {
+                let mut st = state.lock().expect("not poisoned");
+                st.requests += 1;
+                if st.silent.contains(&unit) {
+                    continue;
+                }
+                replies += 1;
+                let req = match frame[1] {
+                    0x01 => Request::ReadCoils(
+                        u16::from_be_bytes([frame[2], frame[3]]),
+                        u16::from_be_bytes([frame[4], frame[5]]),
+                    ),
+                    0x02 => Request::ReadDiscreteInputs(
+                        u16::from_be_bytes([frame[2], frame[3]]),
+                        u16::from_be_bytes([frame[4], frame[5]]),
+                    ),
+                    0x03 => Request::ReadHoldingRegisters(
+                        u16::from_be_bytes([frame[2], frame[3]]),
+                        u16::from_be_bytes([frame[4], frame[5]]),
+                    ),
+                    0x04 => Request::ReadInputRegisters(
+                        u16::from_be_bytes([frame[2], frame[3]]),
+                        u16::from_be_bytes([frame[4], frame[5]]),
+                    ),
+                    _ => Request::ReadCoils(0, 0),
+                };
+                let pdu = match answer(&st, unit, &req) {
+                    Ok(Some(Response::ReadHoldingRegisters(w)))
+                    | Ok(Some(Response::ReadInputRegisters(w))) => {
+                        let mut p = vec![unit, frame[1], (w.len() * 2) as u8];
+                        w.iter().for_each(|x| p.extend_from_slice(&x.to_be_bytes()));
+                        p
+                    }
+                    Ok(Some(Response::ReadCoils(b)))
+                    | Ok(Some(Response::ReadDiscreteInputs(b))) => {
+                        let mut bytes = vec![0u8; b.len().div_ceil(8)];
+                        for (i, bit) in b.iter().enumerate() {
+                            if *bit {
+                                bytes[i / 8] |= 1 << (i % 8);
+                            }
+                        }
+                        let mut p = vec![unit, frame[1], bytes.len() as u8];
+                        p.extend(bytes);
+                        p
+                    }
+                    Err(code) => vec![unit, frame[1] | 0x80, u8::from(code)],
+                    Ok(_) => continue,
+                };
+                let corrupt = st.corrupt_every.is_some_and(|n| replies.is_multiple_of(n));
+                let noise = st
+                    .noise_every
+                    .filter(|(n, _)| replies.is_multiple_of(*n))
+                    .map(|(_, len)| len);
+                let mut delay = st.unit_delay.get(&unit).copied().unwrap_or(st.delay);
+                if let Some((n, late)) = st.late_every
+                    && replies.is_multiple_of(n)
+                {
+                    delay += late;
+                }
+                (with_crc(pdu), delay, corrupt, noise)
+            };
+            let mut answer = answer;
+            if corrupt {
+                let i = answer.len() / 2;
+                answer[i] ^= 0x5A;
+            }
+            // The request's wire time, the slave's own delay, then the reply's wire time.
+            tokio::time::sleep(char_time * 8 + delay + char_time * answer.len() as u32).await;
+            if let Some(len) = noise {
+                let junk: Vec<u8> = (0..len)
+                    .map(|i| (i as u8).wrapping_mul(37).wrapping_add(11))
+                    .collect();
+                let _ = port.write_all(&junk).await;
+            }
+            let _ = port.write_all(&answer).await;
+        }
+    }
 }

@@ -198,6 +198,10 @@ pub struct Uplink {
     /// How often the retained `status/stats` message goes out.
     pub status_interval: Duration,
     pub started: std::time::Instant,
+    /// The pollers' figures, reported in the status message.
+    pub bus_stats: crate::poller::SharedStats,
+    /// Device availability to publish (retained) as it changes.
+    pub availability: std::sync::Arc<crate::poller::Availability>,
 }
 
 /// How a session ended without an error.
@@ -215,6 +219,8 @@ impl Uplink {
             replay_rate: config.queue.replay_rate,
             status_interval: config.gateway.status_interval,
             started: std::time::Instant::now(),
+            bus_stats: Default::default(),
+            availability: Default::default(),
         }
     }
 
@@ -244,6 +250,7 @@ impl Uplink {
                 "acked_total": q.acked_total,
                 "acked_since_start": q.acked_since_start,
             },
+            "buses": *self.bus_stats.lock().expect("not poisoned"),
         });
         Ok(serde_json::to_vec(&body).expect("json values serialize"))
     }
@@ -367,7 +374,21 @@ impl Uplink {
         let mut status = tokio::time::interval(self.status_interval);
         status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
+        // Device availability: everything known on connect, then every change.
+        let mut announced: HashMap<String, u64> = HashMap::new();
         let result = loop {
+            for (topic, online, version) in self.availability.snapshot() {
+                if announced.get(&topic) != Some(&version) && inflight.len() < window {
+                    client.try_publish(
+                        topic.as_str(),
+                        QoS::AtLeastOnce,
+                        true,
+                        if online { "online" } else { "offline" },
+                    )?;
+                    inflight.submitted(Entry::Control { qos: 1 });
+                    announced.insert(topic, version);
+                }
+            }
             // Keep the window full, in seq order, within the QoS 2 limit and the replay rate.
             loop {
                 if ready.is_empty() && !drained {
@@ -414,6 +435,7 @@ impl Uplink {
                     }
                     drained = false;
                 }
+                _ = self.availability.changed() => {}
                 _ = status.tick() => {
                     if inflight.len() < window {
                         let payload = self.stats_payload().await?;

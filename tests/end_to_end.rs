@@ -257,7 +257,18 @@ async fn a_silent_device_does_not_stall_the_others_on_its_bus() {
         healthy >= 13,
         "healthy device polled only {healthy} times in 4s"
     );
-    assert!(sub.all().iter().all(|r| !r.topic.contains("/dead/")));
+    assert!(
+        sub.all()
+            .iter()
+            .all(|r| !r.topic.starts_with("fieldgate/gw1/dead/q"))
+    );
+    let dead: Vec<String> = sub
+        .all()
+        .iter()
+        .filter(|r| r.topic == "fieldgate/gw1/dead/availability")
+        .map(|r| r.payload.clone())
+        .collect();
+    assert_eq!(dead, vec!["offline"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

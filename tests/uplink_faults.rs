@@ -83,7 +83,10 @@ async fn survive(
         // keep_alive is 2s: a half-open link is found within about two keep-alives.
         let noticed = noticed.expect("a reconnect during the stall");
         eprintln!("half-open link detected after {noticed:?}");
-        assert!(noticed <= Duration::from_millis(5500), "detected after {noticed:?}");
+        assert!(
+            noticed <= Duration::from_millis(5500),
+            "detected after {noticed:?}"
+        );
     }
     proxy.set(Mode::Pass);
     let to = now_ms();

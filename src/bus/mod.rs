@@ -6,6 +6,7 @@
 //! transport error or timeout, so a late reply is never matched to a later request. Scheduling
 //! (who is asked when) belongs to `poller`; decoding to `mapping`.
 
+pub mod modbus_rtu;
 pub mod modbus_tcp;
 
 use std::time::Duration;
@@ -35,6 +36,8 @@ pub enum BusError {
     Io(std::io::Error),
     #[error("protocol: {0}")]
     Protocol(String),
+    #[error("CRC error")]
+    Crc,
 }
 
 impl BusError {
@@ -46,13 +49,27 @@ impl BusError {
             BusError::Connect(_) => "connect",
             BusError::Io(_) => "io",
             BusError::Protocol(_) => "protocol",
+            BusError::Crc => "crc",
         }
     }
+}
+
+/// Line faults a link has absorbed, counted even when a retry then succeeded.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct LineFaults {
+    pub crc_errors: u64,
+    /// Bytes of line noise skipped before replies.
+    pub noise_bytes: u64,
+    /// Replies that came after their timeout and were discarded.
+    pub late_replies: u64,
+    /// Requests sent again after a timeout or a bad frame.
+    pub retries: u64,
 }
 
 /// An open (or reopenable) connection to one bus.
 pub enum Link {
     ModbusTcp(modbus_tcp::ModbusTcp),
+    ModbusRtu(modbus_rtu::ModbusRtu),
 }
 
 impl Link {
@@ -63,6 +80,17 @@ impl Link {
                 port,
                 timeout,
             } => Link::ModbusTcp(modbus_tcp::ModbusTcp::new(host.clone(), *port, *timeout)),
+            Transport::ModbusRtu {
+                endpoint,
+                timeout,
+                retries,
+                turnaround,
+            } => Link::ModbusRtu(modbus_rtu::ModbusRtu::new(
+                endpoint.clone(),
+                *timeout,
+                *retries,
+                *turnaround,
+            )),
         }
     }
 
@@ -70,6 +98,28 @@ impl Link {
     pub async fn read(&mut self, unit: u8, req: &ReadRequest) -> Result<Data, BusError> {
         match self {
             Link::ModbusTcp(t) => t.read(unit, req).await,
+            Link::ModbusRtu(t) => t.read(unit, req).await,
+        }
+    }
+
+    /// What the line has done so far (RTU; zeros for TCP).
+    pub fn line_faults(&self) -> LineFaults {
+        match self {
+            Link::ModbusTcp(_) => LineFaults::default(),
+            Link::ModbusRtu(t) => LineFaults {
+                crc_errors: t.crc_errors,
+                noise_bytes: t.noise_bytes,
+                late_replies: t.late_replies,
+                retries: t.retried,
+            },
+        }
+    }
+
+    /// Time spent with transactions on the wire so far (RTU; TCP reports none).
+    pub fn busy(&self) -> Duration {
+        match self {
+            Link::ModbusTcp(_) => Duration::ZERO,
+            Link::ModbusRtu(t) => t.busy,
         }
     }
 }

@@ -160,6 +160,7 @@ impl Gateway {
     }
 
     pub fn start_with(dir: &Path, yaml: &str, tuning: Tuning) -> Gateway {
+        logs();
         let path = dir.join("config.yaml");
         std::fs::write(&path, yaml).unwrap();
         let config = Config::load(&path).unwrap_or_else(|e| panic!("test config is invalid:\n{e}"));
@@ -340,4 +341,14 @@ pub fn assert_gapless(seqs: impl IntoIterator<Item = u64>) {
         v[0],
         v.last().unwrap()
     );
+}
+
+/// Logs to stderr when `FIELDGATE_TEST_LOG` is set (e.g. `FIELDGATE_TEST_LOG=debug`).
+pub fn logs() {
+    if let Ok(level) = std::env::var("FIELDGATE_TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(level)
+            .with_test_writer()
+            .try_init();
+    }
 }

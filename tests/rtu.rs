@@ -1,0 +1,257 @@
+//! Modbus RTU on a simulated RS-485 bus (a pseudo-terminal with RTU slaves behind it).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use common::{Gateway, Subscriber};
+use fieldgate::sim::RtuBus;
+use serde_json::json;
+
+fn rtu_config(
+    state: &std::path::Path,
+    broker: std::net::SocketAddr,
+    port: &std::path::Path,
+    bus: &str,
+    devices: &str,
+) -> String {
+    format!(
+        "gateway:\n  id: gw1\n  state_dir: {}\n  status_interval: 1s\nmqtt:\n  url: mqtt://{broker}\n  keep_alive: 2s\nbuses:\n  rs485:\n    modbus_rtu: {{ port: {}, {bus} }}\ndevices:\n{devices}",
+        state.display(),
+        port.display()
+    )
+}
+
+fn values(sub: &Subscriber, topic: &str) -> Vec<serde_json::Value> {
+    sub.all()
+        .iter()
+        .filter(|r| r.topic == topic)
+        .filter_map(|r| r.value().cloned())
+        .collect()
+}
+
+fn availability(sub: &Subscriber, device: &str) -> Vec<String> {
+    let topic = format!("fieldgate/gw1/{device}/availability");
+    sub.all()
+        .iter()
+        .filter(|r| r.topic == topic)
+        .map(|r| r.payload.clone())
+        .collect()
+}
+
+fn last_stats(sub: &Subscriber) -> serde_json::Value {
+    sub.all()
+        .iter()
+        .rev()
+        .find(|r| r.topic == "fieldgate/gw1/status/stats")
+        .and_then(|r| r.json.clone())
+        .expect("a status message")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_slave_and_a_refusing_slave_leave_the_healthy_one_its_rate_and_exact_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = RtuBus::start(dir.path(), 9600).unwrap();
+    bus.with_unit(1, |b| {
+        b.set_holding(0, &[0x4275, 0x0000, 1234]); // 61.25 f32, then 12.34 after scale
+        b.coils.insert(3, true);
+    });
+    bus.with_unit(2, |b| b.set_holding(0, &[1]));
+    bus.state.lock().unwrap().silent.push(2); // never answers
+    bus.with_unit(3, |_| {}); // answers every read with IllegalDataAddress
+    let broker = fieldgate::broker::start().unwrap();
+    let sub = Subscriber::start(broker).await;
+    let devices = "  healthy:\n    bus: rs485\n    unit: 1\n    every: 250ms\n    points:\n      temp: { register: 0, type: f32 }\n      level: { register: 2, scale: 0.01 }\n      run: { coil: 3 }\n  dead:\n    bus: rs485\n    unit: 2\n    every: 250ms\n    points:\n      x: { register: 0 }\n  refusing:\n    bus: rs485\n    unit: 3\n    every: 250ms\n    points:\n      y: { register: 0 }\n";
+    let yaml = rtu_config(
+        &dir.path().join("state"),
+        broker,
+        &bus.path,
+        "baud: 9600, parity: even, timeout: 200ms, retries: 1",
+        devices,
+    );
+    let gw = Gateway::start(dir.path(), &yaml);
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    gw.stop().await;
+
+    let temps = values(&sub, "fieldgate/gw1/healthy/temp");
+    // 6s at 4/s = 24 polls; the dead slave's timeouts (backed off) and the refusals cost a few.
+    // (Each poll of the dead slave costs two 200 ms timeouts of bus time: that is the wire.)
+    assert!(
+        temps.len() >= 15,
+        "healthy slave polled {} times in 6s",
+        temps.len()
+    );
+    assert!(temps.iter().all(|v| *v == json!(61.25)));
+    assert!(
+        values(&sub, "fieldgate/gw1/healthy/level")
+            .iter()
+            .all(|v| *v == json!(12.34))
+    );
+    assert!(
+        values(&sub, "fieldgate/gw1/healthy/run")
+            .iter()
+            .all(|v| *v == json!(true))
+    );
+    assert!(values(&sub, "fieldgate/gw1/dead/x").is_empty());
+    assert!(values(&sub, "fieldgate/gw1/refusing/y").is_empty());
+    assert_eq!(availability(&sub, "healthy"), vec!["online"]);
+    assert_eq!(availability(&sub, "dead"), vec!["offline"]);
+    assert_eq!(
+        availability(&sub, "refusing"),
+        vec!["online"],
+        "an exception is an answer"
+    );
+    let stats = last_stats(&sub);
+    let b = &stats["buses"]["rs485"];
+    assert!(b["errors"]["timeout"].as_u64().unwrap() >= 3, "{b}");
+    assert!(b["errors"]["exception"].as_u64().unwrap() >= 1, "{b}");
+    // Refused requests are retried rarely, not on every cycle (24 cycles in 6s).
+    assert!(
+        b["devices"]["refusing"]["exceptions"].as_u64().unwrap() <= 5,
+        "{b}"
+    );
+    assert!(b["utilisation"].as_f64().unwrap() > 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_replies_are_never_decoded_as_the_answer_to_another_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = RtuBus::start(dir.path(), 115200).unwrap();
+    // Every value names its unit and register, so a reply matched to the wrong request shows.
+    for unit in [1u8, 2] {
+        bus.with_unit(unit, |b| {
+            for reg in [0u16, 1, 10] {
+                b.set_holding(reg, &[unit as u16 * 0x1000 + reg]);
+            }
+        });
+    }
+    // Every seventh reply comes 35 ms late, after the 20 ms timeout.
+    bus.state.lock().unwrap().late_every = Some((7, Duration::from_millis(35)));
+    let broker = fieldgate::broker::start().unwrap();
+    let sub = Subscriber::start(broker).await;
+    let mut devices = String::new();
+    for unit in [1, 2] {
+        devices += &format!(
+            "  u{unit}:\n    bus: rs485\n    unit: {unit}\n    every: 10ms\n    offline_after: 1000\n    points:\n      r0: {{ register: 0 }}\n      r1: {{ register: 1 }}\n      r10: {{ register: 10, every: 15ms }}\n"
+        );
+    }
+    let yaml = rtu_config(
+        &dir.path().join("state"),
+        broker,
+        &bus.path,
+        "baud: 115200, timeout: 20ms, retries: 1",
+        &devices,
+    );
+    let gw = Gateway::start(dir.path(), &yaml);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    gw.stop().await;
+
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for r in sub.all().iter().filter(|r| r.seq().is_some()) {
+        let mut parts = r.topic.rsplit('/');
+        let point = parts.next().unwrap();
+        let device = parts.next().unwrap();
+        let unit: u64 = device[1..].parse().unwrap();
+        let reg: u64 = point[1..].parse().unwrap();
+        assert_eq!(
+            r.value(),
+            Some(&json!(unit * 0x1000 + reg)),
+            "{} got {}",
+            r.topic,
+            r.payload
+        );
+        *counts.entry(r.topic.clone()).or_default() += 1;
+    }
+    let total: usize = counts.values().sum();
+    let requests = bus.state.lock().unwrap().requests;
+    let late = last_stats(&sub)["buses"]["rs485"]["line"]["late_replies"]
+        .as_u64()
+        .unwrap();
+    eprintln!(
+        "{requests} requests on the wire, {late} late replies discarded, {total} values decoded, all from the right reply: {counts:?}"
+    );
+    // About a thousand requests here; the bound leaves room for a loaded CI machine.
+    assert!(requests >= 600, "only {requests} requests");
+    assert!(
+        late >= 20,
+        "only {late} late replies were seen and discarded"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_frames_and_line_noise_are_counted_and_never_published() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = RtuBus::start(dir.path(), 19200).unwrap();
+    bus.with_unit(7, |b| b.set_holding(100, &[0xBEEF, 0x0042]));
+    {
+        let mut st = bus.state.lock().unwrap();
+        st.corrupt_every = Some(4);
+        st.noise_every = Some((5, 6));
+    }
+    let broker = fieldgate::broker::start().unwrap();
+    let sub = Subscriber::start(broker).await;
+    let devices = "  meter:\n    bus: rs485\n    unit: 7\n    every: 50ms\n    points:\n      a: { register: 100 }\n      b: { register: 101 }\n";
+    let yaml = rtu_config(
+        &dir.path().join("state"),
+        broker,
+        &bus.path,
+        "baud: 19200, timeout: 100ms, retries: 1",
+        devices,
+    );
+    let gw = Gateway::start(dir.path(), &yaml);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    gw.stop().await;
+    let a = values(&sub, "fieldgate/gw1/meter/a");
+    assert!(a.len() >= 20, "{} readings", a.len());
+    assert!(a.iter().all(|v| *v == json!(0xBEEF)));
+    assert!(
+        values(&sub, "fieldgate/gw1/meter/b")
+            .iter()
+            .all(|v| *v == json!(0x42))
+    );
+    let stats = last_stats(&sub);
+    let line = &stats["buses"]["rs485"]["line"];
+    assert!(line["crc_errors"].as_u64().unwrap() >= 5, "{line}");
+    assert!(line["noise_bytes"].as_u64().unwrap() >= 5, "{line}");
+    assert!(line["retries"].as_u64().unwrap() >= 5, "{line}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unplugged_adapter_is_reopened_when_it_comes_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut bus = RtuBus::start(dir.path(), 9600).unwrap();
+    bus.with_unit(1, |b| b.set_holding(0, &[5]));
+    let broker = fieldgate::broker::start().unwrap();
+    let sub = Subscriber::start(broker).await;
+    let devices = "  s:\n    bus: rs485\n    every: 200ms\n    offline_after: 1\n    points:\n      v: { register: 0 }\n";
+    let yaml = rtu_config(
+        &dir.path().join("state"),
+        broker,
+        &bus.path,
+        "baud: 9600, timeout: 200ms",
+        devices,
+    );
+    let gw = Gateway::start(dir.path(), &yaml);
+    sub.wait_for(Duration::from_secs(5), "readings", |g| {
+        g.iter().filter(|r| r.topic.ends_with("/s/v")).count() >= 3
+    })
+    .await;
+    bus.unplug();
+    sub.wait_for(Duration::from_secs(5), "offline", |g| {
+        g.iter()
+            .any(|r| r.topic.ends_with("/s/availability") && r.payload == "offline")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let during = values(&sub, "fieldgate/gw1/s/v").len();
+    bus.plug().unwrap();
+    sub.wait_for(
+        Duration::from_secs(15),
+        "readings after the adapter is back",
+        |g| g.iter().filter(|r| r.topic.ends_with("/s/v")).count() >= during + 3,
+    )
+    .await;
+    gw.stop().await;
+    assert_eq!(availability(&sub, "s"), vec!["online", "offline", "online"]);
+}
