@@ -19,11 +19,12 @@
 //! uplink                              (rumqttc QoS 1; a row is deleted on its PUBACK)
 //! ```
 //!
-//! `gateway` wires these together and owns shutdown. `sim` (a simulated Modbus device), `proxy`
+//! `gateway` wires these together and owns shutdown; `commission` serves `fieldgate read`. `sim` (a simulated Modbus device), `proxy`
 //! (a fault-injecting TCP proxy) and `broker` (rumqttd in-process) serve the demo and the tests.
 
 pub mod broker;
 pub mod bus;
+pub mod commission;
 pub mod config;
 pub mod gateway;
 pub mod mapping;

@@ -169,12 +169,9 @@ pub async fn run(
         let every = st.device.groups[g].every;
         let outcome = poll_group(&mut link, st, g, &store, &bus.name, &stats).await;
         let now = Instant::now();
-        // Keep the cadence; after a stall, skip the missed cycles rather than bursting.
-        let mut due_next = due + every;
-        if due_next <= now {
-            due_next = now + every;
-        }
-        slots[next].due = due_next;
+        // Keep the cadence; when behind (a saturated bus, a stall), poll again as soon as the
+        // bus is free instead of catching up on every missed cycle.
+        slots[next].due = (due + every).max(now);
 
         match outcome {
             Ok(()) => {

@@ -260,7 +260,8 @@ async fn serve_rtu(
             let (answer, delay, corrupt, noise) = {
                 let mut st = state.lock().expect("not poisoned");
                 st.requests += 1;
-                if st.silent.contains(&unit) {
+                // On a serial bus nobody answers for a unit that is not there.
+                if st.silent.contains(&unit) || !st.units.contains_key(&unit) {
                     continue;
                 }
                 replies += 1;
@@ -323,8 +324,12 @@ async fn serve_rtu(
                 let i = answer.len() / 2;
                 answer[i] ^= 0x5A;
             }
-            // The request's wire time, the slave's own delay, then the reply's wire time.
-            tokio::time::sleep(char_time * 8 + delay + char_time * answer.len() as u32).await;
+            // The request's wire time, the 3.5 characters of silence that end it, the slave's
+            // own delay, then the reply's wire time.
+            tokio::time::sleep(
+                char_time * 8 + char_time.mul_f64(3.5) + delay + char_time * answer.len() as u32,
+            )
+            .await;
             if let Some(len) = noise {
                 let junk: Vec<u8> = (0..len)
                     .map(|i| (i as u8).wrapping_mul(37).wrapping_add(11))

@@ -255,3 +255,64 @@ async fn an_unplugged_adapter_is_reopened_when_it_comes_back() {
     gw.stop().await;
     assert_eq!(availability(&sub, "s"), vec!["online", "offline", "online"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_prints_every_interpretation_of_an_unknown_meter() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = RtuBus::start(dir.path(), 9600).unwrap();
+    bus.with_unit(3, |b| b.set_input(0, &[0x0000, 0x4275, 0x4093, 0x4A45]));
+    bus.with_unit(3, |b| {
+        b.coils.insert(0, true);
+        b.coils.insert(1, false);
+    });
+    let port = bus.path.display().to_string();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_fieldgate"))
+        .args([
+            "read", "--port", &port, "--baud", "9600", "--unit", "3", "--input", "0", "--count",
+            "4",
+        ])
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("      0  CDAB  f32=61.25"), "{text}");
+    assert!(text.contains("      1  0x4275   17013"), "{text}");
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_fieldgate"))
+        .args([
+            "read", "--port", &port, "--unit", "3", "--coils", "0", "--count", "2",
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "      0  1\n      1  0\n"
+    );
+    // A unit that does not answer: a clear error, exit 1.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_fieldgate"))
+        .args([
+            "read",
+            "--port",
+            &port,
+            "--unit",
+            "9",
+            "--holding",
+            "0",
+            "--timeout",
+            "200ms",
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no answer within"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
