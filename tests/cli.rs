@@ -83,3 +83,36 @@ fn version_and_help_work() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("fieldgate "));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_over_modbus_tcp_and_from_a_config_bus() {
+    let sim = Simulator::start(None).await.unwrap();
+    sim.with_unit(4, |b| b.set_holding(10, &[0x534E, 0x2D34]));
+    let port = sim.addr.port().to_string();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_fieldgate"))
+        .args(["read", "--host", "127.0.0.1", "--tcp-port", &port, "--unit", "4", "--holding", "10", "--count", "2"])
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("     10  0x534E   21326    21326  SN"), "{text}");
+    assert!(text.contains("     10  ABCD  f32="), "{text}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.yaml");
+    std::fs::write(
+        &cfg,
+        format!("mqtt: {{ url: mqtt://127.0.0.1:1 }}\nbuses:\n  plc:\n    modbus_tcp: {{ host: 127.0.0.1, port: {port} }}\n"),
+    )
+    .unwrap();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_fieldgate"))
+        .arg("read")
+        .arg("--config")
+        .arg(&cfg)
+        .args(["--bus", "plc", "--unit", "4", "--holding", "11"])
+        .output()
+        .await
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("     11  0x2D34"), "{}", String::from_utf8_lossy(&out.stderr));
+}
