@@ -27,6 +27,7 @@ fn point(dtype: DataType, order: Order) -> Point {
             qos: 0,
             retain: false,
         },
+        field: None,
     }
 }
 

@@ -142,6 +142,24 @@ pub struct RawBus {
     pub modbus_tcp: Option<RawModbusTcp>,
     pub modbus_rtu: Option<RawModbusRtu>,
     pub modbus_rtu_over_tcp: Option<RawModbusTcp>,
+    pub serial_line: Option<RawSerialLine>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSerialLine {
+    pub port: String,
+    pub baud: Option<u32>,
+    pub parity: Option<Parity>,
+    pub data_bits: Option<u8>,
+    pub stop_bits: Option<u8>,
+    /// Bytes that end a line (default "\r\n"; a lone "\n" is accepted too).
+    pub terminator: Option<String>,
+    /// Longest line accepted, in bytes (default 512).
+    pub max_line: Option<usize>,
+    /// How long a request waits for its answer line (default 1s).
+    #[serde(default, with = "humantime_serde")]
+    pub timeout: Option<Duration>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -205,6 +223,10 @@ pub struct RawDevice {
     pub max_registers: Option<u16>,
     /// Consecutive failed polls before the device is announced `offline` (default 3).
     pub offline_after: Option<u32>,
+    /// Serial line devices: sent every `every`; the next line is the answer.
+    pub request: Option<String>,
+    /// Serial line devices: how lines are parsed.
+    pub parse: Option<RawParseSpec>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -235,6 +257,42 @@ pub struct RawPoint {
     pub payload: Option<PayloadFormat>,
     pub qos: Option<u8>,
     pub retain: Option<bool>,
+    /// Serial line devices: the parsed field this point takes (a name, a path or an index).
+    pub field: Option<FieldName>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum FieldName {
+    Index(u32),
+    Name(String),
+}
+
+impl FieldName {
+    fn as_key(&self) -> String {
+        match self {
+            FieldName::Index(i) => i.to_string(),
+            FieldName::Name(n) => n.clone(),
+        }
+    }
+}
+
+/// How a serial line device's lines are parsed: exactly one of these.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawParse {
+    pub regex: Option<String>,
+    pub split: Option<String>,
+    pub nmea: Option<Vec<String>>,
+    pub json: Option<bool>,
+}
+
+/// `parse: json` or `parse: { … }`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum RawParseSpec {
+    Name(String),
+    Spec(RawParse),
 }
 
 /// A device model file: `mappings/<model>.yaml`.
@@ -246,6 +304,9 @@ pub struct RawModel {
     pub description: Option<String>,
     #[serde(default)]
     pub points: BTreeMap<String, RawPoint>,
+    /// Serial line models: how lines are parsed, and the request that asks for one.
+    pub parse: Option<RawParseSpec>,
+    pub request: Option<String>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -317,6 +378,13 @@ pub enum Transport {
         port: u16,
         timeout: Duration,
     },
+    /// Lines of text on a serial port.
+    SerialLine {
+        settings: SerialSettings,
+        terminator: Vec<u8>,
+        max_line: usize,
+        timeout: Duration,
+    },
     /// RTU framing on a serial port or through a TCP converter.
     ModbusRtu {
         endpoint: Endpoint,
@@ -330,7 +398,7 @@ impl Transport {
     /// Highest unit id the transport addresses (RTU: 1..=247 per the serial line spec).
     fn unit_range(&self) -> std::ops::RangeInclusive<u32> {
         match self {
-            Transport::ModbusTcp { .. } => 0..=255,
+            Transport::ModbusTcp { .. } | Transport::SerialLine { .. } => 0..=255,
             Transport::ModbusRtu { .. } => 1..=247,
         }
     }
@@ -351,6 +419,19 @@ pub struct Device {
     /// Retained `online`/`offline` topic of this device.
     pub availability_topic: String,
     pub offline_after: u32,
+    /// Serial line devices: how their lines are read.
+    pub line: Option<LineSpec>,
+}
+
+/// How a serial line device is read.
+#[derive(Debug, Clone)]
+pub struct LineSpec {
+    pub parser: crate::parse::Parser,
+    /// Sent every `every`; the next line is the answer. None: the device streams lines.
+    pub request: Option<Vec<u8>>,
+    /// Request interval; for a streaming device, at most one message per point per `every`
+    /// (the latest value wins). None on a streaming device: every line is published.
+    pub every: Option<Duration>,
 }
 
 #[derive(Debug, Clone)]
@@ -445,6 +526,28 @@ impl Config {
             self.gateway.state_dir.join("queue.db").display()
         );
         for d in &self.devices {
+            if let Some(line) = &d.line {
+                let how = match (&line.request, line.every) {
+                    (Some(r), every) => format!(
+                        "asks {:?} every {}",
+                        String::from_utf8_lossy(r),
+                        humantime::format_duration(every.unwrap_or(Duration::from_secs(1)))
+                    ),
+                    (None, Some(every)) => format!(
+                        "streams; latest value per point every {}",
+                        humantime::format_duration(every)
+                    ),
+                    (None, None) => "streams; every line published".to_string(),
+                };
+                let fields: Vec<String> = d
+                    .points
+                    .iter()
+                    .map(|p| format!("{} ← {}", p.name, p.field.as_deref().unwrap_or("?")))
+                    .collect();
+                let _ = writeln!(s, "device {} on serial line {}: {how}", d.name, d.bus);
+                let _ = writeln!(s, "  {}", fields.join(", "));
+                continue;
+            }
             let _ = writeln!(s, "device {} on bus {}, unit {}:", d.name, d.bus, d.unit);
             for g in &d.groups {
                 for r in &g.requests {
@@ -715,8 +818,115 @@ impl SourceMap {
 struct Resolver<'e> {
     errors: Vec<Diagnostic>,
     /// Model name → validated points (or None if the model file had errors).
-    models: HashMap<String, Option<Vec<PointSpec>>>,
+    models: HashMap<String, Option<ModelDef>>,
     env: &'e dyn Fn(&str) -> Option<String>,
+}
+
+/// Builds the parser of `parse: …`; errors name `path`.
+fn build_parser(
+    ctx: &Ctx,
+    errors: &mut Vec<Diagnostic>,
+    path: &str,
+    spec: &RawParseSpec,
+) -> Option<crate::parse::Parser> {
+    use crate::parse::{NMEA_SENTENCES, Parser};
+    let spec = match spec {
+        RawParseSpec::Name(n) if n == "json" => return Some(Parser::Json),
+        RawParseSpec::Name(n) => {
+            errors.push(ctx.diag(path, format!("unknown parser `{n}`: write `parse: json` or `parse: {{ regex: … }}`, `{{ split: \",\" }}`, `{{ nmea: [GGA, RMC] }}`")));
+            return None;
+        }
+        RawParseSpec::Spec(s) => s,
+    };
+    let given = [
+        spec.regex.is_some(),
+        spec.split.is_some(),
+        spec.nmea.is_some(),
+        spec.json.is_some(),
+    ];
+    if given.iter().filter(|g| **g).count() != 1 {
+        errors.push(ctx.diag(path, "give exactly one of `regex`, `split`, `nmea`, `json`"));
+        return None;
+    }
+    if let Some(re) = &spec.regex {
+        return match regex::Regex::new(re) {
+            Ok(r) => Some(Parser::Regex(r)),
+            Err(e) => {
+                errors.push(ctx.diag(&format!("{path}.regex"), format!("not a valid regex: {e}")));
+                None
+            }
+        };
+    }
+    if let Some(sep) = &spec.split {
+        if sep.is_empty() {
+            errors.push(ctx.diag(&format!("{path}.split"), "the separator cannot be empty"));
+            return None;
+        }
+        return Some(Parser::Split(sep.clone()));
+    }
+    if let Some(sentences) = &spec.nmea {
+        let mut ok = !sentences.is_empty();
+        for (i, s) in sentences.iter().enumerate() {
+            if !NMEA_SENTENCES.iter().any(|(k, _)| k == s) {
+                errors.push(ctx.diag(
+                    &format!("{path}.nmea[{i}]"),
+                    format!("sentence `{s}` is not decoded (decoded: GGA, RMC)"),
+                ));
+                ok = false;
+            }
+        }
+        if sentences.is_empty() {
+            errors.push(ctx.diag(
+                &format!("{path}.nmea"),
+                "name the sentences to decode, e.g. [GGA, RMC]",
+            ));
+        }
+        return ok.then(|| Parser::Nmea(sentences.clone()));
+    }
+    if spec.json == Some(false) {
+        errors.push(ctx.diag(
+            &format!("{path}.json"),
+            "`json: false` parses nothing: remove it or write `json: true`",
+        ));
+        return None;
+    }
+    Some(Parser::Json)
+}
+
+/// Checks and fills in the settings of a serial port.
+#[allow(clippy::too_many_arguments)] // one per YAML key, all optional
+fn serial_settings(
+    ctx: &Ctx,
+    errors: &mut Vec<Diagnostic>,
+    at: &str,
+    port: &str,
+    baud: Option<u32>,
+    parity: Option<Parity>,
+    data_bits: Option<u8>,
+    stop_bits: Option<u8>,
+) -> SerialSettings {
+    let baud = baud.unwrap_or(9600);
+    if !(300..=4_000_000).contains(&baud) {
+        errors.push(ctx.diag(
+            &format!("{at}.baud"),
+            format!("{baud} baud is not a serial speed"),
+        ));
+    }
+    let data_bits = data_bits.unwrap_or(8);
+    if !(5..=8).contains(&data_bits) {
+        errors.push(ctx.diag(&format!("{at}.data_bits"), "must be 5, 6, 7 or 8"));
+    }
+    let stop_bits = stop_bits.unwrap_or(1);
+    if !(1..=2).contains(&stop_bits) {
+        errors.push(ctx.diag(&format!("{at}.stop_bits"), "must be 1 or 2"));
+    }
+    SerialSettings {
+        port: port.to_string(),
+        baud,
+        parity: parity.unwrap_or(Parity::None),
+        data_bits,
+        stop_bits,
+    }
 }
 
 /// What resolving a device needs from the rest of the config.
@@ -747,6 +957,18 @@ struct PointSpec {
     payload: Option<PayloadFormat>,
     qos: Option<u8>,
     retain: Option<bool>,
+    /// Serial line points: the parsed field.
+    field: Option<String>,
+    /// Defined in the device's model (errors about it name the model).
+    from_model: bool,
+}
+
+/// A device model, validated once per config.
+#[derive(Debug, Clone)]
+struct ModelDef {
+    points: Vec<PointSpec>,
+    parser: Option<crate::parse::Parser>,
+    request: Option<String>,
 }
 
 const PLACEHOLDERS: [&str; 4] = ["gateway", "device", "point", "unit"];
@@ -814,6 +1036,36 @@ impl Resolver<'_> {
                 devices.push(dev);
             }
         }
+        // A streaming device owns its line: nothing else may share the port.
+        for bus in &buses {
+            let on_bus: Vec<&Device> = devices
+                .iter()
+                .filter(|d| d.bus == bus.name && d.line.is_some())
+                .collect();
+            if on_bus.len() < 2 {
+                continue;
+            }
+            for d in on_bus
+                .iter()
+                .filter(|d| d.line.as_ref().is_some_and(|l| l.request.is_none()))
+            {
+                let others: Vec<&str> = on_bus
+                    .iter()
+                    .filter(|o| o.name != d.name)
+                    .map(|o| o.name.as_str())
+                    .collect();
+                self.errors.push(ctx.diag(
+                    &format!("devices.{}", d.name),
+                    format!(
+                        "`{}` streams lines (no `request:`) on bus `{}`, which {} also use{}: devices may share a serial line only in request/response mode",
+                        d.name,
+                        bus.name,
+                        others.join(", "),
+                        if others.len() == 1 { "s" } else { "" }
+                    ),
+                ));
+            }
+        }
         Config {
             path: path.to_path_buf(),
             gateway,
@@ -830,19 +1082,21 @@ impl Resolver<'_> {
             b.modbus_tcp.is_some(),
             b.modbus_rtu.is_some(),
             b.modbus_rtu_over_tcp.is_some(),
+            b.serial_line.is_some(),
         ];
         if given.iter().filter(|g| **g).count() != 1 {
             self.errors.push(ctx.diag(
                 &p,
-                "a bus needs exactly one transport: `modbus_tcp: {…}`, `modbus_rtu: {…}` or `modbus_rtu_over_tcp: {…}`",
+                "a bus needs exactly one transport: `modbus_tcp: {…}`, `modbus_rtu: {…}`, \
+                 `modbus_rtu_over_tcp: {…}` or `serial_line: {…}`",
             ));
             return None;
         }
+        let errors = &mut self.errors;
         let mut timeout_of = |field: &str, t: Option<Duration>, default: Duration| {
             let t = t.unwrap_or(default);
             if t.is_zero() {
-                self.errors
-                    .push(ctx.diag(&format!("{p}.{field}.timeout"), "must be more than 0"));
+                errors.push(ctx.diag(&format!("{p}.{field}.timeout"), "must be more than 0"));
             }
             t
         };
@@ -862,36 +1116,55 @@ impl Resolver<'_> {
                 retries: 1,
                 turnaround: Duration::ZERO,
             }
+        } else if let Some(l) = &b.serial_line {
+            let timeout = timeout_of("serial_line", l.timeout, Duration::from_secs(1));
+            let terminator = l
+                .terminator
+                .clone()
+                .unwrap_or_else(|| "\r\n".into())
+                .into_bytes();
+            let max_line = l.max_line.unwrap_or(512);
+            let at = format!("{p}.serial_line");
+            if terminator.is_empty() {
+                self.errors
+                    .push(ctx.diag(&format!("{at}.terminator"), "cannot be empty"));
+            }
+            if !(8..=65536).contains(&max_line) {
+                self.errors
+                    .push(ctx.diag(&format!("{at}.max_line"), "must be within 8..=65536 bytes"));
+            }
+            let settings = serial_settings(
+                ctx,
+                &mut self.errors,
+                &at,
+                &l.port,
+                l.baud,
+                l.parity,
+                l.data_bits,
+                l.stop_bits,
+            );
+            Transport::SerialLine {
+                settings,
+                terminator,
+                max_line,
+                timeout,
+            }
         } else {
             let r = b.modbus_rtu.as_ref().expect("one transport given");
             let timeout = timeout_of("modbus_rtu", r.timeout, Duration::from_millis(500));
-            let baud = r.baud.unwrap_or(9600);
-            if !(300..=4_000_000).contains(&baud) {
-                self.errors.push(ctx.diag(
-                    &format!("{p}.modbus_rtu.baud"),
-                    format!("{baud} baud is not a serial speed"),
-                ));
-            }
-            let data_bits = r.data_bits.unwrap_or(8);
-            if !(5..=8).contains(&data_bits) {
-                self.errors.push(ctx.diag(
-                    &format!("{p}.modbus_rtu.data_bits"),
-                    "must be 5, 6, 7 or 8 (Modbus RTU uses 8)",
-                ));
-            }
-            let stop_bits = r.stop_bits.unwrap_or(1);
-            if !(1..=2).contains(&stop_bits) {
-                self.errors
-                    .push(ctx.diag(&format!("{p}.modbus_rtu.stop_bits"), "must be 1 or 2"));
-            }
+            let at = format!("{p}.modbus_rtu");
+            let settings = serial_settings(
+                ctx,
+                &mut self.errors,
+                &at,
+                &r.port,
+                r.baud,
+                r.parity,
+                r.data_bits,
+                r.stop_bits,
+            );
             Transport::ModbusRtu {
-                endpoint: Endpoint::Serial(SerialSettings {
-                    port: r.port.clone(),
-                    baud,
-                    parity: r.parity.unwrap_or(Parity::None),
-                    data_bits,
-                    stop_bits,
-                }),
+                endpoint: Endpoint::Serial(settings),
                 timeout,
                 retries: r.retries.unwrap_or(1),
                 turnaround: r.turnaround.unwrap_or(Duration::ZERO),
@@ -1072,9 +1345,15 @@ impl Resolver<'_> {
         // Model points first, then inline points replace those of the same name.
         let mut specs: BTreeMap<String, PointSpec> = BTreeMap::new();
         let mut model_failed = false;
+        let mut model_parser = None;
+        let mut model_request = None;
         if let Some(model) = &d.model {
             match self.load_model(ctx, folders, &format!("{p}.model"), model) {
-                Some(points) => specs.extend(points.into_iter().map(|s| (s.name.clone(), s))),
+                Some(m) => {
+                    specs.extend(m.points.into_iter().map(|s| (s.name.clone(), s)));
+                    model_parser = m.parser;
+                    model_request = m.request;
+                }
                 // Reported once, where the model is first used or in its own file.
                 None => model_failed = true,
             }
@@ -1088,6 +1367,7 @@ impl Resolver<'_> {
         if model_failed {
             return None;
         }
+        let line = self.resolve_line(ctx, &p, d, resolved, &specs, model_parser, model_request);
         if specs.is_empty() && self.errors.len() == before {
             self.errors.push(ctx.diag(
                 &p,
@@ -1138,6 +1418,7 @@ impl Resolver<'_> {
                     qos: s.qos.or(d.qos).unwrap_or(1),
                     retain: s.retain.or(d.retain).unwrap_or(false),
                 },
+                field: s.field,
             });
         }
         if self.errors.len() != before {
@@ -1154,13 +1435,17 @@ impl Resolver<'_> {
         for (i, pt) in points.iter().enumerate() {
             by_every.entry(pt.every).or_default().push(i);
         }
-        let groups = by_every
-            .into_iter()
-            .map(|(every, members)| PollGroup {
-                every,
-                requests: plan(&points, &members, d.max_gap.unwrap_or(0), max_registers),
-            })
-            .collect();
+        let groups = if line.is_some() {
+            Vec::new() // line devices are not planned in Modbus requests
+        } else {
+            by_every
+                .into_iter()
+                .map(|(every, members)| PollGroup {
+                    every,
+                    requests: plan(&points, &members, d.max_gap.unwrap_or(0), max_registers),
+                })
+                .collect()
+        };
         Some(Device {
             name: name.to_string(),
             bus: d.bus.clone(),
@@ -1176,7 +1461,96 @@ impl Resolver<'_> {
             },
             availability_topic: format!("fieldgate/{}/{name}/availability", gateway.id),
             offline_after: offline_after.max(1),
+            line,
         })
+    }
+
+    /// The serial line part of a device: its parser, request and interval, and the checks that
+    /// tie its points to what the parser produces. None for a Modbus device.
+    #[allow(clippy::too_many_arguments)]
+    fn resolve_line(
+        &mut self,
+        ctx: &Ctx,
+        p: &str,
+        d: &RawDevice,
+        resolved: &[Bus],
+        specs: &BTreeMap<String, PointSpec>,
+        model_parser: Option<crate::parse::Parser>,
+        model_request: Option<String>,
+    ) -> Option<LineSpec> {
+        let is_line = resolved
+            .iter()
+            .find(|b| b.name == d.bus)
+            .map(|b| matches!(b.transport, Transport::SerialLine { .. }));
+        let point_path = |s: &PointSpec| {
+            if s.from_model {
+                format!("{p}.model")
+            } else {
+                format!("{p}.points.{}", s.name)
+            }
+        };
+        match is_line {
+            None => None, // unknown bus: reported already
+            Some(false) => {
+                for (key, set) in [
+                    ("parse", d.parse.is_some()),
+                    ("request", d.request.is_some()),
+                ] {
+                    if set {
+                        self.errors.push(ctx.diag(
+                            &format!("{p}.{key}"),
+                            format!("`{key}` is for devices on a serial_line bus"),
+                        ));
+                    }
+                }
+                for s in specs.values().filter(|s| s.field.is_some()) {
+                    self.errors.push(ctx.diag(
+                        &point_path(s),
+                        format!("point `{}`: `field` is for devices on a serial_line bus; Modbus points use `register`, `coil` or `discrete`", s.name),
+                    ));
+                }
+                None
+            }
+            Some(true) => {
+                let parser = match &d.parse {
+                    Some(spec) => build_parser(ctx, &mut self.errors, &format!("{p}.parse"), spec),
+                    None => model_parser,
+                };
+                let Some(parser) = parser else {
+                    if d.parse.is_none() {
+                        self.errors.push(ctx.diag(
+                            p,
+                            "a serial_line device needs `parse:` (regex, split, nmea or json)",
+                        ));
+                    }
+                    return None;
+                };
+                for s in specs.values() {
+                    match &s.field {
+                        None => self.errors.push(ctx.diag(
+                            &point_path(s),
+                            format!("point `{}` of a serial_line device needs `field:` (what the parser gives it)", s.name),
+                        )),
+                        Some(f) => {
+                            if let Err(msg) = parser.knows_field(f) {
+                                let at = if s.from_model { point_path(s) } else { format!("{}.field", point_path(s)) };
+                                self.errors.push(ctx.diag(&at, msg));
+                            }
+                        }
+                    }
+                }
+                let request = d.request.clone().or(model_request).map(String::into_bytes);
+                if request.as_ref().is_some_and(|r| r.is_empty()) {
+                    self.errors
+                        .push(ctx.diag(&format!("{p}.request"), "cannot be empty"));
+                }
+                Some(LineSpec {
+                    parser,
+                    request,
+                    every: d.every,
+                })
+            }
+        }
     }
 
     /// Loads `model` from the first folder holding `<model>.yaml`, once per config.
@@ -1186,7 +1560,7 @@ impl Resolver<'_> {
         folders: &[PathBuf],
         path: &str,
         model: &str,
-    ) -> Option<Vec<PointSpec>> {
+    ) -> Option<ModelDef> {
         if let Some(cached) = self.models.get(model) {
             return cached.clone();
         }
@@ -1237,17 +1611,26 @@ impl Resolver<'_> {
                         }
                         let mut specs = Vec::new();
                         for (pname, rp) in &raw.points {
-                            if let Some(s) = validate_point(
+                            if let Some(mut s) = validate_point(
                                 &mctx,
                                 &mut self.errors,
                                 &format!("points.{pname}"),
                                 pname,
                                 rp,
                             ) {
+                                s.from_model = true;
                                 specs.push(s);
                             }
                         }
-                        (self.errors.len() == before).then_some(specs)
+                        let parser = raw
+                            .parse
+                            .as_ref()
+                            .and_then(|spec| build_parser(&mctx, &mut self.errors, "parse", spec));
+                        (self.errors.len() == before).then_some(ModelDef {
+                            points: specs,
+                            parser,
+                            request: raw.request.clone(),
+                        })
                     }
                 }
             }
@@ -1276,6 +1659,74 @@ fn validate_point(
     };
     check_topic_segment_with(&mut err, name, "point name");
 
+    if let Some(field) = &r.field {
+        // A field of a parsed text line: none of the register keys apply.
+        for (key, set) in [
+            ("register", r.register.is_some()),
+            ("coil", r.coil.is_some()),
+            ("discrete", r.discrete.is_some()),
+            ("kind", r.kind.is_some()),
+            ("order", r.order.is_some()),
+            ("bit", r.bit.is_some()),
+            ("length", r.length.is_some()),
+        ] {
+            if set {
+                err(
+                    key,
+                    format!("`{key}` does not apply to a `field:` point (a field of a text line)"),
+                );
+            }
+        }
+        let dtype = r.dtype.unwrap_or(DataType::F64);
+        if !dtype.is_numeric() {
+            for (key, set) in [("scale", r.scale.is_some()), ("offset", r.offset.is_some())] {
+                if set {
+                    err(
+                        key,
+                        format!(
+                            "`{key}` applies only to numeric types, not {}",
+                            type_name(dtype)
+                        ),
+                    );
+                }
+            }
+        }
+        if let Some(t) = &r.topic
+            && let Some(msg) = template_error(t)
+        {
+            err("topic", msg);
+        }
+        if let Some(q) = r.qos
+            && q > 2
+        {
+            err("qos", format!("QoS {q} does not exist (0, 1 or 2)"));
+        }
+        if errors.len() != before {
+            return None;
+        }
+        return Some(PointSpec {
+            name: name.to_string(),
+            source: Source {
+                table: Table::Holding,
+                address: 0,
+            },
+            dtype,
+            order: Order::ABCD,
+            bit: None,
+            length: 1,
+            scale: r.scale,
+            offset: r.offset,
+            unit: r.unit.clone(),
+            every: r.every,
+            topic: r.topic.clone(),
+            payload: r.payload,
+            qos: r.qos,
+            retain: r.retain,
+            field: Some(field.as_key()),
+            from_model: false,
+        });
+    }
+
     let sources = [
         ("register", r.register),
         ("coil", r.coil),
@@ -1299,7 +1750,7 @@ fn validate_point(
         ([], ..) => {
             err(
                 "",
-                "a point needs one of `register:`, `coil:` or `discrete:`".into(),
+                "a point needs one of `register:`, `coil:` or `discrete:` (or `field:` on a serial_line device)".into(),
             );
             return None;
         }
@@ -1461,6 +1912,8 @@ fn validate_point(
         payload: r.payload,
         qos: r.qos,
         retain: r.retain,
+        field: None,
+        from_model: false,
     })
 }
 

@@ -56,14 +56,22 @@ pub async fn run_with(
         if devices.is_empty() {
             continue;
         }
-        tasks.spawn(crate::poller::run(
+        let args = (
             bus.clone(),
             devices,
             handle.clone(),
             bus_stats.clone(),
             availability.clone(),
             cancel.clone(),
-        ));
+        );
+        match bus.transport {
+            crate::config::Transport::SerialLine { .. } => tasks.spawn(crate::line::run(
+                args.0, args.1, args.2, args.3, args.4, args.5,
+            )),
+            _ => tasks.spawn(crate::poller::run(
+                args.0, args.1, args.2, args.3, args.4, args.5,
+            )),
+        };
     }
     let mut uplink = Uplink::new(&config, handle.clone());
     uplink.tuning = tuning;

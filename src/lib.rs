@@ -9,7 +9,9 @@
 //! config ──► plan                     (at start: validated config, read plans)
 //!   │
 //!   ▼
-//! poller ──► bus/{modbus_tcp}         (one task per bus: ask devices, get words and bits)
+//! poller ──► bus/{modbus_tcp,         (one task per Modbus bus: ask devices, get words and bits)
+//!   │          modbus_rtu}
+//! line   ──► bus/serial_line, parse   (one task per serial line bus: lines → named fields)
 //!   │   └──► mapping                  (decode words into typed values)
 //!   │   └──► message                  (values → Message: topic, QoS, retain, ts, body)
 //!   ▼
@@ -27,8 +29,10 @@ pub mod bus;
 pub mod commission;
 pub mod config;
 pub mod gateway;
+pub mod line;
 pub mod mapping;
 pub mod message;
+pub mod parse;
 pub mod plan;
 pub mod poller;
 pub mod proxy;

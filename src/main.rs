@@ -287,7 +287,10 @@ async fn read(a: ReadArgs) -> anyhow::Result<()> {
     let mut link = fieldgate::bus::Link::new(&Bus {
         name: "read".into(),
         transport,
-    });
+    })
+    .ok_or_else(|| {
+        anyhow::anyhow!("that is a serial_line bus; `read` reads Modbus registers and bits")
+    })?;
     match link.read(a.unit, &req).await? {
         fieldgate::bus::Data::Words(w) => print!(
             "{}",

@@ -174,6 +174,8 @@ pub struct Point {
     pub unit: Option<String>,
     pub every: Duration,
     pub delivery: Delivery,
+    /// Serial line devices: the parsed field this point takes (`source` is unused then).
+    pub field: Option<String>,
 }
 
 impl Point {
@@ -208,6 +210,55 @@ impl Point {
             DataType::String => Value::Text(decode_string(&bytes)),
         };
         self.apply_scale(raw)
+    }
+
+    /// Decodes a field of a parsed text line; None if the text is not of the point's type.
+    pub fn decode_text(&self, text: &str) -> Option<Value> {
+        let t = text.trim();
+        let raw = match self.dtype {
+            DataType::String => return Some(Value::Text(text.to_string())),
+            DataType::Bool => Value::Bool(match t.to_ascii_lowercase().as_str() {
+                "1" | "true" | "on" | "yes" => true,
+                "0" | "false" | "off" | "no" => false,
+                _ => return None,
+            }),
+            DataType::F32 | DataType::F64 => {
+                let f: f64 = t.parse().ok()?;
+                if !f.is_finite() {
+                    return None;
+                }
+                Value::Float(if self.dtype == DataType::F32 {
+                    f32_as_f64(f as f32)
+                } else {
+                    f
+                })
+            }
+            DataType::U16 | DataType::U32 | DataType::U64 => {
+                let v: u64 = t.trim_start_matches('+').parse().ok()?;
+                let max = match self.dtype {
+                    DataType::U16 => u16::MAX as u64,
+                    DataType::U32 => u32::MAX as u64,
+                    _ => u64::MAX,
+                };
+                if v > max {
+                    return None;
+                }
+                Value::UInt(v)
+            }
+            DataType::I16 | DataType::I32 | DataType::I64 => {
+                let v: i64 = t.trim_start_matches('+').parse().ok()?;
+                let ok = match self.dtype {
+                    DataType::I16 => i16::try_from(v).is_ok(),
+                    DataType::I32 => i32::try_from(v).is_ok(),
+                    _ => true,
+                };
+                if !ok {
+                    return None;
+                }
+                Value::Int(v)
+            }
+        };
+        Some(self.apply_scale(raw))
     }
 
     /// Decodes a coil or discrete input.
@@ -310,6 +361,7 @@ mod tests {
                 qos: 1,
                 retain: false,
             },
+            field: None,
         }
     }
 
@@ -476,6 +528,31 @@ mod tests {
             Value::Text("SN-42".into())
         );
         assert_eq!(p.decode_words(&[0, 0, 0, 0]), Value::Text(String::new()));
+    }
+
+    #[test]
+    fn text_fields_decode_by_type_with_scale() {
+        let mut p = point(DataType::F64, Order::ABCD);
+        assert_eq!(p.decode_text(" 21.5 "), Some(Value::Float(21.5)));
+        assert_eq!(p.decode_text("abc"), None);
+        assert_eq!(p.decode_text("NaN"), None);
+        p.scale = Some(0.1);
+        assert_eq!(p.decode_text("215"), Some(Value::Float(21.5)));
+        let p = point(DataType::I16, Order::ABCD);
+        assert_eq!(p.decode_text("-40"), Some(Value::Int(-40)));
+        assert_eq!(p.decode_text("40000"), None, "out of range for i16");
+        assert_eq!(
+            point(DataType::U32, Order::ABCD).decode_text("+7"),
+            Some(Value::UInt(7))
+        );
+        assert_eq!(
+            point(DataType::Bool, Order::ABCD).decode_text("ON"),
+            Some(Value::Bool(true))
+        );
+        assert_eq!(
+            point(DataType::String, Order::ABCD).decode_text("A"),
+            Some(Value::Text("A".into()))
+        );
     }
 
     #[test]

@@ -100,6 +100,7 @@ mod tests {
                 qos: 1,
                 retain: false,
             },
+            field: None,
         }
     }
 

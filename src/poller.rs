@@ -51,6 +51,8 @@ pub struct DeviceStats {
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct BusStats {
     pub requests: u64,
+    /// Lines read (serial line buses).
+    pub lines: u64,
     /// Failed requests by kind: timeout, crc, exception, io, connect, protocol.
     pub errors: BTreeMap<&'static str, u64>,
     /// Share of wall time with a transaction on the wire (RTU buses).
@@ -126,7 +128,10 @@ pub async fn run(
     availability: Arc<Availability>,
     cancel: CancellationToken,
 ) {
-    let mut link = Link::new(&bus);
+    let Some(mut link) = Link::new(&bus) else {
+        tracing::error!(bus = %bus.name, "not a Modbus bus; the Modbus poller does not serve it");
+        return;
+    };
     let start = Instant::now();
     let mut slots: Vec<Slot> = devices
         .iter()

@@ -340,3 +340,120 @@ async fn serve_rtu(
         }
     }
 }
+
+/// What a simulated instrument answers to a request line: after a delay, a reply (or nothing).
+pub type Responder = Box<dyn Fn(&str) -> Option<(Duration, Vec<u8>)> + Send + Sync>;
+
+/// A serial text instrument behind a pseudo-terminal: it streams what the test writes, and
+/// answers request lines with a [`Responder`]. The gateway opens [`path`](LineSensor::path).
+pub struct LineSensor {
+    pub path: std::path::PathBuf,
+    tx: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
+    responder: Arc<Mutex<Option<Responder>>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+    rx_slot: Arc<Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>>>>,
+}
+
+impl LineSensor {
+    pub fn start(dir: &std::path::Path, name: &str) -> std::io::Result<LineSensor> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut s = LineSensor {
+            path: dir.join(name),
+            tx,
+            responder: Arc::new(Mutex::new(None)),
+            task: None,
+            rx_slot: Arc::new(Mutex::new(Some(rx))),
+        };
+        s.plug()?;
+        Ok(s)
+    }
+
+    /// Sends bytes down the line as the instrument would.
+    pub fn write(&self, bytes: impl Into<Vec<u8>>) {
+        let _ = self.tx.send(bytes.into());
+    }
+
+    /// Answers every request line (terminator stripped) with `f`.
+    pub fn answer_with(
+        &self,
+        f: impl Fn(&str) -> Option<(Duration, Vec<u8>)> + Send + Sync + 'static,
+    ) {
+        *self.responder.lock().expect("not poisoned") = Some(Box::new(f));
+    }
+
+    pub fn unplug(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+
+    pub fn plug(&mut self) -> std::io::Result<()> {
+        self.unplug();
+        let (master, slave) = tokio_serial::SerialStream::pair().map_err(std::io::Error::from)?;
+        let name = tokio_serial::SerialPort::name(&slave)
+            .ok_or_else(|| std::io::Error::other("pty without a name"))?;
+        std::os::unix::fs::symlink(&name, &self.path)?;
+        let responder = self.responder.clone();
+        let rx_slot = self.rx_slot.clone();
+        let tx = self.tx.clone();
+        self.task = Some(tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let _slave = slave;
+            let Some(rx) = rx_slot.lock().expect("not poisoned").take() else {
+                return;
+            };
+            let mut master = master;
+            let mut buf = [0u8; 512];
+            let mut pending: Vec<u8> = Vec::new();
+            // Returns the receiver for the next plug when this task ends.
+            struct Give(
+                Arc<Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>>>>,
+                Option<tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>>,
+            );
+            impl Drop for Give {
+                fn drop(&mut self) {
+                    if let Some(rx) = self.1.take() {
+                        *self.0.lock().expect("not poisoned") = Some(rx);
+                    }
+                }
+            }
+            // Held by a guard so that an unplug (abort) hands the receiver back.
+            let mut give = Give(rx_slot.clone(), Some(rx));
+            loop {
+                let rx = give.1.as_mut().expect("held");
+                tokio::select! {
+                    bytes = rx.recv() => match bytes {
+                        Some(b) => { let _ = master.write_all(&b).await; }
+                        None => break,
+                    },
+                    n = master.read(&mut buf) => match n {
+                        Ok(0) | Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+                        Ok(n) => {
+                            pending.extend_from_slice(&buf[..n]);
+                            while let Some(end) = pending.iter().position(|&b| b == b'\n') {
+                                let line: Vec<u8> = pending.drain(..=end).collect();
+                                let text = String::from_utf8_lossy(&line).trim_end_matches(['\r', '\n']).to_string();
+                                let reply = responder.lock().expect("not poisoned").as_ref().and_then(|f| f(&text));
+                                if let Some((delay, bytes)) = reply {
+                                    let tx = tx.clone();
+                                    tokio::spawn(async move {
+                                        tokio::time::sleep(delay).await;
+                                        let _ = tx.send(bytes);
+                                    });
+                                }
+                            }
+                        }
+                    },
+                }
+            }
+        }));
+        Ok(())
+    }
+}
+
+impl Drop for LineSensor {
+    fn drop(&mut self) {
+        self.unplug();
+    }
+}

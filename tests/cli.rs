@@ -90,13 +90,32 @@ async fn read_over_modbus_tcp_and_from_a_config_bus() {
     sim.with_unit(4, |b| b.set_holding(10, &[0x534E, 0x2D34]));
     let port = sim.addr.port().to_string();
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_fieldgate"))
-        .args(["read", "--host", "127.0.0.1", "--tcp-port", &port, "--unit", "4", "--holding", "10", "--count", "2"])
+        .args([
+            "read",
+            "--host",
+            "127.0.0.1",
+            "--tcp-port",
+            &port,
+            "--unit",
+            "4",
+            "--holding",
+            "10",
+            "--count",
+            "2",
+        ])
         .output()
         .await
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(text.contains("     10  0x534E   21326    21326  SN"), "{text}");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("     10  0x534E   21326    21326  SN"),
+        "{text}"
+    );
     assert!(text.contains("     10  ABCD  f32="), "{text}");
 
     let dir = tempfile::tempdir().unwrap();
@@ -114,5 +133,9 @@ async fn read_over_modbus_tcp_and_from_a_config_bus() {
         .output()
         .await
         .unwrap();
-    assert!(String::from_utf8_lossy(&out.stdout).contains("     11  0x2D34"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("     11  0x2D34"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

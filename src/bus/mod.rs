@@ -8,6 +8,7 @@
 
 pub mod modbus_rtu;
 pub mod modbus_tcp;
+pub mod serial_line;
 
 use std::time::Duration;
 
@@ -73,8 +74,9 @@ pub enum Link {
 }
 
 impl Link {
-    pub fn new(bus: &Bus) -> Link {
-        match &bus.transport {
+    /// The link of a Modbus bus; None for a serial line bus (served by `line`).
+    pub fn new(bus: &Bus) -> Option<Link> {
+        Some(match &bus.transport {
             Transport::ModbusTcp {
                 host,
                 port,
@@ -91,7 +93,8 @@ impl Link {
                 *retries,
                 *turnaround,
             )),
-        }
+            Transport::SerialLine { .. } => return None,
+        })
     }
 
     /// Sends one read request to `unit` and waits for its answer or its timeout.

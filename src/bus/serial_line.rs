@@ -1,0 +1,145 @@
+//! Framing a serial byte stream into lines: the terminator, the longest line accepted, and
+//! valid UTF-8. Pure; `line` owns the port and feeds bytes in.
+
+/// What the framer makes of the bytes between two terminators.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Framed {
+    Line(String),
+    /// More than `max_line` bytes without a terminator; the rest up to the next one is dropped.
+    TooLong,
+    InvalidUtf8,
+}
+
+pub struct LineFramer {
+    terminator: Vec<u8>,
+    /// A terminator ending in "\n" also accepts a bare "\n" (devices disagree about "\r").
+    bare_newline: bool,
+    max_line: usize,
+    buf: Vec<u8>,
+    /// Discarding the rest of an overlong line.
+    overflow: bool,
+}
+
+impl LineFramer {
+    pub fn new(terminator: &[u8], max_line: usize) -> LineFramer {
+        LineFramer {
+            terminator: terminator.to_vec(),
+            bare_newline: terminator.len() > 1 && terminator.ends_with(b"\n"),
+            max_line,
+            buf: Vec::with_capacity(max_line.min(4096)),
+            overflow: false,
+        }
+    }
+
+    /// Forgets any partial line (before a request, so a stale fragment is not taken for the answer).
+    pub fn clear(&mut self) {
+        self.buf.clear();
+        self.overflow = false;
+    }
+
+    /// Feeds bytes; complete lines (and framing errors) are appended to `out`. Empty lines are
+    /// skipped.
+    pub fn push(&mut self, bytes: &[u8], out: &mut Vec<Framed>) {
+        for &b in bytes {
+            self.buf.push(b);
+            let end = if self.buf.ends_with(&self.terminator) {
+                Some(self.buf.len() - self.terminator.len())
+            } else if self.bare_newline && b == b'\n' {
+                Some(self.buf.len() - 1)
+            } else {
+                None
+            };
+            match end {
+                Some(end) => {
+                    if self.overflow {
+                        self.overflow = false;
+                    } else if end > self.max_line {
+                        out.push(Framed::TooLong);
+                    } else if end > 0 {
+                        out.push(match std::str::from_utf8(&self.buf[..end]) {
+                            Ok(s) => Framed::Line(s.to_string()),
+                            Err(_) => Framed::InvalidUtf8,
+                        });
+                    }
+                    self.buf.clear();
+                }
+                None => {
+                    // Room for a terminator beyond the line itself.
+                    if self.buf.len() > self.max_line + self.terminator.len() {
+                        if !self.overflow {
+                            out.push(Framed::TooLong);
+                            self.overflow = true;
+                        }
+                        // Keep only what could be the start of a terminator.
+                        let keep = self.terminator.len().saturating_sub(1);
+                        let cut = self.buf.len() - keep;
+                        self.buf.drain(..cut);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(t: &[u8], max: usize, chunks: &[&[u8]]) -> Vec<Framed> {
+        let mut f = LineFramer::new(t, max);
+        let mut out = Vec::new();
+        for c in chunks {
+            f.push(c, &mut out);
+        }
+        out
+    }
+
+    fn line(s: &str) -> Framed {
+        Framed::Line(s.into())
+    }
+
+    #[test]
+    fn lines_split_across_reads_are_joined() {
+        assert_eq!(
+            frame(b"\r\n", 64, &[b"T=2", b"1.5\r", b"\nH=4\r\n"]),
+            vec![line("T=21.5"), line("H=4")]
+        );
+    }
+
+    #[test]
+    fn a_bare_newline_ends_a_line_when_the_terminator_is_crlf() {
+        assert_eq!(
+            frame(b"\r\n", 64, &[b"a\nb\r\n\r\n"]),
+            vec![line("a"), line("b")]
+        );
+    }
+
+    #[test]
+    fn other_terminators_work() {
+        assert_eq!(frame(b"\r", 64, &[b"x\ry\r"]), vec![line("x"), line("y")]);
+        assert_eq!(frame(b";", 64, &[b"1;2;"]), vec![line("1"), line("2")]);
+    }
+
+    #[test]
+    fn an_overlong_line_is_reported_once_and_dropped_to_its_end() {
+        let long = vec![b'x'; 100];
+        assert_eq!(
+            frame(b"\r\n", 16, &[b"ok\r\n", &long, b"tail\r\nnext\r\n"]),
+            vec![line("ok"), Framed::TooLong, line("next")]
+        );
+    }
+
+    #[test]
+    fn a_line_of_exactly_max_line_bytes_is_accepted() {
+        assert_eq!(frame(b"\r\n", 4, &[b"abcd\r\n"]), vec![line("abcd")]);
+        assert_eq!(frame(b"\r\n", 4, &[b"abcde\r\n"]), vec![Framed::TooLong]);
+    }
+
+    #[test]
+    fn invalid_utf8_is_reported() {
+        assert_eq!(
+            frame(b"\n", 64, &[b"\xff\xfe\n", b"ok\n"]),
+            vec![Framed::InvalidUtf8, line("ok")]
+        );
+    }
+}
