@@ -440,6 +440,111 @@ pub struct PollGroup {
     pub requests: Vec<ReadRequest>,
 }
 
+/// A device model file checked on its own (`fieldgate check mappings/sdm120.yaml`).
+#[derive(Debug, Clone)]
+pub struct ModelSummary {
+    pub path: PathBuf,
+    pub name: String,
+    pub description: Option<String>,
+    pub points: Vec<Point>,
+    pub line: bool,
+}
+
+impl ModelSummary {
+    pub fn summary(&self) -> String {
+        use std::fmt::Write;
+        let mut s = format!(
+            "{}: ok: model {}, {} point{}{}\n",
+            self.path.display(),
+            self.name,
+            self.points.len(),
+            plural(self.points.len()),
+            if self.line { " (serial line)" } else { "" }
+        );
+        if let Some(d) = &self.description {
+            let _ = writeln!(s, "{}", d.trim());
+        }
+        for p in &self.points {
+            let what = match &p.field {
+                Some(f) => format!("field {f}"),
+                None => format!("{} {}", p.source.table.name(), p.source.address),
+            };
+            let _ = writeln!(
+                s,
+                "  {:<24} {:<28} {:?}{}",
+                p.name,
+                what,
+                p.dtype,
+                p.unit
+                    .as_deref()
+                    .map(|u| format!(" [{u}]"))
+                    .unwrap_or_default()
+            );
+        }
+        s
+    }
+}
+
+/// Whether a YAML text is a model file (it has `model:` at the top, and no `mqtt:`).
+pub fn is_model_text(text: &str) -> bool {
+    let top = |k: &str| text.lines().any(|l| l.starts_with(&format!("{k}:")));
+    top("model") && !top("mqtt")
+}
+
+/// Validates a model file on its own.
+pub fn check_model(path: &Path) -> Result<ModelSummary, ConfigErrors> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors(vec![Diagnostic {
+            file: path.display().to_string(),
+            loc: Loc { line: 1, col: 1 },
+            path: String::new(),
+            message: format!("cannot read the file: {e}"),
+        }])
+    })?;
+    let name = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let env = |k: &str| std::env::var(k).ok();
+    let mut r = Resolver {
+        errors: Vec::new(),
+        models: HashMap::new(),
+        env: &env,
+    };
+    let result = r.model_from_text(path, &text, &name);
+    match result {
+        Some((m, description)) if r.errors.is_empty() => Ok(ModelSummary {
+            path: path.to_path_buf(),
+            name,
+            description,
+            line: m.parser.is_some(),
+            points: m
+                .points
+                .into_iter()
+                .map(|s| Point {
+                    name: s.name,
+                    source: s.source,
+                    dtype: s.dtype,
+                    order: s.order,
+                    bit: s.bit,
+                    length: s.length,
+                    scale: s.scale,
+                    offset: s.offset,
+                    unit: s.unit,
+                    every: s.every.unwrap_or(Duration::from_secs(1)),
+                    delivery: Delivery {
+                        topic: String::new(),
+                        qos: s.qos.unwrap_or(1),
+                        retain: s.retain.unwrap_or(false),
+                    },
+                    field: s.field,
+                })
+                .collect(),
+        }),
+        _ => Err(ConfigErrors(r.errors)),
+    }
+}
+
 impl Config {
     /// Loads and validates the config file at `path` and every model it uses.
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
@@ -1584,14 +1689,28 @@ impl Resolver<'_> {
             self.models.insert(model.to_string(), None);
             return None;
         };
-        let fname = file.display().to_string();
         let result = match std::fs::read_to_string(&file) {
             Err(e) => {
                 self.errors
-                    .push(ctx.diag(path, format!("cannot read {fname}: {e}")));
+                    .push(ctx.diag(path, format!("cannot read {}: {e}", file.display())));
                 None
             }
-            Ok(text) => {
+            Ok(text) => self.model_from_text(&file, &text, model).map(|(m, _)| m),
+        };
+        self.models.insert(model.to_string(), result.clone());
+        result
+    }
+
+    /// Validates a model file's text; `model` is the name its file gives it.
+    fn model_from_text(
+        &mut self,
+        file: &Path,
+        text: &str,
+        model: &str,
+    ) -> Option<(ModelDef, Option<String>)> {
+        let fname = file.display().to_string();
+        {
+            {
                 let before = self.errors.len();
                 match parse::<RawModel>(&fname, &text, self.env, &mut self.errors) {
                     None => None,
@@ -1626,17 +1745,18 @@ impl Resolver<'_> {
                             .parse
                             .as_ref()
                             .and_then(|spec| build_parser(&mctx, &mut self.errors, "parse", spec));
-                        (self.errors.len() == before).then_some(ModelDef {
-                            points: specs,
-                            parser,
-                            request: raw.request.clone(),
-                        })
+                        (self.errors.len() == before).then_some((
+                            ModelDef {
+                                points: specs,
+                                parser,
+                                request: raw.request.clone(),
+                            },
+                            raw.description.clone(),
+                        ))
                     }
                 }
             }
-        };
-        self.models.insert(model.to_string(), result.clone());
-        result
+        }
     }
 }
 

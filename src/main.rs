@@ -27,7 +27,8 @@ struct Cli {
 enum Command {
     /// Poll the configured devices and publish to the broker until SIGTERM or Ctrl-C.
     Run { config: PathBuf },
-    /// Validate a config and every device model it uses; print the read plan.
+    /// Validate a config and every device model it uses and print the read plan; or validate
+    /// one device model file (`fieldgate check mappings/sdm120.yaml`).
     Check { config: PathBuf },
     /// Commissioning: read registers or bits once and print every interpretation
     /// (u16, i16, u32, i32, f32, f64 … in all four word/byte orders).
@@ -149,6 +150,27 @@ fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Check { config }
+            if std::fs::read_to_string(&config)
+                .is_ok_and(|t| fieldgate::config::is_model_text(&t)) =>
+        {
+            match fieldgate::config::check_model(&config) {
+                Ok(m) => {
+                    print!("{}", m.summary());
+                    ExitCode::SUCCESS
+                }
+                Err(errors) => {
+                    eprintln!("{errors}");
+                    eprintln!(
+                        "{}: {} error{}",
+                        config.display(),
+                        errors.0.len(),
+                        if errors.0.len() == 1 { "" } else { "s" }
+                    );
+                    ExitCode::from(EX_CONFIG as u8)
+                }
+            }
+        }
         Command::Check { config } => match load(&config) {
             Ok(c) => {
                 print!("{}", c.summary());
