@@ -1709,52 +1709,48 @@ impl Resolver<'_> {
         model: &str,
     ) -> Option<(ModelDef, Option<String>)> {
         let fname = file.display().to_string();
-        {
-            {
-                let before = self.errors.len();
-                match parse::<RawModel>(&fname, &text, self.env, &mut self.errors) {
-                    None => None,
-                    Some((raw, map)) => {
-                        let mctx = Ctx {
-                            file: &fname,
-                            map: &map,
-                        };
-                        if raw.model != model {
-                            self.errors.push(mctx.diag(
-                                "model",
-                                format!(
-                                    "the file is named {model}.yaml but says `model: {}`",
-                                    raw.model
-                                ),
-                            ));
-                        }
-                        let mut specs = Vec::new();
-                        for (pname, rp) in &raw.points {
-                            if let Some(mut s) = validate_point(
-                                &mctx,
-                                &mut self.errors,
-                                &format!("points.{pname}"),
-                                pname,
-                                rp,
-                            ) {
-                                s.from_model = true;
-                                specs.push(s);
-                            }
-                        }
-                        let parser = raw
-                            .parse
-                            .as_ref()
-                            .and_then(|spec| build_parser(&mctx, &mut self.errors, "parse", spec));
-                        (self.errors.len() == before).then_some((
-                            ModelDef {
-                                points: specs,
-                                parser,
-                                request: raw.request.clone(),
-                            },
-                            raw.description.clone(),
-                        ))
+        let before = self.errors.len();
+        match parse::<RawModel>(&fname, text, self.env, &mut self.errors) {
+            None => None,
+            Some((raw, map)) => {
+                let mctx = Ctx {
+                    file: &fname,
+                    map: &map,
+                };
+                if raw.model != model {
+                    self.errors.push(mctx.diag(
+                        "model",
+                        format!(
+                            "the file is named {model}.yaml but says `model: {}`",
+                            raw.model
+                        ),
+                    ));
+                }
+                let mut specs = Vec::new();
+                for (pname, rp) in &raw.points {
+                    if let Some(mut s) = validate_point(
+                        &mctx,
+                        &mut self.errors,
+                        &format!("points.{pname}"),
+                        pname,
+                        rp,
+                    ) {
+                        s.from_model = true;
+                        specs.push(s);
                     }
                 }
+                let parser = raw
+                    .parse
+                    .as_ref()
+                    .and_then(|spec| build_parser(&mctx, &mut self.errors, "parse", spec));
+                (self.errors.len() == before).then_some((
+                    ModelDef {
+                        points: specs,
+                        parser,
+                        request: raw.request.clone(),
+                    },
+                    raw.description.clone(),
+                ))
             }
         }
     }
