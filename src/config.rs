@@ -395,6 +395,17 @@ pub enum Transport {
 }
 
 impl Transport {
+    /// The longest one request can take: every attempt timing out, plus the drain after each.
+    pub fn worst_request_time(&self) -> Duration {
+        match self {
+            Transport::ModbusTcp { timeout, .. } => *timeout * 2,
+            Transport::SerialLine { timeout, .. } => *timeout * 2,
+            Transport::ModbusRtu {
+                timeout, retries, ..
+            } => *timeout * 3 * (retries + 1),
+        }
+    }
+
     /// Highest unit id the transport addresses (RTU: 1..=247 per the serial line spec).
     fn unit_range(&self) -> std::ops::RangeInclusive<u32> {
         match self {

@@ -1,19 +1,27 @@
-//! Wiring: opens the queue, starts one poller per bus and the uplink, and shuts them down in
-//! the order that keeps every reading.
+//! Wiring: opens the queue, starts one poller per bus and the uplink, reloads them on a new
+//! config, and shuts them down in the order that keeps every reading.
 //!
 //! Shutdown order: the cancellation token stops the pollers and the uplink together; each
 //! poller hands its last readings to the store before it returns; the uplink waits briefly for
 //! acknowledgements of what is in flight, publishes `offline` and disconnects; the store thread
 //! commits everything still waiting once the last handle is dropped. Nothing queued is dropped:
 //! unacknowledged rows simply wait in `queue.db` for the next start.
+//!
+//! Reload: a new, already validated config replaces the running pollers and uplink (one
+//! "generation" stops, the next starts) while the store thread and the queue stay as they are.
+//! Settings that need the queue reopened (`state_dir`, `queue:`) take effect at the next start.
 
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::Config;
-use std::time::Duration;
-
-use crate::store::{self, Store, StoreError};
+use crate::config::{Config, Transport};
+use crate::poller::{Availability, SharedStats};
+use crate::store::{self, Store, StoreError, StoreHandle};
+use crate::systemd::{self, Health};
 use crate::uplink::{Tuning, Uplink};
 
 #[derive(Debug, thiserror::Error)]
@@ -22,6 +30,15 @@ pub enum GatewayError {
     Store(#[from] StoreError),
     #[error("the store thread panicked")]
     StorePanicked,
+}
+
+/// What every pipeline task shares: the queue, the figures, device availability, liveness.
+#[derive(Clone)]
+pub struct Shared {
+    pub store: StoreHandle,
+    pub stats: SharedStats,
+    pub availability: Arc<Availability>,
+    pub health: Arc<Health>,
 }
 
 /// Runs the gateway until `cancel` fires, then drains and returns.
@@ -35,6 +52,17 @@ pub async fn run_with(
     tuning: Tuning,
     cancel: CancellationToken,
 ) -> Result<(), GatewayError> {
+    let (_keep, reloads) = mpsc::channel(1);
+    run_reloadable(config, tuning, reloads, cancel).await
+}
+
+/// Runs the gateway, replacing its pipeline with each config received on `reloads`.
+pub async fn run_reloadable(
+    mut config: Config,
+    tuning: Tuning,
+    mut reloads: mpsc::Receiver<Config>,
+    cancel: CancellationToken,
+) -> Result<(), GatewayError> {
     let Some(store) = open_queue(&config, &cancel).await else {
         return Ok(()); // stopped while waiting for the state directory
     };
@@ -42,10 +70,61 @@ pub async fn run_with(
     tracing::info!(gateway = %config.gateway.id, queue = %config.gateway.state_dir.join("queue.db").display(),
         queued = stats.depth, last_seq = stats.last_seq, "queue open");
     let (handle, store_thread) = store::spawn(store)?;
+    let health = Arc::new(Health::default());
+    let shared = Shared {
+        store: handle,
+        stats: SharedStats::default(),
+        availability: Arc::new(Availability::default()),
+        health: health.clone(),
+    };
+    let watchdog = tokio::spawn(systemd::watchdog(health, cancel.clone()));
+    let started = std::time::Instant::now();
 
+    loop {
+        let generation = cancel.child_token();
+        let tasks = start(&config, &tuning, &shared, started, &generation);
+        systemd::ready();
+        let next = tokio::select! {
+            _ = cancel.cancelled() => None,
+            c = reloads.recv() => c,
+        };
+        if next.is_some() {
+            systemd::reloading();
+        } else {
+            systemd::stopping();
+        }
+        generation.cancel();
+        tasks.wait().await;
+        let Some(next) = next else { break };
+        if next.gateway.state_dir != config.gateway.state_dir
+            || next.queue.limits != config.queue.limits
+        {
+            tracing::warn!(
+                "reload: `state_dir` and `queue:` changes take effect at the next start"
+            );
+        }
+        tracing::info!(path = %next.path.display(), devices = next.devices.len(), "configuration reloaded");
+        config = next;
+    }
+    watchdog.abort();
+    drop(shared);
+    tokio::task::spawn_blocking(move || store_thread.join())
+        .await
+        .map_err(|_| GatewayError::StorePanicked)?
+        .map_err(|_| GatewayError::StorePanicked)?;
+    tracing::info!("gateway stopped; unacknowledged readings stay queued for the next start");
+    Ok(())
+}
+
+/// Starts one generation of the pipeline: a poller per bus with devices, and the uplink.
+fn start(
+    config: &Config,
+    tuning: &Tuning,
+    shared: &Shared,
+    started: std::time::Instant,
+    cancel: &CancellationToken,
+) -> TaskTracker {
     let tasks = TaskTracker::new();
-    let bus_stats = crate::poller::SharedStats::default();
-    let availability = std::sync::Arc::new(crate::poller::Availability::default());
     for bus in &config.buses {
         let devices: Vec<_> = config
             .devices
@@ -56,38 +135,27 @@ pub async fn run_with(
         if devices.is_empty() {
             continue;
         }
-        let args = (
-            bus.clone(),
-            devices,
-            handle.clone(),
-            bus_stats.clone(),
-            availability.clone(),
-            cancel.clone(),
-        );
+        let (bus, shared, cancel) = (bus.clone(), shared.clone(), cancel.clone());
         match bus.transport {
-            crate::config::Transport::SerialLine { .. } => tasks.spawn(crate::line::run(
-                args.0, args.1, args.2, args.3, args.4, args.5,
-            )),
-            _ => tasks.spawn(crate::poller::run(
-                args.0, args.1, args.2, args.3, args.4, args.5,
-            )),
+            Transport::SerialLine { .. } => {
+                tasks.spawn(crate::line::run(bus, devices, shared, cancel))
+            }
+            _ => tasks.spawn(crate::poller::run(bus, devices, shared, cancel)),
         };
     }
-    let mut uplink = Uplink::new(&config, handle.clone());
-    uplink.tuning = tuning;
-    uplink.bus_stats = bus_stats;
-    uplink.availability = availability;
+    let mut uplink = Uplink::new(config, shared.clone());
+    uplink.tuning = tuning.clone();
+    uplink.started = started;
     tasks.spawn(uplink.run(cancel.clone()));
-    drop(handle);
+    tasks.spawn(crate::status::write_periodically(
+        shared.clone(),
+        started,
+        config.gateway.state_dir.clone(),
+        config.gateway.status_interval,
+        cancel.clone(),
+    ));
     tasks.close();
-    tasks.wait().await;
-
-    tokio::task::spawn_blocking(move || store_thread.join())
-        .await
-        .map_err(|_| GatewayError::StorePanicked)?
-        .map_err(|_| GatewayError::StorePanicked)?;
-    tracing::info!("gateway stopped; unacknowledged readings stay queued for the next start");
-    Ok(())
+    tasks
 }
 
 /// Opens the queue, retrying with backoff while it cannot be opened (a read-only or missing

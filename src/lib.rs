@@ -37,5 +37,7 @@ pub mod plan;
 pub mod poller;
 pub mod proxy;
 pub mod sim;
+pub mod status;
 pub mod store;
+pub mod systemd;
 pub mod uplink;

@@ -13,7 +13,6 @@
 //! device, `offline_after` × `every` (10 s without `every`) with no valid line is a failure).
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -24,11 +23,13 @@ use tokio_util::sync::CancellationToken;
 use crate::bus::modbus_rtu::SerialSettings;
 use crate::bus::serial_line::{Framed, LineFramer};
 use crate::config::{Bus, Device, Transport};
+use crate::gateway::Shared;
 use crate::mapping::Value;
 use crate::message::{self, now_ms};
 use crate::parse::ParseError;
 use crate::poller::{Availability, SharedStats};
 use crate::store::StoreHandle;
+use crate::systemd::Health;
 
 const BACKOFF_MAX: Duration = Duration::from_secs(60);
 
@@ -77,14 +78,13 @@ fn shown(line: &str) -> String {
     s
 }
 
-pub async fn run(
-    bus: Bus,
-    devices: Vec<Device>,
-    store: StoreHandle,
-    stats: SharedStats,
-    availability: Arc<Availability>,
-    cancel: CancellationToken,
-) {
+pub async fn run(bus: Bus, devices: Vec<Device>, shared: Shared, cancel: CancellationToken) {
+    let Shared {
+        store,
+        stats,
+        availability,
+        health,
+    } = shared;
     let Transport::SerialLine {
         settings,
         terminator,
@@ -119,17 +119,22 @@ pub async fn run(
         stats: stats.clone(),
     };
     tracing::info!(bus = %bus.name, devices = states.len(), streaming, "serial line polling started");
+    let task = format!("bus {}", bus.name);
     let ctx = Ctx {
         bus: &bus.name,
         store: &store,
         stats: &stats,
         availability: &availability,
+        health: &health,
+        task: &task,
+        worst: bus.transport.worst_request_time(),
     };
     if streaming {
         stream(&mut link, &mut states[0], &ctx, &cancel).await;
     } else {
         ask(&mut link, &mut states, timeout, &ctx, &cancel).await;
     }
+    health.forget(&task);
     tracing::debug!(bus = %bus.name, "serial line polling stopped");
 }
 
@@ -138,9 +143,20 @@ struct Ctx<'a> {
     store: &'a StoreHandle,
     stats: &'a SharedStats,
     availability: &'a Availability,
+    health: &'a Health,
+    task: &'a str,
+    worst: Duration,
 }
 
 impl Ctx<'_> {
+    /// Promises to be back in the loop by `until` (plus the time a request may take).
+    fn beat(&self, until: Instant) {
+        self.health.beat(
+            self.task,
+            until.max(Instant::now()).into_std() + self.worst + crate::systemd::SLACK,
+        );
+    }
+
     fn count(&self, kind: &'static str) {
         let mut all = self.stats.lock().expect("not poisoned");
         *all.entry(self.bus.to_string())
@@ -307,6 +323,7 @@ async fn stream(link: &mut Port, st: &mut State, ctx: &Ctx<'_>, cancel: &Cancell
     let mut out = Vec::new();
     st.last_good = Instant::now();
     loop {
+        ctx.beat(Instant::now() + BACKOFF_MAX);
         if let Err(wait) = link.try_open() {
             ctx.fail(st);
             tokio::select! {
@@ -384,6 +401,7 @@ async fn ask(
         let i = (0..states.len())
             .min_by_key(|&i| due[i])
             .expect("at least one device");
+        ctx.beat(due[i] + BACKOFF_MAX);
         tokio::select! {
             _ = cancel.cancelled() => break,
             _ = sleep_until(due[i]) => {}

@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bus::{BusError, Data, Link};
 use crate::config::{Bus, Device};
+use crate::gateway::Shared;
 use crate::mapping::Value;
 use crate::message::{self, now_ms};
 use crate::store::StoreHandle;
@@ -120,14 +121,15 @@ struct Slot {
 }
 
 /// Polls every device of `bus` until `cancel` fires.
-pub async fn run(
-    bus: Bus,
-    devices: Vec<Device>,
-    store: StoreHandle,
-    stats: SharedStats,
-    availability: Arc<Availability>,
-    cancel: CancellationToken,
-) {
+pub async fn run(bus: Bus, devices: Vec<Device>, shared: Shared, cancel: CancellationToken) {
+    let Shared {
+        store,
+        stats,
+        availability,
+        health,
+    } = shared;
+    let task = format!("bus {}", bus.name);
+    let per_request = bus.transport.worst_request_time();
     let Some(mut link) = Link::new(&bus) else {
         tracing::error!(bus = %bus.name, "not a Modbus bus; the Modbus poller does not serve it");
         return;
@@ -164,6 +166,15 @@ pub async fn run(
             .min_by_key(|&i| slots[i].due)
             .expect("not empty");
         let due = slots[next].due;
+        let requests = states[slots[next].device].device.groups[slots[next].group]
+            .requests
+            .len() as u32;
+        health.beat(
+            &task,
+            due.max(Instant::now()).into_std()
+                + per_request * requests.max(1)
+                + crate::systemd::SLACK,
+        );
         tokio::select! {
             biased;
             _ = cancel.cancelled() => break,
@@ -238,6 +249,7 @@ pub async fn run(
             }
         }
     }
+    health.forget(&task);
     tracing::debug!(bus = %bus.name, "polling stopped");
 }
 

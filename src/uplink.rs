@@ -24,6 +24,7 @@ use tokio::time::{Instant, sleep, timeout};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, Mqtt};
+use crate::gateway::Shared;
 use crate::message::Stored;
 use crate::store::{StoreError, StoreHandle};
 
@@ -199,9 +200,8 @@ pub struct Uplink {
     pub status_interval: Duration,
     pub started: std::time::Instant,
     /// The pollers' figures, reported in the status message.
-    pub bus_stats: crate::poller::SharedStats,
-    /// Device availability to publish (retained) as it changes.
-    pub availability: std::sync::Arc<crate::poller::Availability>,
+    /// Figures, device availability and liveness shared with the pollers.
+    pub shared: Shared,
 }
 
 /// How a session ended without an error.
@@ -210,53 +210,39 @@ enum Ended {
 }
 
 impl Uplink {
-    pub fn new(config: &Config, store: StoreHandle) -> Uplink {
+    pub fn new(config: &Config, shared: Shared) -> Uplink {
         Uplink {
             mqtt: config.mqtt.clone(),
             status_topic: config.gateway.status_topic(),
-            store,
+            store: shared.store.clone(),
             tuning: Tuning::default(),
             replay_rate: config.queue.replay_rate,
             status_interval: config.gateway.status_interval,
             started: std::time::Instant::now(),
-            bus_stats: Default::default(),
-            availability: Default::default(),
+            shared,
         }
+    }
+
+    /// Promises the watchdog to be back by `within` from now.
+    fn beat(&self, within: Duration) {
+        self.shared.health.beat(
+            "uplink",
+            std::time::Instant::now() + within + crate::systemd::SLACK,
+        );
     }
 
     fn stats_topic(&self) -> String {
         format!("{}/stats", self.status_topic)
     }
 
-    /// The retained statistics message: uptime and the queue's figures.
-    async fn stats_payload(&self) -> Result<Vec<u8>, UplinkError> {
-        let q = self.store.stats().await?;
-        let now = crate::message::now_ms();
-        let body = serde_json::json!({
-            "ts": crate::message::format_ts(now),
-            "uptime_s": self.started.elapsed().as_secs(),
-            "queue": {
-                "depth": q.depth,
-                "oldest_age_s": q.oldest_ts_ms.map(|t| (now - t).max(0) / 1000),
-                "bytes": q.bytes,
-                "file_bytes": q.file_bytes,
-                "last_seq": q.last_seq,
-                "dropped": {
-                    "oldest": q.dropped_oldest,
-                    "newest": q.dropped_newest,
-                    "expired": q.dropped_expired,
-                    "total": q.dropped(),
-                },
-                "acked_total": q.acked_total,
-                "acked_since_start": q.acked_since_start,
-            },
-            "buses": *self.bus_stats.lock().expect("not poisoned"),
-        });
-        Ok(serde_json::to_vec(&body).expect("json values serialize"))
-    }
-
     /// Connects, publishes, reconnects with backoff, until `cancel` fires.
     pub async fn run(self, cancel: CancellationToken) {
+        self.run_inner(&cancel).await;
+        self.shared.health.forget("uplink");
+    }
+
+    async fn run_inner(&self, cancel: &CancellationToken) {
+        let cancel = cancel.clone();
         let mut backoff = self.tuning.backoff_min;
         // When the current outage began; None while the uplink is up (or never tried).
         let mut down_since: Option<Instant> = None;
@@ -265,6 +251,8 @@ impl Uplink {
                 return;
             }
             let mut connected = false;
+            // Connecting takes at most the connect timeout (10 s).
+            self.beat(Duration::from_secs(10));
             let result = self.session(&cancel, &mut connected, down_since).await;
             match result {
                 Ok(Ended::Shutdown) => return,
@@ -284,6 +272,7 @@ impl Uplink {
             }
             // Up to 25% jitter so a fleet does not reconnect in lockstep after a broker restart.
             let jitter = backoff.mul_f64(0.25 * (crate::message::now_ms() % 1000) as f64 / 1000.0);
+            self.beat(backoff + jitter);
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = sleep(backoff + jitter) => {}
@@ -377,7 +366,9 @@ impl Uplink {
         // Device availability: everything known on connect, then every change.
         let mut announced: HashMap<String, u64> = HashMap::new();
         let result = loop {
-            for (topic, online, version) in self.availability.snapshot() {
+            // The loop comes round at least every 100 ms (the tick below).
+            self.beat(Duration::from_secs(1));
+            for (topic, online, version) in self.shared.availability.snapshot() {
                 if announced.get(&topic) != Some(&version) && inflight.len() < window {
                     client.try_publish(
                         topic.as_str(),
@@ -435,10 +426,10 @@ impl Uplink {
                     }
                     drained = false;
                 }
-                _ = self.availability.changed() => {}
+                _ = self.shared.availability.changed() => {}
                 _ = status.tick() => {
                     if inflight.len() < window {
-                        let payload = self.stats_payload().await?;
+                        let payload = crate::status::snapshot_json(&self.shared, self.started).await?;
                         client.try_publish(self.stats_topic(), QoS::AtLeastOnce, true, payload)?;
                         inflight.submitted(Entry::Control { qos: 1 });
                     }
