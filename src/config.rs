@@ -118,6 +118,8 @@ pub struct RawGateway {
     /// How often the retained `status/stats` message is published.
     #[serde(default, with = "humantime_serde")]
     pub status_interval: Option<Duration>,
+    /// Log level (error, warn, info, debug, trace, or a tracing filter); RUST_LOG wins.
+    pub log_level: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -334,6 +336,7 @@ pub struct Gateway {
     pub id: String,
     pub state_dir: PathBuf,
     pub status_interval: Duration,
+    pub log_level: String,
 }
 
 impl Gateway {
@@ -1111,10 +1114,22 @@ impl Resolver<'_> {
             self.errors
                 .push(ctx.diag("gateway.status_interval", "must be at least 1s"));
         }
+        let log_level = raw
+            .gateway
+            .log_level
+            .clone()
+            .unwrap_or_else(|| "info".into());
+        if tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
+            self.errors.push(ctx.diag(
+                "gateway.log_level",
+                format!("`{log_level}` is not a log level (error, warn, info, debug, trace)"),
+            ));
+        }
         let gateway = Gateway {
             id,
             state_dir,
             status_interval,
+            log_level,
         };
         let mqtt = self.resolve_mqtt(ctx, base, &gateway, &raw.mqtt);
         let queue = self.resolve_queue(ctx, &raw.queue);

@@ -33,6 +33,17 @@ enum Command {
     /// Commissioning: read registers or bits once and print every interpretation
     /// (u16, i16, u32, i32, f32, f64 … in all four word/byte orders).
     Read(ReadArgs),
+    /// What a running gateway reports: uptime, queue, buses, devices (from its status.json).
+    Status {
+        /// The gateway's config (its gateway.state_dir is read).
+        #[arg(long, conflicts_with = "state_dir")]
+        config: Option<PathBuf>,
+        /// Or the state directory itself (default /var/lib/fieldgate).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Inspect the store-and-forward queue (works while the gateway runs).
     Queue {
         #[command(subcommand)]
@@ -178,13 +189,28 @@ fn main() -> ExitCode {
             }
             Err(code) => code,
         },
-        Command::Run { config } => {
-            init_logging("info");
-            let config = match load(&config) {
+        Command::Run { config: path } => {
+            let config = match load(&path) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            report(runtime().block_on(run(config)))
+            init_logging(&config.gateway.log_level);
+            report(runtime().block_on(run(path, config)))
+        }
+        Command::Status {
+            config,
+            state_dir,
+            json,
+        } => {
+            let dir = match (config, state_dir) {
+                (_, Some(d)) => d,
+                (Some(c), None) => match load(&c) {
+                    Ok(c) => c.gateway.state_dir,
+                    Err(code) => return code,
+                },
+                (None, None) => PathBuf::from("/var/lib/fieldgate"),
+            };
+            report(status(&dir, json))
         }
         Command::Read(args) => report(runtime().block_on(read(args))),
         Command::Queue {
@@ -366,10 +392,110 @@ fn queue_stats(dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run(config: Config) -> anyhow::Result<()> {
+async fn run(path: PathBuf, config: Config) -> anyhow::Result<()> {
     let cancel = CancellationToken::new();
     tokio::spawn(stop_on_signal(cancel.clone()));
-    fieldgate::gateway::run(config, cancel).await?;
+    let (reload_tx, reloads) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(reload_on_sighup(path, reload_tx));
+    fieldgate::gateway::run_reloadable(
+        config,
+        fieldgate::uplink::Tuning::default(),
+        reloads,
+        cancel,
+    )
+    .await?;
+    Ok(())
+}
+
+/// On SIGHUP, loads the config again: a valid one replaces the running pipeline; a bad one is
+/// refused with every error in the log, and the running config goes on.
+async fn reload_on_sighup(path: PathBuf, reloads: tokio::sync::mpsc::Sender<Config>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        return;
+    };
+    while hup.recv().await.is_some() {
+        tracing::info!(path = %path.display(), "SIGHUP: reloading the configuration");
+        match Config::load(&path) {
+            Ok(c) => {
+                if reloads.send(c).await.is_err() {
+                    return;
+                }
+            }
+            Err(errors) => {
+                for e in &errors.0 {
+                    tracing::error!("{e}");
+                }
+                tracing::error!(
+                    errors = errors.0.len(),
+                    "reload refused: the new configuration has errors; the running one goes on"
+                );
+            }
+        }
+    }
+}
+
+/// `fieldgate status`: the figures a running gateway last wrote.
+fn status(dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let path = dir.join("status.json");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("no status in {} (is the gateway running?)", path.display()))?;
+    let age = std::fs::metadata(&path)?
+        .modified()?
+        .elapsed()
+        .unwrap_or_default();
+    if json {
+        println!("{text}");
+        return Ok(());
+    }
+    let v: serde_json::Value = serde_json::from_str(&text)?;
+    println!(
+        "status written {} ago{}",
+        humantime::format_duration(Duration::from_secs(age.as_secs())),
+        if age > Duration::from_secs(300) {
+            " — the gateway may not be running"
+        } else {
+            ""
+        }
+    );
+    println!(
+        "uptime           {}",
+        humantime::format_duration(Duration::from_secs(v["uptime_s"].as_u64().unwrap_or(0)))
+    );
+    let q = &v["queue"];
+    println!(
+        "queue            {} readings, oldest {} s, {} bytes; dropped {}; acknowledged {} since start",
+        q["depth"], q["oldest_age_s"], q["bytes"], q["dropped"]["total"], q["acked_since_start"]
+    );
+    if let Some(buses) = v["buses"].as_object() {
+        for (name, b) in buses {
+            println!(
+                "bus {name:<12} {} requests, {} lines, errors {}, utilisation {:.1}%",
+                b["requests"],
+                b["lines"],
+                b["errors"],
+                b["utilisation"].as_f64().unwrap_or(0.0) * 100.0
+            );
+            if let Some(devices) = b["devices"].as_object() {
+                for (d, s) in devices {
+                    let state = match s["online"].as_bool() {
+                        Some(true) => "online",
+                        Some(false) => "OFFLINE",
+                        None => "unknown",
+                    };
+                    let last = s["last_success_ms"]
+                        .as_i64()
+                        .map(fieldgate::message::format_ts)
+                        .unwrap_or_else(|| "never".into());
+                    println!(
+                        "  {d:<14} {state:<8} last success {last}, polls {}, failed {}",
+                        s["polls"], s["failed_polls"]
+                    );
+                }
+            }
+        }
+    }
     Ok(())
 }
 

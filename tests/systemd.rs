@@ -1,0 +1,192 @@
+//! The gateway as systemd runs it: readiness, watchdog, reload on SIGHUP, and the unit file.
+
+mod common;
+
+use std::os::unix::net::UnixDatagram;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Subscriber, config};
+use fieldgate::sim::Simulator;
+
+fn spawn(cfg: &std::path::Path, env: &[(&str, String)]) -> Child {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_fieldgate"));
+    c.arg("run")
+        .arg(cfg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.spawn().unwrap()
+}
+
+fn term(child: &mut Child) -> String {
+    Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    let out = std::mem::replace(child, Command::new("true").spawn().unwrap())
+        .wait_with_output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_and_the_watchdog_are_notified() {
+    let broker = fieldgate::broker::start().unwrap();
+    let sim = Simulator::start(None).await.unwrap();
+    sim.with_unit(1, |b| b.set_holding(0, &[1]));
+    let dir = tempfile::tempdir().unwrap();
+    let sock_path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let cfg = dir.path().join("config.yaml");
+    std::fs::write(
+        &cfg,
+        config(
+            &dir.path().join("state"),
+            broker,
+            sim.addr,
+            "  d:\n    bus: plc\n    points:\n      p: { register: 0 }\n",
+        ),
+    )
+    .unwrap();
+    let mut child = spawn(
+        &cfg,
+        &[
+            ("NOTIFY_SOCKET", sock_path.display().to_string()),
+            ("WATCHDOG_USEC", "1000000".into()),
+        ],
+    );
+    let t = Instant::now();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 512];
+    while t.elapsed() < Duration::from_secs(5)
+        && !(seen.iter().any(|m: &String| m.contains("READY=1"))
+            && seen.iter().filter(|m| m.contains("WATCHDOG=1")).count() >= 2)
+    {
+        if let Ok(n) = sock.recv(&mut buf) {
+            seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+    }
+    term(&mut child);
+    assert!(seen.iter().any(|m| m.contains("READY=1")), "{seen:?}");
+    assert!(
+        seen.iter().filter(|m| m.contains("WATCHDOG=1")).count() >= 2,
+        "{seen:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_a_good_config_and_refuses_a_bad_one() {
+    let broker = fieldgate::broker::start().unwrap();
+    let sim = Simulator::start(None).await.unwrap();
+    sim.with_unit(1, |b| b.set_holding(0, &[1, 2]));
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let cfg = dir.path().join("config.yaml");
+    let one = "  a:\n    bus: plc\n    every: 100ms\n    points:\n      p: { register: 0 }\n";
+    let two = format!(
+        "{one}  b:\n    bus: plc\n    every: 100ms\n    points:\n      q: {{ register: 1 }}\n"
+    );
+    std::fs::write(&cfg, config(&state, broker, sim.addr, one)).unwrap();
+    let sub = Subscriber::start(broker).await;
+    let mut child = spawn(&cfg, &[]);
+    sub.wait_for(Duration::from_secs(10), "device a", |g| {
+        g.iter().any(|r| r.topic == "fieldgate/gw1/a/p")
+    })
+    .await;
+
+    std::fs::write(&cfg, config(&state, broker, sim.addr, &two)).unwrap();
+    Command::new("kill")
+        .arg("-HUP")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    sub.wait_for(Duration::from_secs(10), "device b after the reload", |g| {
+        g.iter().any(|r| r.topic == "fieldgate/gw1/b/q")
+    })
+    .await;
+
+    // A bad config: refused, and the running one goes on.
+    std::fs::write(
+        &cfg,
+        "mqtt: { url: mqtt://x }\ndevices: { c: { bus: nope, points: { r: { coil: 1 } } } }\n",
+    )
+    .unwrap();
+    Command::new("kill")
+        .arg("-HUP")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = sub
+        .all()
+        .iter()
+        .filter(|r| r.topic == "fieldgate/gw1/b/q")
+        .count();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = sub
+        .all()
+        .iter()
+        .filter(|r| r.topic == "fieldgate/gw1/b/q")
+        .count();
+    assert!(
+        after > before + 3,
+        "polling goes on after a refused reload ({before} → {after})"
+    );
+    let stderr = term(&mut child);
+    assert!(stderr.contains("reload refused"), "{stderr}");
+    assert!(stderr.contains("unknown bus `nope`"), "{stderr}");
+    // The queue was untouched: one gapless sequence across the reload.
+    common::assert_gapless(sub.by_seq().keys().copied());
+}
+
+#[test]
+fn the_unit_file_passes_systemd_analyze_verify() {
+    let Ok(out) = Command::new("systemd-analyze").arg("--version").output() else {
+        if std::env::var("FIELDGATE_REQUIRE_SYSTEMD_ANALYZE").as_deref() == Ok("1") {
+            panic!("systemd-analyze is required (FIELDGATE_REQUIRE_SYSTEMD_ANALYZE=1)");
+        }
+        eprintln!("SKIPPED: systemd-analyze is not installed");
+        return;
+    };
+    assert!(out.status.success());
+    let dir = tempfile::tempdir().unwrap();
+    let unit = std::fs::read_to_string("systemd/fieldgate.service")
+        .unwrap()
+        .replace("/usr/bin/fieldgate", env!("CARGO_BIN_EXE_fieldgate"));
+    let path = dir.path().join("fieldgate.service");
+    std::fs::write(&path, unit).unwrap();
+    let v = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        v.status.success() && v.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&v.stderr)
+    );
+    let s = Command::new("systemd-analyze")
+        .args(["security", "--offline=true"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&s.stdout);
+    let score: f64 = text
+        .lines()
+        .find_map(|l| {
+            l.split("Overall exposure level for fieldgate.service: ")
+                .nth(1)
+        })
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no score in {text}"));
+    eprintln!("systemd-analyze security: exposure {score}");
+    assert!(score <= 2.0, "exposure {score}");
+}
