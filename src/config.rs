@@ -88,6 +88,14 @@ pub struct RawConfig {
     pub devices: BTreeMap<String, RawDevice>,
     #[serde(default)]
     pub queue: RawQueue,
+    pub metrics: Option<RawMetrics>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMetrics {
+    /// Address of the Prometheus endpoint, e.g. 127.0.0.1:9108.
+    pub listen: std::net::SocketAddr,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -320,6 +328,8 @@ pub struct Config {
     pub gateway: Gateway,
     pub mqtt: Mqtt,
     pub queue: Queue,
+    /// Where the Prometheus endpoint listens, if enabled.
+    pub metrics: Option<std::net::SocketAddr>,
     pub buses: Vec<Bus>,
     pub devices: Vec<Device>,
 }
@@ -1202,6 +1212,7 @@ impl Resolver<'_> {
             gateway,
             mqtt,
             queue,
+            metrics: raw.metrics.as_ref().map(|m| m.listen),
             buses,
             devices,
         }

@@ -79,6 +79,14 @@ pub async fn run_reloadable(
     };
     let watchdog = tokio::spawn(systemd::watchdog(health, cancel.clone()));
     let started = std::time::Instant::now();
+    let metrics = config.metrics.map(|listen| {
+        tokio::spawn(crate::metrics::serve(
+            listen,
+            shared.clone(),
+            started,
+            cancel.clone(),
+        ))
+    });
 
     loop {
         let generation = cancel.child_token();
@@ -98,15 +106,19 @@ pub async fn run_reloadable(
         let Some(next) = next else { break };
         if next.gateway.state_dir != config.gateway.state_dir
             || next.queue.limits != config.queue.limits
+            || next.metrics != config.metrics
         {
             tracing::warn!(
-                "reload: `state_dir` and `queue:` changes take effect at the next start"
+                "reload: `state_dir`, `queue:` and `metrics:` changes take effect at the next start"
             );
         }
         tracing::info!(path = %next.path.display(), devices = next.devices.len(), "configuration reloaded");
         config = next;
     }
     watchdog.abort();
+    if let Some(m) = metrics {
+        m.abort();
+    }
     drop(shared);
     tokio::task::spawn_blocking(move || store_thread.join())
         .await

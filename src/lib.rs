@@ -32,6 +32,7 @@ pub mod gateway;
 pub mod line;
 pub mod mapping;
 pub mod message;
+pub mod metrics;
 pub mod parse;
 pub mod plan;
 pub mod poller;

@@ -1,0 +1,206 @@
+//! An optional Prometheus text endpoint on loopback (`metrics: { listen: 127.0.0.1:9108 }`),
+//! encoded with the prometheus-client crate from the same snapshot as the status message,
+//! taken at each scrape. The HTTP side is the least a scraper needs: `GET /metrics`.
+
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::time::Instant;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::gateway::Shared;
+
+type Labels = Vec<(String, String)>;
+
+/// The exposition text for one snapshot (see `status::snapshot`).
+pub fn render(snapshot: &serde_json::Value) -> String {
+    let mut r = Registry::with_prefix("fieldgate");
+    let n = |v: &serde_json::Value| v.as_f64().unwrap_or(0.0);
+    let u = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
+    let gauge = |r: &mut Registry, name: &str, help: &str, value: f64| {
+        let g: Gauge<f64, AtomicU64> = Gauge::default();
+        g.set(value);
+        r.register(name, help, g);
+    };
+    let q = &snapshot["queue"];
+    gauge(
+        &mut r,
+        "uptime_seconds",
+        "Seconds since the gateway started",
+        n(&snapshot["uptime_s"]),
+    );
+    gauge(
+        &mut r,
+        "queue_depth",
+        "Readings waiting in the queue",
+        n(&q["depth"]),
+    );
+    gauge(
+        &mut r,
+        "queue_oldest_age_seconds",
+        "Age of the oldest queued reading",
+        n(&q["oldest_age_s"]),
+    );
+    gauge(
+        &mut r,
+        "queue_bytes",
+        "Bytes of queue.db in use",
+        n(&q["bytes"]),
+    );
+    gauge(
+        &mut r,
+        "queue_last_seq",
+        "Highest sequence number assigned",
+        n(&q["last_seq"]),
+    );
+    let acked: Counter = Counter::default();
+    acked.inc_by(u(&q["acked_total"]));
+    r.register("acknowledged", "Readings acknowledged by the broker", acked);
+    let dropped: Family<Labels, Counter> = Family::default();
+    for reason in ["oldest", "newest", "expired"] {
+        dropped
+            .get_or_create(&vec![("reason".into(), reason.into())])
+            .inc_by(u(&q["dropped"][reason]));
+    }
+    r.register("dropped", "Readings dropped by a queue bound", dropped);
+
+    let requests: Family<Labels, Counter> = Family::default();
+    let errors: Family<Labels, Counter> = Family::default();
+    let util: Family<Labels, Gauge<f64, AtomicU64>> = Family::default();
+    let online: Family<Labels, Gauge> = Family::default();
+    let last_ok: Family<Labels, Gauge> = Family::default();
+    if let Some(buses) = snapshot["buses"].as_object() {
+        for (bus, b) in buses {
+            let l = vec![("bus".to_string(), bus.clone())];
+            requests.get_or_create(&l).inc_by(u(&b["requests"]));
+            util.get_or_create(&l).set(n(&b["utilisation"]));
+            if let Some(errs) = b["errors"].as_object() {
+                for (kind, v) in errs {
+                    let mut l = l.clone();
+                    l.push(("kind".into(), kind.clone()));
+                    errors.get_or_create(&l).inc_by(u(v));
+                }
+            }
+            if let Some(devices) = b["devices"].as_object() {
+                for (d, s) in devices {
+                    let l = vec![
+                        ("bus".to_string(), bus.clone()),
+                        ("device".to_string(), d.clone()),
+                    ];
+                    online
+                        .get_or_create(&l)
+                        .set(i64::from(s["online"].as_bool() == Some(true)));
+                    last_ok
+                        .get_or_create(&l)
+                        .set(s["last_success_ms"].as_i64().unwrap_or(0) / 1000);
+                }
+            }
+        }
+    }
+    r.register("bus_requests", "Requests sent on a bus", requests);
+    r.register(
+        "bus_errors",
+        "Failed requests and rejected lines, by kind",
+        errors,
+    );
+    r.register(
+        "bus_utilisation",
+        "Share of time with a transaction on the wire",
+        util,
+    );
+    r.register("device_online", "1 while the device answers", online);
+    r.register(
+        "device_last_success_timestamp_seconds",
+        "When the device last answered",
+        last_ok,
+    );
+    let mut out = String::new();
+    encode(&mut out, &r).expect("writing to a String");
+    out
+}
+
+/// Serves `GET /metrics` on `listen` until `cancel` fires.
+pub async fn serve(
+    listen: SocketAddr,
+    shared: Shared,
+    started: Instant,
+    cancel: CancellationToken,
+) {
+    let listener = match TcpListener::bind(listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(%listen, error = %e, "cannot listen for metrics; the gateway runs without them");
+            return;
+        }
+    };
+    tracing::info!(%listen, "metrics at http://{listen}/metrics");
+    loop {
+        let (mut conn, _) = tokio::select! {
+            _ = cancel.cancelled() => return,
+            c = listener.accept() => match c { Ok(c) => c, Err(_) => continue },
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 1024];
+            let n =
+                match tokio::time::timeout(std::time::Duration::from_secs(5), conn.read(&mut buf))
+                    .await
+                {
+                    Ok(Ok(n)) => n,
+                    _ => return,
+                };
+            let request = String::from_utf8_lossy(&buf[..n]);
+            let (status, body) =
+                if request.starts_with("GET /metrics ") || request.starts_with("GET / ") {
+                    match crate::status::snapshot(&shared, started).await {
+                        Ok(s) => ("200 OK", render(&s)),
+                        Err(e) => ("503 Service Unavailable", format!("{e}\n")),
+                    }
+                } else {
+                    ("404 Not Found", "GET /metrics\n".to_string())
+                };
+            let head = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = conn.write_all(head.as_bytes()).await;
+            let _ = conn.write_all(body.as_bytes()).await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_snapshot_becomes_prometheus_text() {
+        let s = serde_json::json!({
+            "uptime_s": 42,
+            "queue": {"depth": 3, "oldest_age_s": 7, "bytes": 4096, "last_seq": 99,
+                      "dropped": {"oldest": 1, "newest": 0, "expired": 2, "total": 3}, "acked_total": 96},
+            "buses": {"rs485": {"requests": 10, "utilisation": 0.25, "errors": {"timeout": 2},
+                                 "devices": {"meter": {"online": true, "last_success_ms": 1795665600000_i64}}}}
+        });
+        let text = render(&s);
+        for line in [
+            "fieldgate_uptime_seconds 42.0",
+            "fieldgate_queue_depth 3.0",
+            "fieldgate_acknowledged_total 96",
+            "fieldgate_dropped_total{reason=\"expired\"} 2",
+            "fieldgate_bus_requests_total{bus=\"rs485\"} 10",
+            "fieldgate_bus_errors_total{bus=\"rs485\",kind=\"timeout\"} 2",
+            "fieldgate_bus_utilisation{bus=\"rs485\"} 0.25",
+            "fieldgate_device_online{bus=\"rs485\",device=\"meter\"} 1",
+        ] {
+            assert!(text.contains(line), "missing `{line}` in\n{text}");
+        }
+    }
+}

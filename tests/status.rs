@@ -1,0 +1,87 @@
+//! What a running gateway reports: `fieldgate status`, the status message and `/metrics`.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use common::{Gateway, Subscriber, config, free_port};
+use fieldgate::sim::Simulator;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_command_status_message_and_metrics_report_the_same_gateway() {
+    let broker = fieldgate::broker::start().unwrap();
+    let sim = Simulator::start(None).await.unwrap();
+    sim.with_unit(1, |b| b.set_holding(0, &[1]));
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let port = free_port();
+    let yaml = config(
+        &state,
+        broker,
+        sim.addr,
+        "  meter:\n    bus: plc\n    every: 200ms\n    points:\n      p: { register: 0 }\n",
+    )
+    .replace("  id: gw1\n", "  id: gw1\n  status_interval: 1s\n")
+        + &format!("metrics: {{ listen: 127.0.0.1:{port} }}\n");
+    let sub = Subscriber::start(broker).await;
+    let gw = Gateway::start(dir.path(), &yaml);
+    sub.wait_for(Duration::from_secs(5), "a status message", |g| {
+        g.iter().any(|r| r.topic == "fieldgate/gw1/status/stats")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+
+    let stats = sub
+        .all()
+        .into_iter()
+        .rev()
+        .find(|r| r.topic == "fieldgate/gw1/status/stats")
+        .unwrap();
+    // Retained: a subscriber that comes later gets it at once.
+    let late = Subscriber::start(broker).await;
+    late.wait_for(Duration::from_secs(2), "the retained status", |g| {
+        g.iter()
+            .any(|r| r.topic == "fieldgate/gw1/status/stats" && r.retain)
+    })
+    .await;
+    let j = stats.json.unwrap();
+    assert_eq!(
+        j["buses"]["plc"]["devices"]["meter"]["online"],
+        serde_json::json!(true)
+    );
+    assert!(j["buses"]["plc"]["requests"].as_u64().unwrap() >= 3);
+
+    let metrics = tokio::task::spawn_blocking(move || {
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut s = String::new();
+        c.read_to_string(&mut s).unwrap();
+        s
+    })
+    .await
+    .unwrap();
+    assert!(metrics.starts_with("HTTP/1.1 200 OK"), "{metrics}");
+    assert!(
+        metrics.contains("fieldgate_device_online{bus=\"plc\",device=\"meter\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("fieldgate_queue_depth "), "{metrics}");
+
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_fieldgate"))
+        .args(["status", "--state-dir"])
+        .arg(&state)
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("meter") && text.contains("online"), "{text}");
+    assert!(text.contains("bus plc"), "{text}");
+    gw.stop().await;
+}
