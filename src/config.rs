@@ -14,6 +14,7 @@ mod source_map;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -144,6 +145,19 @@ pub struct RawMqtt {
     pub inflight: Option<u16>,
     /// Most QoS 2 publishes in flight (mosquitto 2.0.11 stalls a publisher past 20).
     pub inflight_qos2: Option<u16>,
+    pub tls: Option<RawTls>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    /// PEM CA certificates to trust instead of the system store.
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate and key, for mutual TLS.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    /// Accept any server certificate. For the lab only; logged loudly.
+    pub insecure_skip_verify: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -376,6 +390,10 @@ pub struct Mqtt {
     pub keep_alive: Duration,
     pub inflight: u16,
     pub inflight_qos2: u16,
+    /// TLS (mqtts://), ready to use.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// `tls.insecure_skip_verify` (logged loudly at every connect).
+    pub insecure_skip_verify: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -1360,12 +1378,39 @@ impl Resolver<'_> {
     }
 
     fn resolve_mqtt(&mut self, ctx: &Ctx, base: &Path, gateway: &Gateway, m: &RawMqtt) -> Mqtt {
-        let (host, port) = match parse_mqtt_url(&m.url) {
+        let (host, port, use_tls) = match parse_mqtt_url(&m.url) {
             Ok(hp) => hp,
             Err(msg) => {
                 self.errors.push(ctx.diag("mqtt.url", msg));
-                (String::new(), 0)
+                (String::new(), 0, false)
             }
+        };
+        if m.tls.is_some() && !use_tls {
+            self.errors
+                .push(ctx.diag("mqtt.tls", "`tls:` needs an mqtts:// URL"));
+        }
+        let settings = m.tls.as_ref().map(|t| crate::tls::TlsSettings {
+            ca_file: t.ca_file.as_ref().map(|f| base.join(f)),
+            cert_file: t.cert_file.as_ref().map(|f| base.join(f)),
+            key_file: t.key_file.as_ref().map(|f| base.join(f)),
+            insecure_skip_verify: t.insecure_skip_verify.unwrap_or(false),
+        });
+        let insecure_skip_verify = settings.as_ref().is_some_and(|s| s.insecure_skip_verify);
+        let tls = if use_tls {
+            match crate::tls::client_config(&settings.unwrap_or_default()) {
+                Ok(c) => Some(c),
+                Err((field, msg)) => {
+                    let key = match field {
+                        crate::tls::Field::CaFile => "mqtt.tls.ca_file",
+                        crate::tls::Field::CertFile => "mqtt.tls.cert_file",
+                        crate::tls::Field::KeyFile => "mqtt.tls.key_file",
+                    };
+                    self.errors.push(ctx.diag(key, msg));
+                    None
+                }
+            }
+        } else {
+            None
         };
         let password = match (&m.password, &m.password_file) {
             (Some(_), Some(_)) => {
@@ -1422,6 +1467,8 @@ impl Resolver<'_> {
             keep_alive,
             inflight: inflight.max(1),
             inflight_qos2: inflight_qos2.clamp(1, inflight.max(1)),
+            tls,
+            insecure_skip_verify,
         }
     }
 
@@ -2151,19 +2198,20 @@ fn list_or_none(items: &[&str]) -> String {
 }
 
 /// `mqtt://host[:port]`; `tcp://` is accepted as a synonym.
-fn parse_mqtt_url(url: &str) -> Result<(String, u16), String> {
-    let rest = if let Some(r) = url
+fn parse_mqtt_url(url: &str) -> Result<(String, u16, bool), String> {
+    let (rest, tls) = if let Some(r) = url
         .strip_prefix("mqtt://")
         .or_else(|| url.strip_prefix("tcp://"))
     {
-        r
-    } else if url.starts_with("mqtts://") || url.starts_with("ssl://") {
-        return Err(format!(
-            "`{url}`: TLS (mqtts://) is not supported yet; use mqtt://"
-        ));
+        (r, false)
+    } else if let Some(r) = url
+        .strip_prefix("mqtts://")
+        .or_else(|| url.strip_prefix("ssl://"))
+    {
+        (r, true)
     } else {
         return Err(format!(
-            "`{url}` is not an MQTT URL: expected mqtt://host:port"
+            "`{url}` is not an MQTT URL: expected mqtt://host:port or mqtts://host:port"
         ));
     };
     let rest = rest.trim_end_matches('/');
@@ -2179,16 +2227,19 @@ fn parse_mqtt_url(url: &str) -> Result<(String, u16), String> {
             None => (rest.to_string(), None),
         }
     };
-    if host.is_empty() || host.contains('/') {
-        return Err(format!("`{url}`: expected mqtt://host:port"));
+    if host.is_empty() || host.contains(['/', '@']) {
+        return Err(format!(
+            "`{url}`: expected mqtt://host:port (credentials go in `username` and `password`)"
+        ));
     }
     let port = match port {
+        None if tls => 8883,
         None => 1883,
         Some(p) => p
             .parse::<u16>()
             .map_err(|_| format!("`{url}`: port `{p}` is not a number 1..=65535"))?,
     };
-    Ok((host, port))
+    Ok((host, port, tls))
 }
 
 /// `1048576`, `512KiB`, `64MB`, `1GiB`, `1.5GB` → bytes (KB/MB/GB are powers of 1000).
@@ -2290,20 +2341,20 @@ mod tests {
 
     #[test]
     fn mqtt_urls() {
+        let url = |u| parse_mqtt_url(u).unwrap();
         assert_eq!(
-            parse_mqtt_url("mqtt://127.0.0.1:1883").unwrap(),
-            ("127.0.0.1".into(), 1883)
+            url("mqtt://127.0.0.1:1883"),
+            ("127.0.0.1".into(), 1883, false)
         );
-        assert_eq!(
-            parse_mqtt_url("mqtt://broker").unwrap(),
-            ("broker".into(), 1883)
-        );
-        assert_eq!(
-            parse_mqtt_url("mqtt://[::1]:1884").unwrap(),
-            ("::1".into(), 1884)
-        );
+        assert_eq!(url("mqtt://broker"), ("broker".into(), 1883, false));
+        assert_eq!(url("mqtts://broker"), ("broker".into(), 8883, true));
+        assert_eq!(url("mqtt://[::1]:1884"), ("::1".into(), 1884, false));
         assert!(parse_mqtt_url("http://x").is_err());
         assert!(parse_mqtt_url("mqtt://x:99999").is_err());
+        assert!(
+            parse_mqtt_url("mqtt://user:pw@broker").is_err(),
+            "no credentials in URLs"
+        );
     }
 
     #[test]

@@ -41,4 +41,5 @@ pub mod sim;
 pub mod status;
 pub mod store;
 pub mod systemd;
+pub mod tls;
 pub mod uplink;

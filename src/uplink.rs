@@ -48,7 +48,10 @@ pub enum UplinkError {
 
 impl From<rumqttc::ConnectionError> for UplinkError {
     fn from(e: rumqttc::ConnectionError) -> Self {
-        UplinkError::Connection(Box::new(e))
+        match e {
+            rumqttc::ConnectionError::ConnectionRefused(code) => UplinkError::Refused(code),
+            e => UplinkError::Connection(Box::new(e)),
+        }
     }
 }
 
@@ -167,6 +170,9 @@ fn qos(q: u8) -> QoS {
     }
 }
 
+/// Longest wait between attempts when the broker keeps refusing the connection.
+const REFUSED_BACKOFF_MAX: Duration = Duration::from_secs(300);
+
 /// Settings of the uplink beyond the config's `mqtt:` section.
 #[derive(Debug, Clone)]
 pub struct Tuning {
@@ -176,6 +182,8 @@ pub struct Tuning {
     pub drain_timeout: Duration,
     pub backoff_min: Duration,
     pub backoff_max: Duration,
+    /// Least wait after the broker refused the connection (credentials, authorisation).
+    pub refused_backoff: Duration,
 }
 
 impl Default for Tuning {
@@ -185,6 +193,7 @@ impl Default for Tuning {
             drain_timeout: Duration::from_secs(2),
             backoff_min: Duration::from_millis(500),
             backoff_max: Duration::from_secs(30),
+            refused_backoff: Duration::from_secs(30),
         }
     }
 }
@@ -251,6 +260,7 @@ impl Uplink {
                 return;
             }
             let mut connected = false;
+            let refused: bool;
             // Connecting takes at most the connect timeout (10 s).
             self.beat(Duration::from_secs(10));
             let result = self.session(&cancel, &mut connected, down_since).await;
@@ -259,6 +269,12 @@ impl Uplink {
                 Err(e) => {
                     if connected {
                         backoff = self.tuning.backoff_min;
+                    }
+                    // A broker that refuses us (bad credentials, not authorised) will not change
+                    // its mind in a second: retry slowly, never in a hot loop.
+                    refused = matches!(e, UplinkError::Refused(_));
+                    if refused {
+                        backoff = backoff.max(self.tuning.refused_backoff);
                     }
                     // Logged once per outage; the attempts in between go to debug.
                     if connected || down_since.is_none() {
@@ -277,13 +293,25 @@ impl Uplink {
                 _ = cancel.cancelled() => return,
                 _ = sleep(backoff + jitter) => {}
             }
-            backoff = (backoff * 2).min(self.tuning.backoff_max);
+            backoff = if refused {
+                (backoff * 2).min(REFUSED_BACKOFF_MAX)
+            } else {
+                (backoff * 2).min(self.tuning.backoff_max)
+            };
         }
     }
 
     fn options(&self) -> MqttOptions {
         let m = &self.mqtt;
         let mut o = MqttOptions::new(m.client_id.clone(), m.host.clone(), m.port);
+        if let Some(tls) = &m.tls {
+            if m.insecure_skip_verify {
+                tracing::warn!(broker = %m.host, "TLS SERVER CERTIFICATE NOT VERIFIED (insecure_skip_verify): anyone on the path can read and forge this link; lab use only");
+            }
+            o.set_transport(rumqttc::Transport::tls_with_config(
+                rumqttc::TlsConfiguration::Rustls(tls.clone()),
+            ));
+        }
         o.set_keep_alive(m.keep_alive);
         o.set_clean_session(true);
         o.set_inflight(m.inflight);

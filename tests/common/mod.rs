@@ -192,6 +192,7 @@ pub fn test_tuning() -> Tuning {
         drain_timeout: Duration::from_secs(2),
         backoff_min: Duration::from_millis(100),
         backoff_max: Duration::from_millis(500),
+        refused_backoff: Duration::from_secs(30),
     }
 }
 
@@ -246,6 +247,47 @@ impl Mosquitto {
         let m = Mosquitto::start()?;
         let (dir, port) = m.stop();
         Some(Mosquitto::launch(mosquitto_bin().unwrap(), dir, port, true))
+    }
+
+    /// A mosquitto with a plain anonymous listener (`addr`, for test subscribers) and `extra`
+    /// configuration (more listeners; `per_listener_settings true` is set). Files written by
+    /// the test stay readable because it runs as the invoking user (`user root` under root).
+    pub fn start_custom(dir: tempfile::TempDir, extra: &str) -> Option<Mosquitto> {
+        let Some(bin) = mosquitto_bin() else {
+            if std::env::var("FIELDGATE_REQUIRE_MOSQUITTO").as_deref() == Ok("1") {
+                panic!("mosquitto is required (FIELDGATE_REQUIRE_MOSQUITTO=1) but not installed");
+            }
+            eprintln!("SKIPPED: mosquitto is not installed (apt-get install mosquitto)");
+            return None;
+        };
+        let port = free_port();
+        let conf = dir.path().join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!("per_listener_settings true\nuser root\nlistener {port} 127.0.0.1\nallow_anonymous true\n{extra}"),
+        )
+        .unwrap();
+        let child = Command::new(bin)
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(addr).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        std::thread::sleep(Duration::from_millis(100)); // the other listeners
+        Some(Mosquitto {
+            addr,
+            child,
+            persistent: false,
+            _dir: dir,
+        })
     }
 
     /// Stops the broker (SIGTERM: it saves its state) and starts it again on the same port.
