@@ -5,28 +5,71 @@ use std::net::{SocketAddr, TcpListener};
 use std::time::Duration;
 
 /// Starts rumqttd on a free loopback port, in its own thread.
+///
+/// rumqttd binds the address itself, so the port is chosen first: outside the kernel's
+/// ephemeral range (which outgoing connections keep drawing from, and could take it in the
+/// meantime), and then proven to be ours with an MQTT handshake.
 pub fn start() -> std::io::Result<SocketAddr> {
-    let addr = TcpListener::bind("127.0.0.1:0")?.local_addr()?;
-    let config = broker_config(addr);
-    let broker = rumqttd::Broker::new(config);
-    std::thread::Builder::new()
-        .name("rumqttd".into())
-        .spawn(move || {
-            let mut broker = broker;
-            if let Err(e) = broker.start() {
-                tracing::error!(error = %e, "in-process broker stopped");
+    for _ in 0..20 {
+        let addr = SocketAddr::from(([127, 0, 0, 1], quiet_port()?));
+        let broker = rumqttd::Broker::new(broker_config(addr));
+        std::thread::Builder::new()
+            .name("rumqttd".into())
+            .spawn(move || {
+                let mut broker = broker;
+                if let Err(e) = broker.start() {
+                    tracing::error!(error = %e, "in-process broker stopped");
+                }
+            })?;
+        for _ in 0..100 {
+            if answers_mqtt(addr) {
+                return Ok(addr);
             }
-        })?;
-    // Wait until it listens.
-    for _ in 0..100 {
-        if std::net::TcpStream::connect(addr).is_ok() {
-            return Ok(addr);
+            std::thread::sleep(Duration::from_millis(20));
         }
-        std::thread::sleep(Duration::from_millis(20));
     }
-    Err(std::io::Error::other(format!(
-        "the in-process broker did not start on {addr}"
-    )))
+    Err(std::io::Error::other("the in-process broker did not start"))
+}
+
+/// A loopback port below the ephemeral range (32768 and up) that can be bound now.
+pub fn quiet_port() -> std::io::Result<u16> {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let seed = (std::process::id() as u64 * 7919 + crate::message::now_ms() as u64) % 10_000;
+    let _ = NEXT.compare_exchange(
+        0,
+        20_000 + seed as u16,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    for _ in 0..2_000 {
+        let mut port = NEXT.fetch_add(1, Ordering::Relaxed);
+        if !(20_000..32_000).contains(&port) {
+            NEXT.store(20_001, Ordering::Relaxed);
+            port = 20_000;
+        }
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    Err(std::io::Error::other(
+        "no free loopback port in 20000..32000",
+    ))
+}
+
+/// Whether an MQTT broker answers a CONNECT on `addr` with a CONNACK.
+fn answers_mqtt(addr: SocketAddr) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+    // CONNECT, MQTT 3.1.1, clean session, keep-alive 10 s, client id "probe".
+    let connect = [
+        0x10, 17, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 10, 0, 5, b'p', b'r', b'o', b'b', b'e',
+    ];
+    let mut ack = [0u8; 4];
+    s.write_all(&connect).is_ok() && s.read_exact(&mut ack).is_ok() && ack[0] == 0x20
 }
 
 fn broker_config(addr: SocketAddr) -> rumqttd::Config {

@@ -362,12 +362,10 @@ impl Drop for Mosquitto {
     }
 }
 
+/// A free loopback port outside the ephemeral range, not handed out before in this process
+/// (so a broker restarted on it is not beaten to it by an outgoing connection).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    fieldgate::broker::quiet_port().unwrap()
 }
 
 /// Asserts that `seqs` is exactly `first..=last` with no gap.
