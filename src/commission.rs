@@ -28,6 +28,9 @@ fn point(dtype: DataType, order: Order) -> Point {
             retain: false,
         },
         field: None,
+        writable: false,
+        min: None,
+        max: None,
     }
 }
 

@@ -283,6 +283,11 @@ pub struct RawPoint {
     pub retain: Option<bool>,
     /// Serial line devices: the parsed field this point takes (a name, a path or an index).
     pub field: Option<FieldName>,
+    /// Accept commands on `{point topic}/set` (coils and holding registers).
+    pub writable: Option<bool>,
+    /// Limits of a commanded value, in engineering units (after scale and offset).
+    pub min: Option<f64>,
+    pub max: Option<f64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -580,6 +585,9 @@ pub fn check_model(path: &Path) -> Result<ModelSummary, ConfigErrors> {
                         retain: s.retain.unwrap_or(false),
                     },
                     field: s.field,
+                    writable: s.writable,
+                    min: s.min,
+                    max: s.max,
                 })
                 .collect(),
         }),
@@ -1106,6 +1114,9 @@ struct PointSpec {
     retain: Option<bool>,
     /// Serial line points: the parsed field.
     field: Option<String>,
+    writable: bool,
+    min: Option<f64>,
+    max: Option<f64>,
     /// Defined in the device's model (errors about it name the model).
     from_model: bool,
 }
@@ -1608,6 +1619,9 @@ impl Resolver<'_> {
                     retain: s.retain.or(d.retain).unwrap_or(false),
                 },
                 field: s.field,
+                writable: s.writable,
+                min: s.min,
+                max: s.max,
             });
         }
         if self.errors.len() != before {
@@ -1862,6 +1876,7 @@ fn validate_point(
     if let Some(field) = &r.field {
         // A field of a parsed text line: none of the register keys apply.
         for (key, set) in [
+            ("writable", r.writable == Some(true)),
             ("register", r.register.is_some()),
             ("coil", r.coil.is_some()),
             ("discrete", r.discrete.is_some()),
@@ -1924,6 +1939,9 @@ fn validate_point(
             retain: r.retain,
             field: Some(field.as_key()),
             from_model: false,
+            writable: false,
+            min: None,
+            max: None,
         });
     }
 
@@ -2091,6 +2109,29 @@ fn validate_point(
     {
         err("topic", msg);
     }
+    if r.writable == Some(true) {
+        if !matches!(table, Table::Coil | Table::Holding) {
+            err(
+                "writable",
+                format!(
+                    "{} cannot be written; only coils and holding registers",
+                    table.name()
+                ),
+            );
+        } else if bit.is_some() || dtype == DataType::String {
+            err("writable", "bit and string points are not writable".into());
+        }
+    } else if r.min.is_some() || r.max.is_some() {
+        err(
+            if r.min.is_some() { "min" } else { "max" },
+            "`min` and `max` limit commands: they need `writable: true`".into(),
+        );
+    }
+    if let (Some(lo), Some(hi)) = (r.min, r.max)
+        && lo > hi
+    {
+        err("min", format!("min {lo} is above max {hi}"));
+    }
     if errors.len() != before {
         return None;
     }
@@ -2114,6 +2155,9 @@ fn validate_point(
         retain: r.retain,
         field: None,
         from_model: false,
+        writable: r.writable.unwrap_or(false),
+        min: r.min,
+        max: r.max,
     })
 }
 

@@ -137,6 +137,7 @@ fn start(
     cancel: &CancellationToken,
 ) -> TaskTracker {
     let tasks = TaskTracker::new();
+    let mut commands = std::collections::HashMap::new();
     for bus in &config.buses {
         let devices: Vec<_> = config
             .devices
@@ -152,10 +153,17 @@ fn start(
             Transport::SerialLine { .. } => {
                 tasks.spawn(crate::line::run(bus, devices, shared, cancel))
             }
-            _ => tasks.spawn(crate::poller::run(bus, devices, shared, cancel)),
+            _ => {
+                let (tx, rx) = mpsc::channel(16);
+                for d in &devices {
+                    commands.insert(d.name.clone(), tx.clone());
+                }
+                tasks.spawn(crate::poller::run(bus, devices, shared, rx, cancel))
+            }
         };
     }
     let mut uplink = Uplink::new(config, shared.clone());
+    uplink.commands = commands;
     uplink.tuning = tuning.clone();
     uplink.started = started;
     tasks.spawn(uplink.run(cancel.clone()));

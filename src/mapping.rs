@@ -176,6 +176,10 @@ pub struct Point {
     pub delivery: Delivery,
     /// Serial line devices: the parsed field this point takes (`source` is unused then).
     pub field: Option<String>,
+    /// Accepts commands on `{topic}/set`, within `min..=max` (engineering units).
+    pub writable: bool,
+    pub min: Option<f64>,
+    pub max: Option<f64>,
 }
 
 impl Point {
@@ -259,6 +263,95 @@ impl Point {
             }
         };
         Some(self.apply_scale(raw))
+    }
+
+    /// Encodes a commanded value (a JSON number or bool, or text) for this point: range checked,
+    /// inverse scale and offset, the point's type and word/byte order. Errors say why, for the
+    /// `set/result` message.
+    pub fn encode(&self, v: &serde_json::Value) -> Result<crate::bus::WriteData, String> {
+        use crate::bus::WriteData;
+        if !self.writable {
+            return Err(format!("point {} is not writable", self.name));
+        }
+        if self.source.table == Table::Coil {
+            let b = match v {
+                serde_json::Value::Bool(b) => *b,
+                serde_json::Value::Number(n) if n.as_f64() == Some(1.0) => true,
+                serde_json::Value::Number(n) if n.as_f64() == Some(0.0) => false,
+                serde_json::Value::String(s) => match s.to_ascii_lowercase().as_str() {
+                    "true" | "on" | "1" => true,
+                    "false" | "off" | "0" => false,
+                    _ => return Err(format!("expected true or false, got {v}")),
+                },
+                _ => return Err(format!("expected true or false, got {v}")),
+            };
+            return Ok(WriteData::Coil(b));
+        }
+        let x = match v {
+            serde_json::Value::Number(n) => n.as_f64(),
+            serde_json::Value::String(s) => s.trim().parse::<f64>().ok(),
+            _ => None,
+        }
+        .filter(|x| x.is_finite())
+        .ok_or_else(|| format!("expected a number, got {v}"))?;
+        if let Some(min) = self.min
+            && x < min
+        {
+            return Err(format!("{x} is below the minimum {min}"));
+        }
+        if let Some(max) = self.max
+            && x > max
+        {
+            return Err(format!("{x} is above the maximum {max}"));
+        }
+        let raw = (x - self.offset.unwrap_or(0.0)) / self.scale.unwrap_or(1.0);
+        let int = |lo: f64, hi: f64| -> Result<i128, String> {
+            let r = raw.round();
+            if (raw - r).abs() > 1e-6 * raw.abs().max(1.0) {
+                return Err(format!(
+                    "{x} is not a whole number of steps of {}",
+                    self.scale.unwrap_or(1.0)
+                ));
+            }
+            if r < lo || r > hi {
+                return Err(format!("{x} does not fit a {:?}", self.dtype));
+            }
+            Ok(r as i128)
+        };
+        let be: Vec<u8> = match self.dtype {
+            DataType::U16 => (int(0.0, u16::MAX as f64)? as u16).to_be_bytes().to_vec(),
+            DataType::I16 => (int(i16::MIN as f64, i16::MAX as f64)? as i16)
+                .to_be_bytes()
+                .to_vec(),
+            DataType::U32 => (int(0.0, u32::MAX as f64)? as u32).to_be_bytes().to_vec(),
+            DataType::I32 => (int(i32::MIN as f64, i32::MAX as f64)? as i32)
+                .to_be_bytes()
+                .to_vec(),
+            DataType::U64 => (int(0.0, u64::MAX as f64)? as u64).to_be_bytes().to_vec(),
+            DataType::I64 => (int(i64::MIN as f64, i64::MAX as f64)? as i64)
+                .to_be_bytes()
+                .to_vec(),
+            DataType::F32 => (raw as f32).to_be_bytes().to_vec(),
+            DataType::F64 => raw.to_be_bytes().to_vec(),
+            DataType::Bool | DataType::String => {
+                return Err(format!("a {:?} point cannot be written", self.dtype));
+            }
+        };
+        // The inverse of `ordered_bytes`: big-endian bytes back into words on the wire.
+        let mut words: Vec<u16> = be
+            .chunks(2)
+            .map(|c| {
+                if self.order.byte_swap() {
+                    u16::from_be_bytes([c[1], c[0]])
+                } else {
+                    u16::from_be_bytes([c[0], c[1]])
+                }
+            })
+            .collect();
+        if self.order.word_swap() {
+            words.reverse();
+        }
+        Ok(WriteData::Registers(words))
     }
 
     /// Decodes a coil or discrete input.
@@ -362,6 +455,9 @@ mod tests {
                 retain: false,
             },
             field: None,
+            writable: false,
+            min: None,
+            max: None,
         }
     }
 
@@ -553,6 +649,77 @@ mod tests {
             point(DataType::String, Order::ABCD).decode_text("A"),
             Some(Value::Text("A".into()))
         );
+    }
+
+    #[test]
+    fn encoding_is_the_inverse_of_decoding_in_every_order() {
+        for order in [Order::ABCD, Order::CDAB, Order::BADC, Order::DCBA] {
+            for (dtype, v) in [
+                (DataType::F32, serde_json::json!(61.25)),
+                (DataType::I32, serde_json::json!(-123456)),
+                (DataType::U16, serde_json::json!(4242)),
+                (DataType::F64, serde_json::json!(1234.5678)),
+                (DataType::I64, serde_json::json!(-5)),
+            ] {
+                let mut p = point(dtype, order);
+                p.writable = true;
+                let crate::bus::WriteData::Registers(words) = p.encode(&v).unwrap() else {
+                    panic!()
+                };
+                assert_eq!(
+                    serde_json::to_value(p.decode_words(&words)).unwrap(),
+                    v,
+                    "{dtype:?} {order:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn encoding_applies_inverse_scale_and_refuses_what_does_not_fit() {
+        let mut p = point(DataType::U16, Order::ABCD);
+        p.writable = true;
+        p.scale = Some(0.1);
+        p.offset = Some(-40.0);
+        assert_eq!(
+            p.encode(&serde_json::json!(21.5)),
+            Ok(crate::bus::WriteData::Registers(vec![615]))
+        );
+        assert!(
+            p.encode(&serde_json::json!(21.55))
+                .unwrap_err()
+                .contains("whole number of steps")
+        );
+        assert!(
+            p.encode(&serde_json::json!(-50))
+                .unwrap_err()
+                .contains("does not fit")
+        );
+        assert!(
+            p.encode(&serde_json::json!("warm"))
+                .unwrap_err()
+                .contains("expected a number")
+        );
+        p.max = Some(30.0);
+        assert!(
+            p.encode(&serde_json::json!(31))
+                .unwrap_err()
+                .contains("above the maximum 30")
+        );
+        p.writable = false;
+        assert!(
+            p.encode(&serde_json::json!(21.5))
+                .unwrap_err()
+                .contains("not writable")
+        );
+        let mut c = point(DataType::Bool, Order::ABCD);
+        c.source.table = Table::Coil;
+        c.writable = true;
+        assert_eq!(
+            c.encode(&serde_json::json!("on")),
+            Ok(crate::bus::WriteData::Coil(true))
+        );
+        assert!(c.encode(&serde_json::json!(2)).is_err());
     }
 
     #[test]

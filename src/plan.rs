@@ -101,6 +101,9 @@ mod tests {
                 retain: false,
             },
             field: None,
+            writable: false,
+            min: None,
+            max: None,
         }
     }
 

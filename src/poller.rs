@@ -24,7 +24,7 @@ use serde::Serialize;
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 
-use crate::bus::{BusError, Data, Link};
+use crate::bus::{BusError, Data, Link, WriteData};
 use crate::config::{Bus, Device};
 use crate::gateway::Shared;
 use crate::mapping::Value;
@@ -121,7 +121,22 @@ struct Slot {
 }
 
 /// Polls every device of `bus` until `cancel` fires.
-pub async fn run(bus: Bus, devices: Vec<Device>, shared: Shared, cancel: CancellationToken) {
+/// A command for a point: write it, read it back. The reply carries the value read back or
+/// why it failed. Commands are never stored: they are carried out now or refused.
+pub struct Command {
+    pub device: String,
+    pub point: usize,
+    pub data: WriteData,
+    pub reply: tokio::sync::oneshot::Sender<Result<Value, String>>,
+}
+
+pub async fn run(
+    bus: Bus,
+    devices: Vec<Device>,
+    shared: Shared,
+    mut commands: tokio::sync::mpsc::Receiver<Command>,
+    cancel: CancellationToken,
+) {
     let Shared {
         store,
         stats,
@@ -178,6 +193,11 @@ pub async fn run(bus: Bus, devices: Vec<Device>, shared: Shared, cancel: Cancell
         tokio::select! {
             biased;
             _ = cancel.cancelled() => break,
+            // A command waits its turn on the bus like any request, but goes before polls.
+            Some(cmd) = commands.recv() => {
+                execute(&mut link, &mut states, cmd, &store).await;
+                continue;
+            }
             _ = sleep_until(due) => {}
         }
         let (d, g) = (slots[next].device, slots[next].group);
@@ -251,6 +271,52 @@ pub async fn run(bus: Bus, devices: Vec<Device>, shared: Shared, cancel: Cancell
     }
     health.forget(&task);
     tracing::debug!(bus = %bus.name, "polling stopped");
+}
+
+/// Writes a command's value, reads the point back, publishes the value read and replies.
+async fn execute(link: &mut Link, states: &mut [DeviceState], cmd: Command, store: &StoreHandle) {
+    let Some(st) = states.iter_mut().find(|s| s.device.name == cmd.device) else {
+        let _ = cmd.reply.send(Err(format!("no device {}", cmd.device)));
+        return;
+    };
+    let dev = &st.device;
+    let p = &dev.points[cmd.point];
+    let result = async {
+        link.write(dev.unit, p.source.address, &cmd.data)
+            .await
+            .map_err(|e| format!("write failed: {e}"))?;
+        let req = dev
+            .groups
+            .iter()
+            .flat_map(|g| &g.requests)
+            .find(|r| r.points.contains(&cmd.point))
+            .ok_or("the point is not polled")?;
+        let data = link
+            .read(dev.unit, req)
+            .await
+            .map_err(|e| format!("written, but the read-back failed: {e}"))?;
+        let off = (p.source.address - req.start) as usize;
+        let value = match &data {
+            Data::Words(w) => p.decode_words(&w[off..off + p.width() as usize]),
+            Data::Bits(b) => p.decode_bit(b[off]),
+        };
+        Ok::<Value, String>(value)
+    }
+    .await;
+    match &result {
+        Ok(v) => {
+            tracing::info!(device = %dev.name, point = %p.name, value = %v, "command written and read back");
+            if let Err(e) = store.enqueue(message::from_values(
+                dev,
+                now_ms(),
+                vec![(cmd.point, v.clone())],
+            )) {
+                tracing::error!(error = %e, "cannot hand the read-back to the store");
+            }
+        }
+        Err(e) => tracing::warn!(device = %dev.name, point = %p.name, error = %e, "command failed"),
+    }
+    let _ = cmd.reply.send(result);
 }
 
 /// Counts a failed poll; announces `offline` when the device reaches its threshold.

@@ -117,7 +117,7 @@ impl Service for Handler {
             if st.silent.contains(&req.slave) {
                 (Ok(None), Duration::ZERO)
             } else {
-                (answer(&st, req.slave, &req.request), st.delay)
+                (answer(&mut st, req.slave, &req.request), st.delay)
             }
         };
         Box::pin(async move {
@@ -129,8 +129,8 @@ impl Service for Handler {
     }
 }
 
-fn answer(st: &State, unit: u8, req: &Request<'_>) -> Answer {
-    let Some(bank) = st.units.get(&unit) else {
+fn answer(st: &mut State, unit: u8, req: &Request<'_>) -> Answer {
+    let Some(bank) = st.units.get_mut(&unit) else {
         return Err(ExceptionCode::GatewayTargetDevice);
     };
     fn words(map: &HashMap<u16, u16>, start: u16, n: u16) -> Result<Vec<u16>, ExceptionCode> {
@@ -161,6 +161,30 @@ fn answer(st: &State, unit: u8, req: &Request<'_>) -> Answer {
         Request::ReadCoils(a, n) => Response::ReadCoils(bits(&bank.coils, *a, *n)?),
         Request::ReadDiscreteInputs(a, n) => {
             Response::ReadDiscreteInputs(bits(&bank.discrete, *a, *n)?)
+        }
+        // Writes land only on addresses that exist, as on a real device.
+        Request::WriteSingleCoil(a, v) => {
+            let c = bank
+                .coils
+                .get_mut(a)
+                .ok_or(ExceptionCode::IllegalDataAddress)?;
+            *c = *v;
+            Response::WriteSingleCoil(*a, *v)
+        }
+        Request::WriteSingleRegister(a, v) => {
+            let r = bank
+                .holding
+                .get_mut(a)
+                .ok_or(ExceptionCode::IllegalDataAddress)?;
+            *r = *v;
+            Response::WriteSingleRegister(*a, *v)
+        }
+        Request::WriteMultipleRegisters(a, words) => {
+            if (0..words.len() as u16).any(|i| !bank.holding.contains_key(&(a + i))) {
+                return Err(ExceptionCode::IllegalDataAddress);
+            }
+            bank.set_holding(*a, words);
+            Response::WriteMultipleRegisters(*a, words.len() as u16)
         }
         _ => return Err(ExceptionCode::IllegalFunction),
     }))
@@ -248,14 +272,27 @@ async fn serve_rtu(
             }
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
         }
-        // Every request we serve is a read: 8 bytes with a valid CRC. Anything else is noise.
+        // Reads and single writes are 8 bytes; a multiple-register write (16) carries its byte
+        // count. A frame without a valid CRC is noise: skip a byte and look again.
         while buf.len() >= 8 {
-            let frame: Vec<u8> = buf[..8].to_vec();
-            if crc16(&frame[..6]).to_le_bytes() != [frame[6], frame[7]] {
+            let len = if buf[1] == 0x10 {
+                if buf.len() < 7 {
+                    break;
+                }
+                9 + buf[6] as usize
+            } else {
+                8
+            };
+            if buf.len() < len {
+                break;
+            }
+            let frame: Vec<u8> = buf[..len].to_vec();
+            if crc16(&frame[..len - 2]).to_le_bytes() != [frame[len - 2], frame[len - 1]] {
                 buf.remove(0);
                 continue;
             }
-            buf.drain(..8);
+            buf.drain(..len);
+            let word = |i: usize| u16::from_be_bytes([frame[i], frame[i + 1]]);
             let unit = frame[0];
             let (answer, delay, corrupt, noise) = {
                 let mut st = state.lock().expect("not poisoned");
@@ -282,9 +319,21 @@ async fn serve_rtu(
                         u16::from_be_bytes([frame[2], frame[3]]),
                         u16::from_be_bytes([frame[4], frame[5]]),
                     ),
+                    0x05 => Request::WriteSingleCoil(word(2), word(4) == 0xFF00),
+                    0x06 => Request::WriteSingleRegister(word(2), word(4)),
+                    0x10 => Request::WriteMultipleRegisters(
+                        word(2),
+                        (0..word(4) as usize)
+                            .map(|i| word(7 + 2 * i))
+                            .collect::<Vec<u16>>()
+                            .into(),
+                    ),
                     _ => Request::ReadCoils(0, 0),
                 };
-                let pdu = match answer(&st, unit, &req) {
+                let pdu = match answer(&mut st, unit, &req) {
+                    Ok(Some(Response::WriteSingleCoil(..)))
+                    | Ok(Some(Response::WriteSingleRegister(..)))
+                    | Ok(Some(Response::WriteMultipleRegisters(..))) => frame[..6].to_vec(),
                     Ok(Some(Response::ReadHoldingRegisters(w)))
                     | Ok(Some(Response::ReadInputRegisters(w))) => {
                         let mut p = vec![unit, frame[1], (w.len() * 2) as u8];

@@ -211,6 +211,10 @@ pub struct Uplink {
     /// The pollers' figures, reported in the status message.
     /// Figures, device availability and liveness shared with the pollers.
     pub shared: Shared,
+    /// Each Modbus device's bus task, for commands.
+    pub commands: HashMap<String, mpsc::Sender<crate::poller::Command>>,
+    /// `…/set` topic → (device, point index, point).
+    pub set_topics: HashMap<String, (String, usize, crate::mapping::Point)>,
 }
 
 /// How a session ended without an error.
@@ -229,6 +233,8 @@ impl Uplink {
             status_interval: config.gateway.status_interval,
             started: std::time::Instant::now(),
             shared,
+            commands: HashMap::new(),
+            set_topics: command_topics(config),
         }
     }
 
@@ -391,6 +397,17 @@ impl Uplink {
         let mut status = tokio::time::interval(self.status_interval);
         status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
+        // Commands: every point's `…/set` (a non-writable one gets a refusal, not silence).
+        let filters: Vec<rumqttc::SubscribeFilter> = self
+            .set_topics
+            .keys()
+            .map(|t| rumqttc::SubscribeFilter::new(t.clone(), QoS::AtLeastOnce))
+            .collect();
+        for chunk in filters.chunks(64) {
+            client.try_subscribe_many(chunk.to_vec())?;
+        }
+        let (results_tx, mut results) = mpsc::channel::<(String, Vec<u8>)>(64);
+
         // Device availability: everything known on connect, then every change.
         let mut announced: HashMap<String, u64> = HashMap::new();
         let result = loop {
@@ -443,10 +460,15 @@ impl Uplink {
                     match ev {
                         None => break Err(UplinkError::ConnectTimeout(connect_timeout)),
                         Some(Err(e)) => break Err(e.into()),
+                        Some(Ok(Event::Incoming(Packet::Publish(p)))) => self.command(p, &results_tx),
                         Some(Ok(ev)) => if let Err(e) = handle(&mut inflight, &mut acks, ev) {
                             break Err(e);
                         },
                     }
+                }
+                Some((topic, payload)) = results.recv(), if inflight.len() < window => {
+                    client.try_publish(topic, QoS::AtLeastOnce, false, payload)?;
+                    inflight.submitted(Entry::Control { qos: 1 });
                 }
                 changed = committed.changed(), if drained && ready.is_empty() => {
                     if changed.is_err() {
@@ -513,6 +535,103 @@ impl Uplink {
         .await;
         tracing::info!(unacknowledged_rows_kept = left, "MQTT uplink closed");
         Ok(Ended::Shutdown)
+    }
+}
+
+/// The command topic of every point: `{point topic}/set`, or `{device topic}/{point}/set` for a
+/// device published as one message.
+pub fn command_topics(config: &Config) -> HashMap<String, (String, usize, crate::mapping::Point)> {
+    let mut out = HashMap::new();
+    for d in &config.devices {
+        for (i, p) in d.points.iter().enumerate() {
+            let topic = match d.publish {
+                crate::config::PublishMode::Point => format!("{}/set", p.delivery.topic),
+                crate::config::PublishMode::Device => {
+                    format!("{}/{}/set", d.device_delivery.topic, p.name)
+                }
+            };
+            out.insert(topic, (d.name.clone(), i, p.clone()));
+        }
+    }
+    out
+}
+
+/// What a command payload asks for: a bare value (`21.5`, `true`, `on`) or `{"value": …}`.
+pub fn command_value(payload: &[u8]) -> Result<serde_json::Value, String> {
+    let text = std::str::from_utf8(payload)
+        .map_err(|_| "the payload is not UTF-8".to_string())?
+        .trim();
+    if text.is_empty() {
+        return Err("empty payload".into());
+    }
+    match serde_json::from_str::<serde_json::Value>(text) {
+        Ok(serde_json::Value::Object(m)) => m
+            .get("value")
+            .cloned()
+            .ok_or_else(|| "expected {\"value\": …}".to_string()),
+        Ok(
+            v @ (serde_json::Value::Number(_)
+            | serde_json::Value::Bool(_)
+            | serde_json::Value::String(_)),
+        ) => Ok(v),
+        Ok(other) => Err(format!("expected a value, got {other}")),
+        Err(_) if text.starts_with(['{', '[', '"']) => Err("malformed JSON".into()),
+        Err(_) => Ok(serde_json::Value::String(text.to_string())),
+    }
+}
+
+impl Uplink {
+    /// Handles one incoming publish on a command topic: refuses it with a result message, or
+    /// hands it to the device's bus task and publishes the result when it is done.
+    fn command(&self, p: rumqttc::Publish, results: &mpsc::Sender<(String, Vec<u8>)>) {
+        let Some((device, point, spec)) = self.set_topics.get(&p.topic) else {
+            return;
+        };
+        // An empty publish is how a retained message is cleared: not a command.
+        if p.payload.is_empty() {
+            tracing::debug!(topic = %p.topic, "empty command payload ignored");
+            return;
+        }
+        let result_topic = format!("{}/result", p.topic);
+        let refuse = |why: String| {
+            tracing::warn!(topic = %p.topic, reason = %why, "command refused; nothing written");
+            let body = serde_json::json!({"ok": false, "error": why});
+            let _ = results.try_send((result_topic.clone(), body.to_string().into_bytes()));
+        };
+        // A retained command would be carried out again at every reconnect, hours later.
+        if p.retain {
+            return refuse("retained commands are ignored; publish without retain".into());
+        }
+        let data = match command_value(&p.payload).and_then(|v| spec.encode(&v)) {
+            Ok(d) => d,
+            Err(why) => return refuse(why),
+        };
+        let Some(tx) = self.commands.get(device) else {
+            return refuse(format!("device {device} does not take commands"));
+        };
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let cmd = crate::poller::Command {
+            device: device.clone(),
+            point: *point,
+            data,
+            reply,
+        };
+        if tx.try_send(cmd).is_err() {
+            return refuse("the bus is busy with other commands; try again".into());
+        }
+        let results = results.clone();
+        tokio::spawn(async move {
+            let body = match tokio::time::timeout(Duration::from_secs(30), answer).await {
+                Ok(Ok(Ok(v))) => serde_json::json!({"ok": true, "value": v}),
+                Ok(Ok(Err(e))) => serde_json::json!({"ok": false, "error": e}),
+                _ => {
+                    serde_json::json!({"ok": false, "error": "no answer from the bus within 30 s"})
+                }
+            };
+            let _ = results
+                .send((result_topic, body.to_string().into_bytes()))
+                .await;
+        });
     }
 }
 

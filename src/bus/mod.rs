@@ -17,6 +17,13 @@ use tokio_modbus::ExceptionCode;
 use crate::config::{Bus, Transport};
 use crate::plan::ReadRequest;
 
+/// What a write sends.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WriteData {
+    Coil(bool),
+    Registers(Vec<u16>),
+}
+
 /// What a read returns.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Data {
@@ -102,6 +109,19 @@ impl Link {
         match self {
             Link::ModbusTcp(t) => t.read(unit, req).await,
             Link::ModbusRtu(t) => t.read(unit, req).await,
+        }
+    }
+
+    /// Writes one coil or a run of holding registers (commands), then the caller reads back.
+    pub async fn write(
+        &mut self,
+        unit: u8,
+        address: u16,
+        data: &WriteData,
+    ) -> Result<(), BusError> {
+        match self {
+            Link::ModbusTcp(t) => t.write(unit, address, data).await,
+            Link::ModbusRtu(t) => t.write(unit, address, data).await,
         }
     }
 

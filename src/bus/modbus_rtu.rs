@@ -22,7 +22,7 @@ use tokio::time::{Instant, sleep_until, timeout_at};
 use tokio_modbus::ExceptionCode;
 use tokio_serial::{SerialPort, SerialPortBuilderExt, SerialStream};
 
-use super::{BusError, Data};
+use super::{BusError, Data, WriteData};
 use crate::mapping::Table;
 use crate::plan::ReadRequest;
 
@@ -234,6 +234,85 @@ impl ModbusRtu {
                 ok => return ok,
             }
         }
+    }
+
+    /// Writes a coil (function 05) or registers (06 for one, 16 for more). Not retried: a write
+    /// whose reply was lost may have happened, and the read-back tells.
+    pub async fn write(
+        &mut self,
+        unit: u8,
+        address: u16,
+        data: &WriteData,
+    ) -> Result<(), BusError> {
+        let [ah, al] = address.to_be_bytes();
+        let (fc, frame) = match data {
+            WriteData::Coil(b) => (
+                0x05,
+                vec![unit, 0x05, ah, al, if *b { 0xFF } else { 0x00 }, 0x00],
+            ),
+            WriteData::Registers(w) if w.len() == 1 => {
+                let [vh, vl] = w[0].to_be_bytes();
+                (0x06, vec![unit, 0x06, ah, al, vh, vl])
+            }
+            WriteData::Registers(w) => {
+                let [qh, ql] = (w.len() as u16).to_be_bytes();
+                let mut f = vec![unit, 0x10, ah, al, qh, ql, (w.len() * 2) as u8];
+                w.iter().for_each(|x| f.extend_from_slice(&x.to_be_bytes()));
+                (0x10, f)
+            }
+        };
+        let frame = with_crc(frame);
+        let gap = self.t35 + self.turnaround;
+        let timeout = self.timeout;
+        let quiet_since = self.quiet_since;
+        let started = Instant::now();
+        let stream = self.open().await?;
+        sleep_until(quiet_since + gap).await;
+        if let Err(e) = stream.write_all(&frame).await {
+            self.stream = None;
+            return Err(BusError::Io(e));
+        }
+        let deadline = Instant::now() + timeout;
+        let result = async {
+            let mut one = [0u8; 1];
+            let mut prev: Option<u8> = None;
+            loop {
+                read_exact_by(stream, &mut one, deadline, timeout).await?;
+                if prev == Some(unit) && (one[0] == fc || one[0] == fc | 0x80) {
+                    break;
+                }
+                prev = Some(one[0]);
+            }
+            let mut reply = vec![unit, one[0]];
+            let rest = if one[0] & 0x80 != 0 { 3 } else { 6 };
+            let mut tail = vec![0u8; rest];
+            read_exact_by(stream, &mut tail, deadline, timeout).await?;
+            reply.extend_from_slice(&tail);
+            let (body, crc) = reply.split_at(reply.len() - 2);
+            if crc16(body).to_le_bytes() != [crc[0], crc[1]] {
+                return Err(BusError::Crc);
+            }
+            if body[1] & 0x80 != 0 {
+                return Err(BusError::Exception(exception(body[2])));
+            }
+            if body[2..4] != frame[2..4] {
+                return Err(BusError::Protocol("write reply for another address".into()));
+            }
+            Ok(())
+        }
+        .await;
+        match &result {
+            Ok(()) | Err(BusError::Exception(_)) => {}
+            Err(BusError::Io(_)) => self.stream = None,
+            Err(_) => {
+                if let Some(s) = self.stream.as_mut() {
+                    drain(s, Instant::now() + timeout.max(gap * 4)).await;
+                }
+            }
+        }
+        self.quiet_since = Instant::now();
+        self.busy += started.elapsed();
+        result
     }
 
     fn count(&mut self, e: &BusError) {

@@ -11,9 +11,10 @@ use tokio::time::timeout;
 use tokio_modbus::client::{Context, Reader};
 use tokio_modbus::prelude::{Slave, SlaveContext};
 
-use super::{BusError, Data};
+use super::{BusError, Data, WriteData};
 use crate::mapping::Table;
 use crate::plan::ReadRequest;
+use tokio_modbus::client::Writer;
 
 pub struct ModbusTcp {
     host: String,
@@ -44,6 +45,43 @@ impl ModbusTcp {
             self.ctx = Some(tokio_modbus::client::tcp::attach(stream));
         }
         Ok(self.ctx.as_mut().expect("just set"))
+    }
+
+    /// Writes a coil (function 05) or registers (06 for one, 16 for more).
+    pub async fn write(
+        &mut self,
+        unit: u8,
+        address: u16,
+        data: &WriteData,
+    ) -> Result<(), BusError> {
+        let limit = self.timeout;
+        let ctx = self.connect().await?;
+        ctx.set_slave(Slave(unit));
+        let answer = timeout(limit, async {
+            match data {
+                WriteData::Coil(b) => ctx.write_single_coil(address, *b).await,
+                WriteData::Registers(w) if w.len() == 1 => {
+                    ctx.write_single_register(address, w[0]).await
+                }
+                WriteData::Registers(w) => ctx.write_multiple_registers(address, w).await,
+            }
+        })
+        .await;
+        match answer {
+            Err(_) => {
+                self.ctx = None;
+                Err(BusError::Timeout(limit))
+            }
+            Ok(Err(e)) => {
+                self.ctx = None;
+                Err(match e {
+                    tokio_modbus::Error::Transport(io) => BusError::Io(io),
+                    tokio_modbus::Error::Protocol(p) => BusError::Protocol(p.to_string()),
+                })
+            }
+            Ok(Ok(Err(code))) => Err(BusError::Exception(code)),
+            Ok(Ok(Ok(()))) => Ok(()),
+        }
     }
 
     pub async fn read(&mut self, unit: u8, req: &ReadRequest) -> Result<Data, BusError> {

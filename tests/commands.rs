@@ -1,0 +1,236 @@
+//! Commands from MQTT to devices: write, read back, publish, answer — and every refusal writes
+//! nothing.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Gateway, Subscriber, config};
+use fieldgate::sim::Simulator;
+use serde_json::json;
+
+async fn publisher(broker: std::net::SocketAddr) -> rumqttc::AsyncClient {
+    let o = rumqttc::MqttOptions::new("test-commander", broker.ip().to_string(), broker.port());
+    let (client, mut el) = rumqttc::AsyncClient::new(o, 100);
+    tokio::spawn(async move { while el.poll().await.is_ok() {} });
+    client
+}
+
+fn result(sub: &Subscriber, point: &str) -> Vec<serde_json::Value> {
+    let topic = format!("fieldgate/gw1/d/{point}/set/result");
+    sub.all()
+        .iter()
+        .filter(|r| r.topic == topic)
+        .filter_map(|r| r.json.clone())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_write_read_back_and_answer_and_refusals_write_nothing() {
+    let broker = fieldgate::broker::start().unwrap();
+    let sim = Simulator::start(None).await.unwrap();
+    sim.with_unit(1, |b| {
+        b.set_holding(100, &[0x0000, 0x41A0]); // 20.0 f32, CDAB
+        b.set_holding(10, &[500]); // 50.0 after scale 0.1
+        b.coils.insert(3, false);
+        b.set_input(7, &[1]);
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let sub = Subscriber::start(broker).await;
+    // A stale, retained command left on the broker before the gateway starts: it must not be
+    // carried out when the gateway subscribes (it arrives with the retain flag).
+    let client = publisher(broker).await;
+    client
+        .publish(
+            "fieldgate/gw1/d/setpoint/set",
+            rumqttc::QoS::AtLeastOnce,
+            true,
+            "30",
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let devices = "  d:\n    bus: plc\n    every: 1s\n    points:\n      setpoint: { register: 100, type: f32, order: CDAB, writable: true, min: 5, max: 80 }\n      level:    { register: 10, scale: 0.1, writable: true }\n      pump:     { coil: 3, writable: true }\n      sensor:   { register: 7, kind: input }\n";
+    let gw = Gateway::start(
+        dir.path(),
+        &config(&dir.path().join("state"), broker, sim.addr, devices),
+    );
+    sub.wait_for(Duration::from_secs(5), "first readings", |g| {
+        g.iter().any(|r| r.topic.ends_with("/setpoint"))
+    })
+    .await;
+    sub.wait_for(Duration::from_secs(5), "the stale command refused", |g| {
+        g.iter().any(|r| {
+            r.topic.ends_with("/setpoint/set/result")
+                && r.payload.contains("retained commands are ignored")
+        })
+    })
+    .await;
+    assert_eq!(
+        sim.with_unit(1, |b| b.holding[&101]),
+        0x41A0,
+        "the stale command wrote nothing"
+    );
+    client
+        .publish(
+            "fieldgate/gw1/d/setpoint/set",
+            rumqttc::QoS::AtLeastOnce,
+            true,
+            "",
+        )
+        .await
+        .unwrap(); // clear it
+    let set = |point: &str, payload: &str, retain: bool| {
+        let client = client.clone();
+        let topic = format!("fieldgate/gw1/d/{point}/set");
+        let payload = payload.to_string();
+        async move {
+            client
+                .publish(topic, rumqttc::QoS::AtLeastOnce, retain, payload)
+                .await
+                .unwrap()
+        }
+    };
+
+    set("setpoint", "62.5", false).await;
+    set("level", r#"{"value": 45.5}"#, false).await;
+    set("pump", "on", false).await;
+    sub.wait_for(Duration::from_secs(5), "three results", |g| {
+        g.iter()
+            .filter(|r| r.topic.ends_with("/set/result"))
+            .count()
+            >= 3
+    })
+    .await;
+    assert_eq!(
+        result(&sub, "setpoint")[1..],
+        [json!({"ok": true, "value": 62.5})]
+    );
+    assert_eq!(
+        result(&sub, "level"),
+        vec![json!({"ok": true, "value": 45.5})]
+    );
+    assert_eq!(
+        result(&sub, "pump"),
+        vec![json!({"ok": true, "value": true})]
+    );
+    let regs = |sim: &Simulator| {
+        sim.with_unit(1, |b| {
+            (
+                b.holding[&100],
+                b.holding[&101],
+                b.holding[&10],
+                b.coils[&3],
+            )
+        })
+    };
+    assert_eq!(
+        regs(&sim),
+        (0x0000, 0x427A, 455, true),
+        "62.5 f32 CDAB, 455, coil on"
+    );
+    // The read-back is published as a reading.
+    sub.wait_for(Duration::from_secs(2), "the read-back", |g| {
+        g.iter()
+            .any(|r| r.topic == "fieldgate/gw1/d/setpoint" && r.value() == Some(&json!(62.5)))
+    })
+    .await;
+
+    // Refusals: each answered, nothing written.
+    let before = regs(&sim);
+    set("sensor", "5", false).await;
+    set("setpoint", "abc", false).await;
+    set("setpoint", "99", false).await;
+    set("level", "{oops", false).await;
+    set("pump", "maybe", false).await;
+    sub.wait_for(Duration::from_secs(5), "six refusals", |g| {
+        g.iter()
+            .filter(|r| r.topic.ends_with("/set/result") && r.payload.contains("\"ok\":false"))
+            .count()
+            >= 6
+    })
+    .await;
+    gw.stop().await;
+    assert_eq!(regs(&sim), before, "a refused command wrote something");
+    let errors: Vec<String> = sub
+        .all()
+        .iter()
+        .filter(|r| r.topic.ends_with("/set/result") && r.payload.contains("\"ok\":false"))
+        .map(|r| {
+            r.json.as_ref().unwrap()["error"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    for expected in [
+        "not writable",
+        "expected a number",
+        "above the maximum 80",
+        "malformed JSON",
+        "expected true or false",
+        "retained commands are ignored",
+    ] {
+        assert!(
+            errors.iter().any(|e| e.contains(expected)),
+            "no refusal `{expected}` in {errors:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_on_rs485_waits_its_turn_and_lands() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = fieldgate::sim::RtuBus::start(dir.path(), 19200).unwrap();
+    bus.with_unit(4, |b| b.set_holding(0, &[0, 0, 7]));
+    let broker = fieldgate::broker::start().unwrap();
+    let sub = Subscriber::start(broker).await;
+    let yaml = format!(
+        "gateway: {{ id: gw1, state_dir: {} }}\nmqtt: {{ url: mqtt://{broker} }}\nbuses:\n  rs485:\n    modbus_rtu: {{ port: {}, baud: 19200 }}\ndevices:\n  d:\n    bus: rs485\n    unit: 4\n    every: 100ms\n    points:\n      big: {{ register: 0, type: i32, writable: true }}\n      small: {{ register: 2, writable: true }}\n",
+        dir.path().join("state").display(),
+        bus.path.display()
+    );
+    let gw = Gateway::start(dir.path(), &yaml);
+    sub.wait_for(Duration::from_secs(5), "readings", |g| {
+        g.iter().any(|r| r.topic.ends_with("/d/big"))
+    })
+    .await;
+    let client = publisher(broker).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    client
+        .publish(
+            "fieldgate/gw1/d/big/set",
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            "-100000",
+        )
+        .await
+        .unwrap();
+    client
+        .publish(
+            "fieldgate/gw1/d/small/set",
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            "9",
+        )
+        .await
+        .unwrap();
+    sub.wait_for(Duration::from_secs(5), "two results", |g| {
+        g.iter()
+            .filter(|r| r.topic.ends_with("/set/result"))
+            .count()
+            >= 2
+    })
+    .await;
+    gw.stop().await;
+    assert_eq!(
+        result(&sub, "big"),
+        vec![json!({"ok": true, "value": -100000})]
+    );
+    assert_eq!(result(&sub, "small"), vec![json!({"ok": true, "value": 9})]);
+    // -100000 = 0xFFFE7960, high word first (function 16); 9 with function 06.
+    assert_eq!(
+        bus.with_unit(4, |b| (b.holding[&0], b.holding[&1], b.holding[&2])),
+        (0xFFFE, 0x7960, 9)
+    );
+}
