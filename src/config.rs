@@ -90,6 +90,16 @@ pub struct RawConfig {
     #[serde(default)]
     pub queue: RawQueue,
     pub metrics: Option<RawMetrics>,
+    pub homeassistant: Option<RawHomeAssistant>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHomeAssistant {
+    /// Publish retained discovery configs for every point.
+    pub discovery: bool,
+    /// Home Assistant's discovery prefix (default `homeassistant`).
+    pub prefix: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -349,6 +359,8 @@ pub struct Config {
     pub queue: Queue,
     /// Where the Prometheus endpoint listens, if enabled.
     pub metrics: Option<std::net::SocketAddr>,
+    /// Home Assistant discovery, if enabled.
+    pub homeassistant: Option<crate::discovery::Discovery>,
     pub buses: Vec<Bus>,
     pub devices: Vec<Device>,
 }
@@ -1242,6 +1254,11 @@ impl Resolver<'_> {
             mqtt,
             queue,
             metrics: raw.metrics.as_ref().map(|m| m.listen),
+            homeassistant: raw.homeassistant.as_ref().filter(|h| h.discovery).map(|h| {
+                crate::discovery::Discovery {
+                    prefix: h.prefix.clone().unwrap_or_else(|| "homeassistant".into()),
+                }
+            }),
             buses,
             devices,
         }

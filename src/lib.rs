@@ -28,6 +28,7 @@ pub mod broker;
 pub mod bus;
 pub mod commission;
 pub mod config;
+pub mod discovery;
 pub mod gateway;
 pub mod line;
 pub mod mapping;

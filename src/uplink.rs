@@ -63,6 +63,16 @@ pub enum InflightError {
     Collision(u16),
 }
 
+/// Home Assistant discovery as the uplink publishes it.
+#[derive(Debug, Clone)]
+pub struct Announcements {
+    pub prefix: String,
+    /// Topic and retained payload of every config.
+    pub configs: Vec<(String, Vec<u8>)>,
+    /// Where the topics published last time are kept.
+    pub file: std::path::PathBuf,
+}
+
 /// What a submitted publish stands for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Entry {
@@ -215,6 +225,9 @@ pub struct Uplink {
     pub commands: HashMap<String, mpsc::Sender<crate::poller::Command>>,
     /// `…/set` topic → (device, point index, point).
     pub set_topics: HashMap<String, (String, usize, crate::mapping::Point)>,
+    /// Home Assistant discovery: the prefix, the retained configs, and where the topics
+    /// published last time are remembered (to remove those of points that left the config).
+    pub discovery: Option<Announcements>,
 }
 
 /// How a session ended without an error.
@@ -235,6 +248,39 @@ impl Uplink {
             shared,
             commands: HashMap::new(),
             set_topics: command_topics(config),
+            discovery: config.homeassistant.as_ref().map(|d| {
+                let configs = crate::discovery::configs(config, d)
+                    .into_iter()
+                    .map(|(t, v)| (t, v.to_string().into_bytes()))
+                    .collect();
+                Announcements {
+                    prefix: d.prefix.clone(),
+                    configs,
+                    file: config.gateway.state_dir.join("discovery.json"),
+                }
+            }),
+        }
+    }
+
+    /// Queues every discovery config (retained), and empty retained messages for the topics
+    /// published last time that are gone now.
+    fn announce(&self, out: &mpsc::UnboundedSender<(String, Vec<u8>, bool)>) {
+        let Some(Announcements { configs, file, .. }) = &self.discovery else {
+            return;
+        };
+        let before: Vec<String> = std::fs::read(file)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        let now: Vec<String> = configs.iter().map(|(t, _)| t.clone()).collect();
+        for gone in before.iter().filter(|t| !now.contains(t)) {
+            let _ = out.send((gone.clone(), Vec::new(), true));
+        }
+        for (t, body) in configs {
+            let _ = out.send((t.clone(), body.clone(), true));
+        }
+        if before != now {
+            let _ = std::fs::write(file, serde_json::to_vec(&now).expect("strings serialize"));
         }
     }
 
@@ -406,7 +452,12 @@ impl Uplink {
         for chunk in filters.chunks(64) {
             client.try_subscribe_many(chunk.to_vec())?;
         }
-        let (results_tx, mut results) = mpsc::channel::<(String, Vec<u8>)>(64);
+        // Command results and discovery messages, published as the window allows.
+        let (results_tx, mut results) = mpsc::unbounded_channel::<(String, Vec<u8>, bool)>();
+        if let Some(a) = &self.discovery {
+            client.try_subscribe(format!("{}/status", a.prefix), QoS::AtLeastOnce)?;
+            self.announce(&results_tx);
+        }
 
         // Device availability: everything known on connect, then every change.
         let mut announced: HashMap<String, u64> = HashMap::new();
@@ -460,14 +511,24 @@ impl Uplink {
                     match ev {
                         None => break Err(UplinkError::ConnectTimeout(connect_timeout)),
                         Some(Err(e)) => break Err(e.into()),
-                        Some(Ok(Event::Incoming(Packet::Publish(p)))) => self.command(p, &results_tx),
+                        Some(Ok(Event::Incoming(Packet::Publish(p)))) => {
+                            // Home Assistant (re)started: it forgot the configs.
+                            if self.discovery.as_ref().is_some_and(|a| p.topic == format!("{}/status", a.prefix))
+                            {
+                                if p.payload.as_ref() == b"online" {
+                                    self.announce(&results_tx);
+                                }
+                            } else {
+                                self.command(p, &results_tx);
+                            }
+                        }
                         Some(Ok(ev)) => if let Err(e) = handle(&mut inflight, &mut acks, ev) {
                             break Err(e);
                         },
                     }
                 }
-                Some((topic, payload)) = results.recv(), if inflight.len() < window => {
-                    client.try_publish(topic, QoS::AtLeastOnce, false, payload)?;
+                Some((topic, payload, retain)) = results.recv(), if inflight.len() < window => {
+                    client.try_publish(topic, QoS::AtLeastOnce, retain, payload)?;
                     inflight.submitted(Entry::Control { qos: 1 });
                 }
                 changed = committed.changed(), if drained && ready.is_empty() => {
@@ -583,7 +644,11 @@ pub fn command_value(payload: &[u8]) -> Result<serde_json::Value, String> {
 impl Uplink {
     /// Handles one incoming publish on a command topic: refuses it with a result message, or
     /// hands it to the device's bus task and publishes the result when it is done.
-    fn command(&self, p: rumqttc::Publish, results: &mpsc::Sender<(String, Vec<u8>)>) {
+    fn command(
+        &self,
+        p: rumqttc::Publish,
+        results: &mpsc::UnboundedSender<(String, Vec<u8>, bool)>,
+    ) {
         let Some((device, point, spec)) = self.set_topics.get(&p.topic) else {
             return;
         };
@@ -596,7 +661,7 @@ impl Uplink {
         let refuse = |why: String| {
             tracing::warn!(topic = %p.topic, reason = %why, "command refused; nothing written");
             let body = serde_json::json!({"ok": false, "error": why});
-            let _ = results.try_send((result_topic.clone(), body.to_string().into_bytes()));
+            let _ = results.send((result_topic.clone(), body.to_string().into_bytes(), false));
         };
         // A retained command would be carried out again at every reconnect, hours later.
         if p.retain {
@@ -628,9 +693,7 @@ impl Uplink {
                     serde_json::json!({"ok": false, "error": "no answer from the bus within 30 s"})
                 }
             };
-            let _ = results
-                .send((result_topic, body.to_string().into_bytes()))
-                .await;
+            let _ = results.send((result_topic, body.to_string().into_bytes(), false));
         });
     }
 }

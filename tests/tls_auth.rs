@@ -273,3 +273,54 @@ async fn a_password_file_admits_the_right_credentials_and_wrong_ones_do_not_spin
         .unwrap();
     assert!(!String::from_utf8_lossy(&check.stdout).contains("wrong-pw-123"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_the_broker_acl_refuses_does_not_wedge_the_queue() {
+    let conf_dir = tempfile::tempdir().unwrap();
+    let acl = conf_dir.path().join("acl");
+    // Anonymous clients may write the gateway's own topics and `p`, not `q`.
+    std::fs::write(
+        &acl,
+        "topic write fieldgate/gw1/status\ntopic write fieldgate/gw1/status/stats\ntopic write fieldgate/gw1/d/availability\ntopic write fieldgate/gw1/d/p\n",
+    )
+    .unwrap();
+    let port = free_port();
+    let extra = format!(
+        "listener {port} 127.0.0.1\nallow_anonymous true\nacl_file {}\n",
+        acl.display()
+    );
+    let Some(broker) = Mosquitto::start_custom(conf_dir, &extra) else {
+        return;
+    };
+    let sim = Simulator::start(None).await.unwrap();
+    sim.with_unit(1, |b| b.set_holding(0, &[7, 8]));
+    let sub = Subscriber::start(broker.addr).await;
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = format!(
+        "gateway: {{ id: gw1, state_dir: {} }}\nmqtt: {{ url: mqtt://127.0.0.1:{port} }}\nbuses:\n  plc:\n    modbus_tcp: {{ host: 127.0.0.1, port: {} }}\ndevices:\n  d:\n    bus: plc\n    every: 200ms\n    points:\n      p: {{ register: 0 }}\n      q: {{ register: 1 }}\n",
+        dir.path().join("state").display(),
+        sim.addr.port()
+    );
+    let gw = Gateway::start(dir.path(), &yaml);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // MQTT 3.1.1 has no way to say "refused" in a PUBACK: mosquitto acknowledges and drops the
+    // publish. The row is deleted on that acknowledgement, so the queue keeps flowing.
+    let depth = Store::open_read_only(&dir.path().join("state"))
+        .unwrap()
+        .stats()
+        .unwrap()
+        .depth;
+    gw.stop().await;
+    let all = sub.all();
+    assert!(
+        all.iter()
+            .filter(|r| r.topic == "fieldgate/gw1/d/p")
+            .count()
+            >= 5
+    );
+    assert!(
+        !all.iter().any(|r| r.topic == "fieldgate/gw1/d/q"),
+        "the ACL let q through"
+    );
+    assert!(depth <= 4, "the queue is wedged: {depth} rows");
+}
