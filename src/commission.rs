@@ -2,35 +2,13 @@
 //! whose register types and word order are unknown. Formatting is pure; the read goes through
 //! the same bus links as the gateway.
 
+use crate::mapping::{DataType, Order, Point, Table, Value};
 use std::fmt::Write;
-use std::time::Duration;
-
-use crate::mapping::{DataType, Delivery, Order, Point, Source, Table, Value};
 
 fn point(dtype: DataType, order: Order) -> Point {
     Point {
-        name: String::new(),
-        source: Source {
-            table: Table::Holding,
-            address: 0,
-        },
-        dtype,
         order,
-        bit: None,
-        length: 1,
-        scale: None,
-        offset: None,
-        unit: None,
-        every: Duration::from_secs(1),
-        delivery: Delivery {
-            topic: String::new(),
-            qos: 0,
-            retain: false,
-        },
-        field: None,
-        writable: false,
-        min: None,
-        max: None,
+        ..Point::new("", Table::Holding, 0, dtype)
     }
 }
 

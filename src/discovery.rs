@@ -53,7 +53,6 @@ pub fn configs(config: &Config, d: &Discovery) -> Vec<(String, Json)> {
             let (component, mut body) = entity(dev, p);
             body["name"] = json!(p.name);
             body["unique_id"] = json!(format!("fieldgate_{gw}_{}_{}", dev.name, p.name));
-            body["object_id"] = json!(format!("{}_{}", dev.name, p.name));
             body["availability"] = json!([
                 {"topic": config.gateway.status_topic()},
                 {"topic": dev.availability_topic},

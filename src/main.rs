@@ -135,6 +135,16 @@ enum QueueCommand {
     },
 }
 
+/// The state directory named on the command line, or the one of the given config, or the
+/// packaged default.
+fn state_dir_of(config: Option<PathBuf>, state_dir: Option<PathBuf>) -> Result<PathBuf, ExitCode> {
+    match (config, state_dir) {
+        (_, Some(d)) => Ok(d),
+        (Some(c), None) => load(&c).map(|c| c.gateway.state_dir),
+        (None, None) => Ok(PathBuf::from("/var/lib/fieldgate")),
+    }
+}
+
 fn init_logging(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
@@ -201,17 +211,10 @@ fn main() -> ExitCode {
             config,
             state_dir,
             json,
-        } => {
-            let dir = match (config, state_dir) {
-                (_, Some(d)) => d,
-                (Some(c), None) => match load(&c) {
-                    Ok(c) => c.gateway.state_dir,
-                    Err(code) => return code,
-                },
-                (None, None) => PathBuf::from("/var/lib/fieldgate"),
-            };
-            report(status(&dir, json))
-        }
+        } => match state_dir_of(config, state_dir) {
+            Ok(dir) => report(status(&dir, json)),
+            Err(code) => code,
+        },
         Command::Read(args) => report(runtime().block_on(read(args))),
         Command::Queue {
             command:
@@ -220,17 +223,10 @@ fn main() -> ExitCode {
                     state_dir,
                     json,
                 },
-        } => {
-            let dir = match (config, state_dir) {
-                (_, Some(d)) => d,
-                (Some(c), None) => match load(&c) {
-                    Ok(c) => c.gateway.state_dir,
-                    Err(code) => return code,
-                },
-                (None, None) => unreachable!("clap requires one"),
-            };
-            report(queue_stats(&dir, json))
-        }
+        } => match state_dir_of(config, state_dir) {
+            Ok(dir) => report(queue_stats(&dir, json)),
+            Err(code) => code,
+        },
         Command::Demo {
             duration,
             cut_at,

@@ -183,6 +183,32 @@ pub struct Point {
 }
 
 impl Point {
+    /// A point with every option at its default: ABCD order, no scale, polled every second,
+    /// published on `name` with QoS 1, not writable.
+    pub fn new(name: &str, table: Table, address: u16, dtype: DataType) -> Point {
+        Point {
+            name: name.to_string(),
+            source: Source { table, address },
+            dtype,
+            order: Order::ABCD,
+            bit: None,
+            length: 1,
+            scale: None,
+            offset: None,
+            unit: None,
+            every: Duration::from_secs(1),
+            delivery: Delivery {
+                topic: name.to_string(),
+                qos: 1,
+                retain: false,
+            },
+            field: None,
+            writable: false,
+            min: None,
+            max: None,
+        }
+    }
+
     /// Number of registers (or bits, for coils and discrete inputs) this point spans.
     pub fn width(&self) -> u16 {
         if self.source.table.is_bits() || self.bit.is_some() {
@@ -436,28 +462,8 @@ mod tests {
 
     fn point(dtype: DataType, order: Order) -> Point {
         Point {
-            name: "p".into(),
-            source: Source {
-                table: Table::Holding,
-                address: 0,
-            },
-            dtype,
             order,
-            bit: None,
-            length: 1,
-            scale: None,
-            offset: None,
-            unit: None,
-            every: Duration::from_secs(1),
-            delivery: Delivery {
-                topic: "t".into(),
-                qos: 1,
-                retain: false,
-            },
-            field: None,
-            writable: false,
-            min: None,
-            max: None,
+            ..Point::new("p", Table::Holding, 0, dtype)
         }
     }
 

@@ -78,33 +78,12 @@ pub fn plan(
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
 
     use super::*;
-    use crate::mapping::{DataType, Delivery, Order, Source};
+    use crate::mapping::DataType;
 
     fn reg(table: Table, address: u16, dtype: DataType) -> Point {
-        Point {
-            name: format!("{table:?}{address}"),
-            source: Source { table, address },
-            dtype,
-            order: Order::ABCD,
-            bit: None,
-            length: 1,
-            scale: None,
-            offset: None,
-            unit: None,
-            every: Duration::from_secs(1),
-            delivery: Delivery {
-                topic: String::new(),
-                qos: 1,
-                retain: false,
-            },
-            field: None,
-            writable: false,
-            min: None,
-            max: None,
-        }
+        Point::new(&format!("{table:?}{address}"), table, address, dtype)
     }
 
     fn all(points: &[Point]) -> Vec<usize> {

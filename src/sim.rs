@@ -233,10 +233,7 @@ impl RtuBus {
     /// The adapter is plugged in again: a new pty behind the same path.
     pub fn plug(&mut self) -> std::io::Result<()> {
         self.unplug();
-        let (master, slave) = tokio_serial::SerialStream::pair().map_err(std::io::Error::from)?;
-        let name = tokio_serial::SerialPort::name(&slave)
-            .ok_or_else(|| std::io::Error::other("pty without a name"))?;
-        std::os::unix::fs::symlink(&name, &self.path)?;
+        let (master, slave) = pty_at(&self.path)?;
         let state = self.state.clone();
         let char_time = Duration::from_secs_f64(11.0 / self.baud as f64);
         self.task = Some(tokio::spawn(async move {
@@ -390,6 +387,18 @@ async fn serve_rtu(
     }
 }
 
+/// A pseudo-terminal pair whose slave side `path` links to, as a USB adapter's
+/// `/dev/serial/by-id/…` name does.
+fn pty_at(
+    path: &std::path::Path,
+) -> std::io::Result<(tokio_serial::SerialStream, tokio_serial::SerialStream)> {
+    let (master, slave) = tokio_serial::SerialStream::pair().map_err(std::io::Error::from)?;
+    let name = tokio_serial::SerialPort::name(&slave)
+        .ok_or_else(|| std::io::Error::other("pty without a name"))?;
+    std::os::unix::fs::symlink(&name, path)?;
+    Ok((master, slave))
+}
+
 /// What a simulated instrument answers to a request line: after a delay, a reply (or nothing).
 pub type Responder = Box<dyn Fn(&str) -> Option<(Duration, Vec<u8>)> + Send + Sync>;
 
@@ -439,10 +448,7 @@ impl LineSensor {
 
     pub fn plug(&mut self) -> std::io::Result<()> {
         self.unplug();
-        let (master, slave) = tokio_serial::SerialStream::pair().map_err(std::io::Error::from)?;
-        let name = tokio_serial::SerialPort::name(&slave)
-            .ok_or_else(|| std::io::Error::other("pty without a name"))?;
-        std::os::unix::fs::symlink(&name, &self.path)?;
+        let (master, slave) = pty_at(&self.path)?;
         let responder = self.responder.clone();
         let rx_slot = self.rx_slot.clone();
         let tx = self.tx.clone();

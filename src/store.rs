@@ -260,22 +260,9 @@ impl Store {
                 )));
             }
         }
-        let page_size: i64 = conn
-            .query_row("PRAGMA page_size", [], |r| r.get(0))
-            .map_err(wrap)?;
-        let depth: i64 = conn
-            .query_row("SELECT count(*) FROM queue", [], |r| r.get(0))
-            .map_err(wrap)?;
-        let mut s = Store {
-            conn,
-            path: path.to_path_buf(),
-            limits,
-            page_size: page_size as u64,
-            depth: depth as u64,
-            last_seq: 0,
-        };
-        s.last_seq = s.read_last_seq().map_err(wrap)?;
+        let s = Store::from_conn(conn, path, limits).map_err(wrap)?;
         // Marked clean again by `close`; a crash leaves it at 0 and the next open checks the file.
+        let mut s = s;
         let acked = meta_get(&s.conn, "acked_total").map_err(wrap)?;
         let tx = s.conn.transaction().map_err(wrap)?;
         meta_set(&tx, "clean_shutdown", 0).map_err(wrap)?;
@@ -297,22 +284,22 @@ impl Store {
         )
         .map_err(wrap)?;
         conn.busy_timeout(Duration::from_secs(5)).map_err(wrap)?;
-        let page_size: i64 = conn
-            .query_row("PRAGMA page_size", [], |r| r.get(0))
-            .map_err(wrap)?;
-        let depth: i64 = conn
-            .query_row("SELECT count(*) FROM queue", [], |r| r.get(0))
-            .map_err(wrap)?;
-        let mut s = Store {
+        Store::from_conn(conn, &path, Limits::default()).map_err(wrap)
+    }
+
+    /// The in-memory figures of an open connection: page size, depth, last seq.
+    fn from_conn(conn: Connection, path: &Path, limits: Limits) -> rusqlite::Result<Store> {
+        let page_size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+        let depth: i64 = conn.query_row("SELECT count(*) FROM queue", [], |r| r.get(0))?;
+        let last_seq = read_last_seq(&conn)?;
+        Ok(Store {
             conn,
-            path: path.clone(),
-            limits: Limits::default(),
+            path: path.to_path_buf(),
+            limits,
             page_size: page_size as u64,
             depth: depth as u64,
-            last_seq: 0,
-        };
-        s.last_seq = s.read_last_seq().map_err(wrap)?;
-        Ok(s)
+            last_seq,
+        })
     }
 
     /// Marks a clean shutdown, so the next open skips the integrity check.

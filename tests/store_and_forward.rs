@@ -7,23 +7,11 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{Gateway, Mosquitto, Subscriber, assert_gapless, config};
+use common::{FAST, Gateway, Mosquitto, Subscriber, assert_gapless, config, fast_sim as sim};
 use fieldgate::mapping::Value;
 use fieldgate::message::{Body, Message, now_ms};
 use fieldgate::proxy::{FaultProxy, Mode};
-use fieldgate::sim::Simulator;
 use fieldgate::store::{Limits, Store};
-
-const FAST: &str = "  boiler:\n    bus: plc\n    every: 100ms\n    points:\n      a: { register: 0 }\n      b: { register: 1 }\n      c: { coil: 0 }\n      d: { register: 2, type: u32 }\n";
-
-async fn sim() -> Simulator {
-    let sim = Simulator::start(None).await.unwrap();
-    sim.with_unit(1, |b| {
-        b.set_holding(0, &[1, 2, 0, 3]);
-        b.coils.insert(0, true);
-    });
-    sim
-}
 
 fn queue_stats(state: &Path) -> fieldgate::store::Stats {
     Store::open_read_only(state).unwrap().stats().unwrap()

@@ -8,23 +8,10 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{Gateway, Subscriber, assert_gapless, config};
+use common::{FAST, Gateway, Subscriber, assert_gapless, config, fast_sim as sim};
 use fieldgate::message::now_ms;
 use fieldgate::proxy::{FaultProxy, Mode};
-use fieldgate::sim::Simulator;
 use fieldgate::store::Store;
-
-/// Four points every 100 ms: 40 readings/s.
-const FAST: &str = "  boiler:\n    bus: plc\n    every: 100ms\n    points:\n      a: { register: 0 }\n      b: { register: 1 }\n      c: { coil: 0 }\n      d: { register: 2, type: u32 }\n";
-
-async fn sim() -> Simulator {
-    let sim = Simulator::start(None).await.unwrap();
-    sim.with_unit(1, |b| {
-        b.set_holding(0, &[1, 2, 0, 3]);
-        b.coils.insert(0, true);
-    });
-    sim
-}
 
 /// Everything enqueued was received, or is still queued (the run ended before its turn).
 fn assert_nothing_lost(state: &Path, sub: &Subscriber) -> usize {

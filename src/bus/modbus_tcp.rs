@@ -67,6 +67,16 @@ impl ModbusTcp {
             }
         })
         .await;
+        self.settle(answer, limit)
+    }
+
+    /// Turns a transaction's outcome into ours; after a timeout or a transport error the
+    /// connection is dropped, so a late reply can never answer a later request.
+    fn settle<T>(
+        &mut self,
+        answer: Result<tokio_modbus::Result<T>, tokio::time::error::Elapsed>,
+        limit: Duration,
+    ) -> Result<T, BusError> {
         match answer {
             Err(_) => {
                 self.ctx = None;
@@ -80,7 +90,7 @@ impl ModbusTcp {
                 })
             }
             Ok(Ok(Err(code))) => Err(BusError::Exception(code)),
-            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Ok(v))) => Ok(v),
         }
     }
 
@@ -110,32 +120,17 @@ impl ModbusTcp {
             }
         })
         .await;
-        match answer {
-            Err(_) => {
-                self.ctx = None;
-                Err(BusError::Timeout(limit))
-            }
-            Ok(Err(e)) => {
-                self.ctx = None;
-                Err(match e {
-                    tokio_modbus::Error::Transport(io) => BusError::Io(io),
-                    tokio_modbus::Error::Protocol(p) => BusError::Protocol(p.to_string()),
-                })
-            }
-            Ok(Ok(Err(code))) => Err(BusError::Exception(code)),
-            Ok(Ok(Ok(data))) => {
-                let got = match &data {
-                    Data::Words(w) => w.len(),
-                    Data::Bits(b) => b.len(),
-                };
-                if got < count as usize {
-                    self.ctx = None;
-                    return Err(BusError::Protocol(format!(
-                        "asked for {count} items, got {got}"
-                    )));
-                }
-                Ok(data)
-            }
+        let data = self.settle(answer, limit)?;
+        let got = match &data {
+            Data::Words(w) => w.len(),
+            Data::Bits(b) => b.len(),
+        };
+        if got < count as usize {
+            self.ctx = None;
+            return Err(BusError::Protocol(format!(
+                "asked for {count} items, got {got}"
+            )));
         }
+        Ok(data)
     }
 }

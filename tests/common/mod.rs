@@ -392,3 +392,16 @@ pub fn logs() {
             .try_init();
     }
 }
+
+/// One device with four points every 100 ms: 40 readings/s, for the fault tests.
+pub const FAST: &str = "  boiler:\n    bus: plc\n    every: 100ms\n    points:\n      a: { register: 0 }\n      b: { register: 1 }\n      c: { coil: 0 }\n      d: { register: 2, type: u32 }\n";
+
+/// A simulator with the registers `FAST` reads.
+pub async fn fast_sim() -> fieldgate::sim::Simulator {
+    let sim = fieldgate::sim::Simulator::start(None).await.unwrap();
+    sim.with_unit(1, |b| {
+        b.set_holding(0, &[1, 2, 0, 3]);
+        b.coils.insert(0, true);
+    });
+    sim
+}
