@@ -264,14 +264,9 @@ impl ModbusRtu {
         let frame = with_crc(frame);
         let gap = self.t35 + self.turnaround;
         let timeout = self.timeout;
-        let quiet_since = self.quiet_since;
         let started = Instant::now();
-        let stream = self.open().await?;
-        sleep_until(quiet_since + gap).await;
-        if let Err(e) = stream.write_all(&frame).await {
-            self.stream = None;
-            return Err(BusError::Io(e));
-        }
+        self.send(&frame).await?;
+        let stream = self.stream.as_mut().expect("open");
         let deadline = Instant::now() + timeout;
         let result = async {
             let mut one = [0u8; 1];
@@ -315,6 +310,18 @@ impl ModbusRtu {
         result
     }
 
+    /// Sends `frame` once the line has been silent for t3.5 plus `turnaround`.
+    async fn send(&mut self, frame: &[u8]) -> Result<(), BusError> {
+        let quiet_until = self.quiet_since + self.t35 + self.turnaround;
+        let stream = self.open().await?;
+        sleep_until(quiet_until).await;
+        if let Err(e) = stream.write_all(frame).await {
+            self.stream = None;
+            return Err(BusError::Io(e));
+        }
+        Ok(())
+    }
+
     fn count(&mut self, e: &BusError) {
         if matches!(e, BusError::Crc) {
             self.crc_errors += 1;
@@ -325,7 +332,6 @@ impl ModbusRtu {
         let frame = encode_read(unit, req);
         let gap = self.t35 + self.turnaround;
         let timeout = self.timeout;
-        let quiet_since = self.quiet_since;
         // A request shaped like one that timed out, to a different address, waits until the
         // late reply (if any) has come and gone: swallowed, never taken for this one's answer.
         let wait_out = self.suspect.filter(|x| {
@@ -345,15 +351,10 @@ impl ModbusRtu {
                 );
                 self.late_replies += 1;
             }
+            self.quiet_since = Instant::now();
         }
-        let quiet_since = self.quiet_since.max(quiet_since);
-        let stream = self.open().await?;
-        // The line must have been silent for t3.5 (+ turnaround) before a new frame.
-        sleep_until(quiet_since + gap).await;
-        if let Err(e) = stream.write_all(&frame).await {
-            self.stream = None;
-            return Err(BusError::Io(e));
-        }
+        self.send(&frame).await?;
+        let stream = self.stream.as_mut().expect("open");
         let deadline = Instant::now() + timeout;
         tracing::trace!(unit, start = req.start, count = req.count, "request sent");
         let (mut noise, mut stale) = (0, 0);
