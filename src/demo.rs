@@ -28,6 +28,7 @@ pub struct Options {
 }
 
 const DEMO_CONFIG: &str = include_str!("../mappings/demo.yaml");
+const DEMO_MODEL: &str = include_str!("../mappings/demo-boiler.yaml");
 
 pub async fn run(opts: Options) -> anyhow::Result<()> {
     let state = tempfile::Builder::new()
@@ -47,10 +48,13 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let path = Path::new("mappings/demo.yaml");
     let (path, text) = match std::fs::read_to_string(path) {
         Ok(t) => (path.to_path_buf(), t),
-        Err(_) => (
-            std::env::temp_dir().join("fieldgate-demo.yaml"),
-            DEMO_CONFIG.to_string(),
-        ),
+        Err(_) => {
+            // The built-in copies, with the model beside the config as in mappings/.
+            let dir = state.path().join("mappings");
+            std::fs::create_dir_all(&dir)?;
+            std::fs::write(dir.join("demo-boiler.yaml"), DEMO_MODEL)?;
+            (dir.join("demo.yaml"), DEMO_CONFIG.to_string())
+        }
     };
     let sim_port = sim.addr.port().to_string();
     let mqtt_port = proxy.addr().port().to_string();
