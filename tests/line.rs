@@ -22,23 +22,8 @@ fn line_config(
     )
 }
 
-fn values(sub: &Subscriber, topic: &str) -> Vec<serde_json::Value> {
-    sub.all()
-        .iter()
-        .filter(|r| r.topic == topic)
-        .filter_map(|r| r.value().cloned())
-        .collect()
-}
-
 fn errors(sub: &Subscriber) -> serde_json::Value {
-    let s = sub
-        .all()
-        .iter()
-        .rev()
-        .find(|r| r.topic == "fieldgate/gw1/status/stats")
-        .and_then(|r| r.json.clone())
-        .expect("stats");
-    s["buses"]["wx"]["errors"].clone()
+    sub.latest_json("fieldgate/gw1/status/stats")["buses"]["wx"]["errors"].clone()
 }
 
 const WEATHER: &str = r#"  weather:
@@ -85,11 +70,11 @@ async fn a_stream_of_good_bad_partial_and_overlong_lines_gives_exact_values_and_
     tokio::time::sleep(Duration::from_millis(1500)).await; // one more status message
     gw.stop().await;
     assert_eq!(
-        values(&sub, "fieldgate/gw1/weather/temperature"),
+        sub.values("fieldgate/gw1/weather/temperature"),
         vec![json!(21.5), json!(22.0), json!(-3.5)]
     );
     assert_eq!(
-        values(&sub, "fieldgate/gw1/weather/humidity"),
+        sub.values("fieldgate/gw1/weather/humidity"),
         vec![json!(40.0), json!(41.0), json!(42.0)]
     );
     let e = errors(&sub);
@@ -137,7 +122,7 @@ async fn with_every_a_stream_publishes_the_latest_value_once_per_interval() {
     tokio::time::sleep(Duration::from_millis(1200)).await;
     gw.stop().await;
     assert_eq!(
-        values(&sub, "fieldgate/gw1/weather/temperature"),
+        sub.values("fieldgate/gw1/weather/temperature"),
         vec![json!(5.0)],
         "the latest wins"
     );
@@ -172,13 +157,13 @@ async fn request_response_devices_share_a_line_and_a_late_answer_is_never_misatt
     let gw = Gateway::start(dir.path(), &yaml);
     tokio::time::sleep(Duration::from_secs(5)).await;
     gw.stop().await;
-    let one = values(&sub, "fieldgate/gw1/one/temperature");
+    let one = sub.values("fieldgate/gw1/one/temperature");
     assert!(one.len() >= 8, "device one answered {} times", one.len());
     assert!(
         one.iter().all(|v| *v == json!(1.0)),
         "a late answer of two was taken for one's: {one:?}"
     );
-    assert!(values(&sub, "fieldgate/gw1/two/temperature").is_empty());
+    assert!(sub.values("fieldgate/gw1/two/temperature").is_empty());
     let two: Vec<String> = sub
         .all()
         .iter()
@@ -226,25 +211,25 @@ async fn recorded_nmea_with_corrupted_checksums_publishes_only_the_good_sentence
     tokio::time::sleep(Duration::from_millis(1500)).await;
     gw.stop().await;
     assert_eq!(
-        values(&sub, "fieldgate/gw1/gps/latitude"),
+        sub.values("fieldgate/gw1/gps/latitude"),
         vec![json!(48.1173), json!(48.1173), json!(-48.1173)]
     );
     assert_eq!(
-        values(&sub, "fieldgate/gw1/gps/longitude"),
+        sub.values("fieldgate/gw1/gps/longitude"),
         vec![json!(11.5166667), json!(11.5166667), json!(-11.5166667)]
     );
     assert_eq!(
-        values(&sub, "fieldgate/gw1/gps/satellites"),
+        sub.values("fieldgate/gw1/gps/satellites"),
         vec![json!(8), json!(8)]
     );
     assert_eq!(
-        values(&sub, "fieldgate/gw1/gps/altitude"),
+        sub.values("fieldgate/gw1/gps/altitude"),
         vec![json!(545.4), json!(545.4)]
     );
-    assert_eq!(values(&sub, "fieldgate/gw1/gps/speed"), vec![json!(22.4)]);
-    assert_eq!(values(&sub, "fieldgate/gw1/gps/status"), vec![json!("A")]);
+    assert_eq!(sub.values("fieldgate/gw1/gps/speed"), vec![json!(22.4)]);
+    assert_eq!(sub.values("fieldgate/gw1/gps/status"), vec![json!("A")]);
     assert_eq!(
-        values(&sub, "fieldgate/gw1/gps/date"),
+        sub.values("fieldgate/gw1/gps/date"),
         vec![json!("2094-03-23")]
     );
     assert_eq!(errors(&sub)["bad_checksum"].as_u64(), Some(1));

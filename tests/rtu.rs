@@ -23,32 +23,6 @@ fn rtu_config(
     )
 }
 
-fn values(sub: &Subscriber, topic: &str) -> Vec<serde_json::Value> {
-    sub.all()
-        .iter()
-        .filter(|r| r.topic == topic)
-        .filter_map(|r| r.value().cloned())
-        .collect()
-}
-
-fn availability(sub: &Subscriber, device: &str) -> Vec<String> {
-    let topic = format!("fieldgate/gw1/{device}/availability");
-    sub.all()
-        .iter()
-        .filter(|r| r.topic == topic)
-        .map(|r| r.payload.clone())
-        .collect()
-}
-
-fn last_stats(sub: &Subscriber) -> serde_json::Value {
-    sub.all()
-        .iter()
-        .rev()
-        .find(|r| r.topic == "fieldgate/gw1/status/stats")
-        .and_then(|r| r.json.clone())
-        .expect("a status message")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_slave_and_a_refusing_slave_leave_the_healthy_one_its_rate_and_exact_values() {
     let dir = tempfile::tempdir().unwrap();
@@ -74,7 +48,7 @@ async fn a_dead_slave_and_a_refusing_slave_leave_the_healthy_one_its_rate_and_ex
     tokio::time::sleep(Duration::from_secs(6)).await;
     gw.stop().await;
 
-    let temps = values(&sub, "fieldgate/gw1/healthy/temp");
+    let temps = sub.values("fieldgate/gw1/healthy/temp");
     // 6s at 4/s = 24 polls; the dead slave's timeouts (backed off) and the refusals cost a few.
     // (Each poll of the dead slave costs two 200 ms timeouts of bus time: that is the wire.)
     assert!(
@@ -84,25 +58,31 @@ async fn a_dead_slave_and_a_refusing_slave_leave_the_healthy_one_its_rate_and_ex
     );
     assert!(temps.iter().all(|v| *v == json!(61.25)));
     assert!(
-        values(&sub, "fieldgate/gw1/healthy/level")
+        sub.values("fieldgate/gw1/healthy/level")
             .iter()
             .all(|v| *v == json!(12.34))
     );
     assert!(
-        values(&sub, "fieldgate/gw1/healthy/run")
+        sub.values("fieldgate/gw1/healthy/run")
             .iter()
             .all(|v| *v == json!(true))
     );
-    assert!(values(&sub, "fieldgate/gw1/dead/x").is_empty());
-    assert!(values(&sub, "fieldgate/gw1/refusing/y").is_empty());
-    assert_eq!(availability(&sub, "healthy"), vec!["online"]);
-    assert_eq!(availability(&sub, "dead"), vec!["offline"]);
+    assert!(sub.values("fieldgate/gw1/dead/x").is_empty());
+    assert!(sub.values("fieldgate/gw1/refusing/y").is_empty());
     assert_eq!(
-        availability(&sub, "refusing"),
+        sub.payloads("fieldgate/gw1/healthy/availability"),
+        vec!["online"]
+    );
+    assert_eq!(
+        sub.payloads("fieldgate/gw1/dead/availability"),
+        vec!["offline"]
+    );
+    assert_eq!(
+        sub.payloads("fieldgate/gw1/refusing/availability"),
         vec!["online"],
         "an exception is an answer"
     );
-    let stats = last_stats(&sub);
+    let stats = sub.latest_json("fieldgate/gw1/status/stats");
     let b = &stats["buses"]["rs485"];
     assert!(b["errors"]["timeout"].as_u64().unwrap() >= 3, "{b}");
     assert!(b["errors"]["exception"].as_u64().unwrap() >= 1, "{b}");
@@ -165,9 +145,10 @@ async fn late_replies_are_never_decoded_as_the_answer_to_another_request() {
     }
     let total: usize = counts.values().sum();
     let requests = bus.state.lock().unwrap().requests;
-    let late = last_stats(&sub)["buses"]["rs485"]["line"]["late_replies"]
-        .as_u64()
-        .unwrap();
+    let late =
+        sub.latest_json("fieldgate/gw1/status/stats")["buses"]["rs485"]["line"]["late_replies"]
+            .as_u64()
+            .unwrap();
     eprintln!(
         "{requests} requests on the wire, {late} late replies discarded, {total} values decoded, all from the right reply: {counts:?}"
     );
@@ -202,15 +183,15 @@ async fn corrupt_frames_and_line_noise_are_counted_and_never_published() {
     let gw = Gateway::start(dir.path(), &yaml);
     tokio::time::sleep(Duration::from_secs(4)).await;
     gw.stop().await;
-    let a = values(&sub, "fieldgate/gw1/meter/a");
+    let a = sub.values("fieldgate/gw1/meter/a");
     assert!(a.len() >= 20, "{} readings", a.len());
     assert!(a.iter().all(|v| *v == json!(0xBEEF)));
     assert!(
-        values(&sub, "fieldgate/gw1/meter/b")
+        sub.values("fieldgate/gw1/meter/b")
             .iter()
             .all(|v| *v == json!(0x42))
     );
-    let stats = last_stats(&sub);
+    let stats = sub.latest_json("fieldgate/gw1/status/stats");
     let line = &stats["buses"]["rs485"]["line"];
     assert!(line["crc_errors"].as_u64().unwrap() >= 5, "{line}");
     assert!(line["noise_bytes"].as_u64().unwrap() >= 5, "{line}");
@@ -244,7 +225,7 @@ async fn an_unplugged_adapter_is_reopened_when_it_comes_back() {
     })
     .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let during = values(&sub, "fieldgate/gw1/s/v").len();
+    let during = sub.values("fieldgate/gw1/s/v").len();
     bus.plug().unwrap();
     sub.wait_for(
         Duration::from_secs(15),
@@ -253,7 +234,10 @@ async fn an_unplugged_adapter_is_reopened_when_it_comes_back() {
     )
     .await;
     gw.stop().await;
-    assert_eq!(availability(&sub, "s"), vec!["online", "offline", "online"]);
+    assert_eq!(
+        sub.payloads("fieldgate/gw1/s/availability"),
+        vec!["online", "offline", "online"]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -118,6 +118,34 @@ impl Subscriber {
             .collect()
     }
 
+    /// The values (`"value"` of JSON payloads) that arrived on `topic`, in order.
+    pub fn values(&self, topic: &str) -> Vec<serde_json::Value> {
+        self.all()
+            .iter()
+            .filter(|r| r.topic == topic)
+            .filter_map(|r| r.value().cloned())
+            .collect()
+    }
+
+    /// The raw payloads that arrived on `topic`, in order.
+    pub fn payloads(&self, topic: &str) -> Vec<String> {
+        self.all()
+            .iter()
+            .filter(|r| r.topic == topic)
+            .map(|r| r.payload.clone())
+            .collect()
+    }
+
+    /// The last JSON payload on `topic` (e.g. the latest status message).
+    pub fn latest_json(&self, topic: &str) -> serde_json::Value {
+        self.all()
+            .iter()
+            .rev()
+            .find(|r| r.topic == topic)
+            .and_then(|r| r.json.clone())
+            .unwrap_or_else(|| panic!("nothing on {topic}"))
+    }
+
     /// Waits until `pred` holds for what has arrived, or panics after `limit`.
     pub async fn wait_for(&self, limit: Duration, what: &str, pred: impl Fn(&[Received]) -> bool) {
         let deadline = Instant::now() + limit;
