@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 
 use common::{Subscriber, config};
 use fieldgate::sim::Simulator;
-use fieldgate::store::Store;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_publishes_offline_keeps_the_queue_and_exits_zero_within_seconds() {
@@ -59,19 +58,7 @@ async fn sigterm_publishes_offline_keeps_the_queue_and_exits_zero_within_seconds
     })
     .await;
     // Whatever was not acknowledged is still in the queue, and nothing was lost in between.
-    let store = Store::open(&state).unwrap();
-    let last = store.last_seq().unwrap();
-    let queued: Vec<u64> = store
-        .peek(0, 10_000)
-        .unwrap()
-        .iter()
-        .map(|r| r.seq)
-        .collect();
-    let got = sub.by_seq();
-    let lost: Vec<u64> = (1..=last)
-        .filter(|s| !got.contains_key(s) && !queued.contains(s))
-        .collect();
-    assert!(lost.is_empty(), "lost {lost:?}");
+    common::assert_nothing_lost(&state, &sub);
 }
 
 #[test]

@@ -5,37 +5,12 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::time::Duration;
 
-use common::{FAST, Gateway, Subscriber, assert_gapless, config, fast_sim as sim};
+use common::{FAST, Gateway, Subscriber, assert_nothing_lost, config, fast_sim as sim};
 use fieldgate::message::now_ms;
 use fieldgate::proxy::{FaultProxy, Mode};
 use fieldgate::store::Store;
-
-/// Everything enqueued was received, or is still queued (the run ended before its turn).
-fn assert_nothing_lost(state: &Path, sub: &Subscriber) -> usize {
-    let store = Store::open(state).unwrap();
-    let last = store.last_seq().unwrap();
-    let queued: BTreeSet<u64> = store
-        .peek(0, 1_000_000)
-        .unwrap()
-        .iter()
-        .map(|r| r.seq)
-        .collect();
-    let got = sub.by_seq();
-    let lost: Vec<u64> = (1..=last)
-        .filter(|s| !got.contains_key(s) && !queued.contains(s))
-        .collect();
-    assert!(
-        lost.is_empty(),
-        "lost {} of {last}: {:?}",
-        lost.len(),
-        &lost[..lost.len().min(20)]
-    );
-    assert_gapless(got.keys().copied().chain(queued));
-    last as usize
-}
 
 /// Runs at 40 readings/s, applies `fault` for `hold`, then lets the link recover.
 async fn survive(

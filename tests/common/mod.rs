@@ -433,3 +433,27 @@ pub async fn fast_sim() -> fieldgate::sim::Simulator {
     });
     sim
 }
+
+/// Everything enqueued was received, or is still queued (the run ended before its turn).
+pub fn assert_nothing_lost(state: &Path, sub: &Subscriber) -> usize {
+    let store = fieldgate::store::Store::open(state).unwrap();
+    let last = store.last_seq().unwrap();
+    let queued: std::collections::BTreeSet<u64> = store
+        .peek(0, 1_000_000)
+        .unwrap()
+        .iter()
+        .map(|r| r.seq)
+        .collect();
+    let got = sub.by_seq();
+    let lost: Vec<u64> = (1..=last)
+        .filter(|s| !got.contains_key(s) && !queued.contains(s))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "lost {} of {last}: {:?}",
+        lost.len(),
+        &lost[..lost.len().min(20)]
+    );
+    assert_gapless(got.keys().copied().chain(queued));
+    last as usize
+}
