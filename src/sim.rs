@@ -200,7 +200,7 @@ pub struct RtuBus {
     pub state: Arc<Mutex<State>>,
     pub path: std::path::PathBuf,
     baud: u32,
-    task: Option<tokio::task::JoinHandle<()>>,
+    adapter: Adapter,
 }
 
 impl RtuBus {
@@ -210,7 +210,7 @@ impl RtuBus {
             state: Arc::new(Mutex::new(State::default())),
             path: dir.join("ttyRTU"),
             baud,
-            task: None,
+            adapter: Adapter::default(),
         };
         bus.plug()?;
         Ok(bus)
@@ -224,24 +224,16 @@ impl RtuBus {
 
     /// The adapter is pulled out: the pty closes and the device path disappears.
     pub fn unplug(&mut self) {
-        if let Some(t) = self.task.take() {
-            t.abort();
-        }
-        let _ = std::fs::remove_file(&self.path);
+        self.adapter.unplug(&self.path);
     }
 
     /// The adapter is plugged in again: a new pty behind the same path.
     pub fn plug(&mut self) -> std::io::Result<()> {
-        self.unplug();
-        let (master, slave) = pty_at(&self.path)?;
         let state = self.state.clone();
         let char_time = Duration::from_secs_f64(11.0 / self.baud as f64);
-        self.task = Some(tokio::spawn(async move {
-            // Keeping the slave side open keeps the master readable before the gateway opens it.
-            let _slave = slave;
-            serve_rtu(master, state, char_time).await
-        }));
-        Ok(())
+        self.adapter.plug(&self.path, move |master| {
+            serve_rtu(master, state, char_time)
+        })
     }
 }
 
@@ -387,6 +379,36 @@ async fn serve_rtu(
     }
 }
 
+/// The serving task of a simulated serial adapter, behind a `/dev`-like link.
+#[derive(Default)]
+struct Adapter(Option<tokio::task::JoinHandle<()>>);
+
+impl Adapter {
+    fn unplug(&mut self, path: &std::path::Path) {
+        if let Some(t) = self.0.take() {
+            t.abort();
+        }
+        let _ = std::fs::remove_file(path);
+    }
+
+    /// A new pty behind `path`, its master side served by `serve`.
+    fn plug<F, Fut>(&mut self, path: &std::path::Path, serve: F) -> std::io::Result<()>
+    where
+        F: FnOnce(tokio_serial::SerialStream) -> Fut,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.unplug(path);
+        let (master, slave) = pty_at(path)?;
+        let serving = serve(master);
+        self.0 = Some(tokio::spawn(async move {
+            // Keeping the slave side open keeps the master readable before the gateway opens it.
+            let _slave = slave;
+            serving.await
+        }));
+        Ok(())
+    }
+}
+
 /// A pseudo-terminal pair whose slave side `path` links to, as a USB adapter's
 /// `/dev/serial/by-id/…` name does.
 fn pty_at(
@@ -408,7 +430,7 @@ pub struct LineSensor {
     pub path: std::path::PathBuf,
     tx: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
     responder: Arc<Mutex<Option<Responder>>>,
-    task: Option<tokio::task::JoinHandle<()>>,
+    adapter: Adapter,
     rx_slot: Arc<Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>>>>,
 }
 
@@ -419,7 +441,7 @@ impl LineSensor {
             path: dir.join(name),
             tx,
             responder: Arc::new(Mutex::new(None)),
-            task: None,
+            adapter: Adapter::default(),
             rx_slot: Arc::new(Mutex::new(Some(rx))),
         };
         s.plug()?;
@@ -439,22 +461,18 @@ impl LineSensor {
         *self.responder.lock().expect("not poisoned") = Some(Box::new(f));
     }
 
+    /// The instrument is unplugged: the pty closes and the device path disappears.
     pub fn unplug(&mut self) {
-        if let Some(t) = self.task.take() {
-            t.abort();
-        }
-        let _ = std::fs::remove_file(&self.path);
+        self.adapter.unplug(&self.path);
     }
 
+    /// Plugged in again: a new pty behind the same path.
     pub fn plug(&mut self) -> std::io::Result<()> {
-        self.unplug();
-        let (master, slave) = pty_at(&self.path)?;
         let responder = self.responder.clone();
         let rx_slot = self.rx_slot.clone();
         let tx = self.tx.clone();
-        self.task = Some(tokio::spawn(async move {
+        self.adapter.plug(&self.path, move |master| async move {
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            let _slave = slave;
             let Some(rx) = rx_slot.lock().expect("not poisoned").take() else {
                 return;
             };
@@ -502,8 +520,7 @@ impl LineSensor {
                     },
                 }
             }
-        }));
-        Ok(())
+        })
     }
 }
 
