@@ -381,6 +381,12 @@ fn queue_stats(dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
         s.dropped_newest,
         s.dropped_expired
     );
+    if s.set_aside > 0 {
+        println!(
+            "set aside        {} (could never be published; see the aside table)",
+            s.set_aside
+        );
+    }
     println!(
         "acknowledged     {} since start, {} in all",
         s.acked_since_start, s.acked_total

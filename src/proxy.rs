@@ -1,14 +1,22 @@
 //! A fault-injecting TCP proxy for the demo and the tests: forwards loopback connections to an
 //! upstream address and can cut them (and refuse new ones), black-hole them without a reset
 //! (half-open), reset them in the middle of a packet, or pass traffic again.
+//!
+//! Independently of the fault mode it can shape the link like a real uplink ([`Link`]): every
+//! byte is delayed by a one-way latency (order kept) and, optionally, serialised at a fixed rate
+//! each way, as on DSL, LTE or a GPRS modem. Loopback hides latency bugs; this is how the tests
+//! see them.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+use tokio::time::{Instant, sleep_until};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -25,9 +33,37 @@ pub enum Mode {
     ResetMidPacket,
 }
 
+/// The shape of the link between client and upstream, the same each way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Link {
+    /// One-way latency: a round trip takes twice this.
+    pub delay: Duration,
+    /// Bytes per second each way; None: unlimited.
+    pub rate: Option<u32>,
+}
+
+impl Link {
+    /// A link with this round-trip time and no rate limit.
+    pub fn round_trip(rtt: Duration) -> Link {
+        Link {
+            delay: rtt / 2,
+            rate: None,
+        }
+    }
+
+    /// The same link serialising `bits_per_second` each way.
+    pub fn with_bits_per_second(self, bits_per_second: u32) -> Link {
+        Link {
+            rate: Some((bits_per_second / 8).max(1)),
+            ..self
+        }
+    }
+}
+
 pub struct FaultProxy {
     addr: SocketAddr,
     mode: watch::Sender<Mode>,
+    link: watch::Sender<Link>,
     connections: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -38,6 +74,7 @@ impl FaultProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let (mode, mode_rx) = watch::channel(Mode::Pass);
+        let (link, link_rx) = watch::channel(Link::default());
         let connections = Arc::new(AtomicU64::new(0));
         let count = connections.clone();
         let task = tokio::spawn(async move {
@@ -48,9 +85,10 @@ impl FaultProxy {
                 }
                 count.fetch_add(1, Ordering::Relaxed);
                 let rx = mode_rx.clone();
+                let link = link_rx.clone();
                 tokio::spawn(async move {
                     if let Ok(server) = TcpStream::connect(upstream).await {
-                        relay(client, server, rx).await;
+                        relay(client, server, rx, link).await;
                     }
                 });
             }
@@ -58,6 +96,7 @@ impl FaultProxy {
         Ok(FaultProxy {
             addr,
             mode,
+            link,
             connections,
             task,
         })
@@ -69,6 +108,11 @@ impl FaultProxy {
 
     pub fn set(&self, mode: Mode) {
         self.mode.send_replace(mode);
+    }
+
+    /// Shapes the link from now on (bytes already on their way keep their schedule).
+    pub fn shape(&self, link: Link) {
+        self.link.send_replace(link);
     }
 
     /// Connections accepted and forwarded so far.
@@ -84,14 +128,81 @@ impl Drop for FaultProxy {
     }
 }
 
-async fn relay(client: TcpStream, server: TcpStream, mut mode: watch::Receiver<Mode>) {
+/// One direction of a shaped link: chunks read, each with the instant it is due at the far end.
+#[derive(Default)]
+struct Pipe {
+    due: VecDeque<(Instant, Vec<u8>)>,
+    /// When the (rate-limited) line is free to start serialising the next byte.
+    line_free: Option<Instant>,
+}
+
+/// Most bytes in one direction that the proxy holds (its "modem buffer"); beyond that it stops
+/// reading and TCP pushes back on the sender.
+const PIPE_BYTES: usize = 256 * 1024;
+
+impl Pipe {
+    fn bytes(&self) -> usize {
+        self.due.iter().map(|(_, b)| b.len()).sum()
+    }
+
+    /// How much to read at once: about 50 ms of line time on a rate-limited link, so bytes
+    /// trickle out instead of arriving in one late lump.
+    fn chunk(link: &Link) -> usize {
+        link.rate
+            .map_or(16 * 1024, |r| (r as usize / 20).clamp(1, 16 * 1024))
+    }
+
+    /// Schedules `bytes`, read now, for delivery: serialised after what is already on the line,
+    /// then delayed by the one-way latency. Delivery instants never go backwards.
+    fn push(&mut self, bytes: Vec<u8>, link: &Link) {
+        let now = Instant::now();
+        let sent = match link.rate {
+            Some(rate) => {
+                let start = self.line_free.map_or(now, |f| f.max(now));
+                let end = start + Duration::from_secs_f64(bytes.len() as f64 / rate as f64);
+                self.line_free = Some(end);
+                end
+            }
+            None => now,
+        };
+        let mut due = sent + link.delay;
+        if let Some((last, _)) = self.due.back() {
+            due = due.max(*last);
+        }
+        self.due.push_back((due, bytes));
+    }
+
+    /// Writes everything still queued, each chunk when it is due.
+    async fn deliver(&mut self, to: &mut tokio::net::tcp::OwnedWriteHalf) {
+        while let Some((due, bytes)) = self.due.pop_front() {
+            sleep_until(due).await;
+            if to.write_all(&bytes).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    fn next_due(&self) -> Option<Instant> {
+        self.due.front().map(|(t, _)| *t)
+    }
+}
+
+async fn relay(
+    client: TcpStream,
+    server: TcpStream,
+    mut mode: watch::Receiver<Mode>,
+    link: watch::Receiver<Link>,
+) {
     let _ = client.set_nodelay(true);
     let _ = server.set_nodelay(true);
     let (mut cr, mut cw) = client.into_split();
     let (mut sr, mut sw) = server.into_split();
     let mut cbuf = vec![0u8; 16 * 1024];
     let mut sbuf = vec![0u8; 16 * 1024];
+    let mut up = Pipe::default(); // client → server
+    let mut down = Pipe::default(); // server → client
     let mut stalled = false;
+    let far_future = Instant::now() + Duration::from_secs(86_400 * 365);
     loop {
         let m = *mode.borrow_and_update();
         if stalled && m != Mode::Stall {
@@ -99,13 +210,22 @@ async fn relay(client: TcpStream, server: TcpStream, mut mode: watch::Receiver<M
         }
         match m {
             Mode::Cut => return,
-            Mode::Stall => stalled = true,
+            Mode::Stall => {
+                stalled = true;
+                up.due.clear();
+                down.due.clear();
+            }
             Mode::Pass | Mode::ResetMidPacket => {}
         }
+        let shape = *link.borrow();
+        let chunk = Pipe::chunk(&shape);
+        let up_due = up.next_due();
+        let down_due = down.next_due();
         tokio::select! {
             r = mode.changed() => if r.is_err() { return },
-            n = cr.read(&mut cbuf) => match n {
-                Ok(0) | Err(_) => return,
+            n = cr.read(&mut cbuf[..chunk]), if up.bytes() < PIPE_BYTES => match n {
+                // What the client sent before it closed still reaches the server.
+                Ok(0) | Err(_) => return up.deliver(&mut sw).await,
                 Ok(_) if stalled => {}
                 Ok(n) if m == Mode::ResetMidPacket => {
                     let _ = sw.write_all(&cbuf[..n.div_ceil(2)]).await;
@@ -116,13 +236,28 @@ async fn relay(client: TcpStream, server: TcpStream, mut mode: watch::Receiver<M
                     }
                     return;
                 }
-                Ok(n) => if sw.write_all(&cbuf[..n]).await.is_err() { return },
+                Ok(n) => up.push(cbuf[..n].to_vec(), &shape),
             },
-            n = sr.read(&mut sbuf) => match n {
-                Ok(0) | Err(_) => return,
+            n = sr.read(&mut sbuf[..chunk]), if down.bytes() < PIPE_BYTES => match n {
+                // A broker that answers and closes (a refused CONNACK): the answer arrives.
+                Ok(0) | Err(_) => return down.deliver(&mut cw).await,
                 Ok(_) if stalled => {}
-                Ok(n) => if cw.write_all(&sbuf[..n]).await.is_err() { return },
+                Ok(n) => down.push(sbuf[..n].to_vec(), &shape),
             },
+            _ = sleep_until(up_due.unwrap_or(far_future)), if up_due.is_some() => {
+                if let Some((_, bytes)) = up.due.pop_front()
+                    && sw.write_all(&bytes).await.is_err()
+                {
+                    return;
+                }
+            }
+            _ = sleep_until(down_due.unwrap_or(far_future)), if down_due.is_some() => {
+                if let Some((_, bytes)) = down.due.pop_front()
+                    && cw.write_all(&bytes).await.is_err()
+                {
+                    return;
+                }
+            }
         }
     }
 }

@@ -28,6 +28,7 @@ pub async fn snapshot(shared: &Shared, started: Instant) -> Result<serde_json::V
                 "oldest": q.dropped_oldest,
                 "newest": q.dropped_newest,
                 "expired": q.dropped_expired,
+                "set_aside": q.set_aside,
                 "total": q.dropped(),
             },
             "acked_total": q.acked_total,

@@ -14,6 +14,7 @@
 //!     body   TEXT    NOT NULL                    -- message::Body as JSON, without ts and seq
 //! );
 //! CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);  -- counters, see Stats
+//! CREATE TABLE aside (...same columns as queue...);  -- rows that can never be published
 //! ```
 //!
 //! ## Invariants
@@ -25,6 +26,8 @@
 //!   transaction: acknowledged by the broker (`acked_total`; PUBACK for QoS 1, PUBCOMP for QoS 2,
 //!   written for QoS 0), or dropped by a bound — `dropped_oldest`, `dropped_expired` — while a
 //!   message refused by `when_full: drop_newest` never gets a row and counts in `dropped_newest`.
+//!   A row the broker can never take (a topic with `+`, `#` or NUL, a packet over the limit)
+//!   is moved to `aside` (`set_aside`), kept for inspection instead of blocking the queue.
 //!   Nothing else deletes.
 //! - Rows are published oldest first (`ORDER BY seq`), so a replay keeps `seq` order.
 //!
@@ -155,6 +158,8 @@ pub struct Stats {
     pub dropped_oldest: u64,
     pub dropped_newest: u64,
     pub dropped_expired: u64,
+    /// Rows that could never be published, kept in the `aside` table.
+    pub set_aside: u64,
     pub acked_total: u64,
     /// Acknowledged since the gateway that writes this file started.
     pub acked_since_start: u64,
@@ -196,6 +201,14 @@ const SCHEMA: &str = "
         body   TEXT    NOT NULL
     );
     CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+    CREATE TABLE IF NOT EXISTS aside (
+        seq    INTEGER PRIMARY KEY,
+        ts_ms  INTEGER NOT NULL,
+        topic  TEXT    NOT NULL,
+        qos    INTEGER NOT NULL,
+        retain INTEGER NOT NULL,
+        body   TEXT    NOT NULL
+    );
 ";
 
 impl Store {
@@ -423,6 +436,27 @@ impl Store {
         Ok(n)
     }
 
+    /// Moves rows that can never be published to the `aside` table, in one transaction;
+    /// returns how many were moved.
+    pub fn set_aside(&mut self, seqs: &[u64]) -> Result<u64, StoreError> {
+        let tx = self.conn.transaction()?;
+        let mut n = 0u64;
+        {
+            let mut copy = tx.prepare_cached(
+                "INSERT OR REPLACE INTO aside SELECT seq, ts_ms, topic, qos, retain, body FROM queue WHERE seq = ?1",
+            )?;
+            let mut delete = tx.prepare_cached("DELETE FROM queue WHERE seq = ?1")?;
+            for s in seqs {
+                copy.execute(params![*s as i64])?;
+                n += delete.execute(params![*s as i64])? as u64;
+            }
+        }
+        meta_add(&tx, "set_aside", n)?;
+        tx.commit()?;
+        self.depth -= n.min(self.depth);
+        Ok(n)
+    }
+
     /// Drops rows polled more than `max_age` before `now_ms`; returns how many.
     pub fn expire(&mut self, now_ms: i64) -> Result<u64, StoreError> {
         let cutoff = now_ms - self.limits.max_age.as_millis() as i64;
@@ -453,6 +487,7 @@ impl Store {
             dropped_oldest: meta_get(c, "dropped_oldest")? as u64,
             dropped_newest: meta_get(c, "dropped_newest")? as u64,
             dropped_expired: meta_get(c, "dropped_expired")? as u64,
+            set_aside: meta_get(c, "set_aside")? as u64,
             acked_total: acked,
             acked_since_start: acked.saturating_sub(meta_get(c, "acked_at_start")? as u64),
         })
@@ -588,6 +623,7 @@ enum Cmd {
         reply: oneshot::Sender<Result<Vec<Stored>, String>>,
     },
     Ack(Vec<u64>),
+    SetAside(Vec<u64>),
     Stats(oneshot::Sender<Result<Stats, String>>),
 }
 
@@ -629,6 +665,13 @@ impl StoreHandle {
             return Ok(());
         }
         self.tx.send(Cmd::Ack(seqs)).map_err(|_| StoreError::Closed)
+    }
+
+    /// Moves rows that can never be published out of the queue, into its `aside` table.
+    pub fn set_aside(&self, seqs: Vec<u64>) -> Result<(), StoreError> {
+        self.tx
+            .send(Cmd::SetAside(seqs))
+            .map_err(|_| StoreError::Closed)
     }
 
     pub async fn stats(&self) -> Result<Stats, StoreError> {
@@ -743,6 +786,11 @@ impl Worker {
                     }
                     Cmd::Stats(reply) => {
                         let _ = reply.send(self.store.stats().map_err(|e| e.to_string()));
+                    }
+                    Cmd::SetAside(seqs) => {
+                        if let Err(e) = self.store.set_aside(&seqs) {
+                            tracing::error!(error = %e, ?seqs, "queue: cannot set unpublishable rows aside");
+                        }
                     }
                     Cmd::Enqueue(_) | Cmd::Ack(_) => unreachable!("sorted out above"),
                 }

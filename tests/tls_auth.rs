@@ -249,7 +249,7 @@ async fn a_password_file_admits_the_right_credentials_and_wrong_ones_do_not_spin
     );
     assert!(
         proxy.connections() <= 2,
-        "{} connection attempts in 5 s: a hot loop",
+        "{} connection attempts in 5 s: a hot loop; log:\n{log}",
         proxy.connections()
     );
     assert!(

@@ -21,6 +21,8 @@ pub struct Received {
     pub payload: String,
     pub retain: bool,
     pub json: Option<serde_json::Value>,
+    /// When it arrived, ms since the Unix epoch.
+    pub at_ms: i64,
 }
 
 impl Received {
@@ -92,6 +94,7 @@ impl Subscriber {
                             payload,
                             retain: p.retain,
                             json,
+                            at_ms: fieldgate::message::now_ms(),
                         });
                     }
                     Ok(_) => {}

@@ -4,14 +4,21 @@
 //! loop with `clean_session = true`; when it ends for any reason, everything not yet
 //! acknowledged is simply read from the queue again by the next session, oldest first.
 //!
-//! rumqttc's `publish()` returns no packet id, so the bookkeeping is done here ([`Inflight`],
-//! pure, no I/O): publishes are submitted in order, rumqttc reports `Outgoing::Publish(pkid)` in
-//! that same order, which ties each packet id to a row; `Incoming::PubAck(pkid)` (PUBCOMP for
-//! QoS 2) then names the row to delete. A packet-id collision, an unknown acknowledgement or an
-//! acknowledgement that does not come within the ack timeout ends the session: the rows are
-//! resent on the next one, never deleted unacknowledged.
+//! Which publish is in flight under which packet id, and how much more may be sent, is the
+//! [`window`]'s business (pure, no I/O): it mirrors rumqttc's packet-id counter so ids never
+//! collide, keeps the bytes in flight to what the link delivers within half a keep-alive, and
+//! calls a session broken only when nothing at all has been acknowledged for the ack timeout.
+//! Anything unexpected in rumqttc's reports is logged and counted, never a reason to drop a
+//! session that is making progress; the reconnect backoff resets only after a session
+//! delivered something.
+//!
+//! A row that can never be published (a topic with `+`, `#` or NUL, a packet over the size
+//! limit) is set aside in the store, counted and logged once: never a head-of-line block.
 //!
 //! The uplink never blocks pollers: they only hand messages to the store thread.
+
+mod commands;
+pub mod window;
 
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
@@ -22,6 +29,9 @@ use rumqttc::{
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep, timeout};
 use tokio_util::sync::CancellationToken;
+
+pub use commands::{command_topics, command_value};
+pub use window::{Entry, Surprise, Window};
 
 use crate::config::{Config, Mqtt};
 use crate::gateway::Shared;
@@ -40,10 +50,8 @@ pub enum UplinkError {
     Client(#[from] rumqttc::ClientError),
     #[error("{0}")]
     Store(#[from] StoreError),
-    #[error("bookkeeping: {0}")]
-    Inflight(#[from] InflightError),
-    #[error("no acknowledgement for packet {pkid} within {waited:?}")]
-    AckTimeout { pkid: u16, waited: Duration },
+    #[error("nothing acknowledged for {quiet:?} while packet {pkid} awaits its acknowledgement")]
+    AckTimeout { pkid: u16, quiet: Duration },
 }
 
 impl From<rumqttc::ConnectionError> for UplinkError {
@@ -53,14 +61,6 @@ impl From<rumqttc::ConnectionError> for UplinkError {
             e => UplinkError::Connection(Box::new(e)),
         }
     }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum InflightError {
-    #[error("rumqttc sent a publish that was never submitted (packet {0})")]
-    NothingSubmitted(u16),
-    #[error("packet id {0} reused while still awaiting its acknowledgement")]
-    Collision(u16),
 }
 
 /// Home Assistant discovery as the uplink publishes it.
@@ -73,104 +73,14 @@ pub struct Announcements {
     pub file: std::path::PathBuf,
 }
 
-/// What a submitted publish stands for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Entry {
-    /// A queue row.
-    Row { seq: u64, qos: u8 },
-    /// The gateway's own status message.
-    Control { qos: u8 },
-}
+/// A message of the gateway's own, waiting for room in the window: topic, payload, retain.
+type Outbound = (String, Vec<u8>, bool);
 
-impl Entry {
-    fn qos(self) -> u8 {
-        match self {
-            Entry::Row { qos, .. } | Entry::Control { qos } => qos,
-        }
-    }
-}
+/// Command results waiting for the window; beyond this, new commands are refused as busy.
+const RESULTS_QUEUED: usize = 64;
 
-/// Publishes submitted but not yet acknowledged, tied to their packet ids. No I/O.
-#[derive(Debug, Default)]
-pub struct Inflight {
-    /// Handed to rumqttc, not yet written (no packet id yet), in submission order.
-    submitted: VecDeque<Entry>,
-    /// Written, awaiting PUBACK/PUBCOMP, with the time they were written.
-    awaiting: HashMap<u16, (Entry, Instant)>,
-}
-
-impl Inflight {
-    /// Everything submitted and not yet acknowledged.
-    pub fn len(&self) -> usize {
-        self.submitted.len() + self.awaiting.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    pub fn submitted(&mut self, e: Entry) {
-        self.submitted.push_back(e);
-    }
-
-    /// rumqttc wrote the next submitted publish with `pkid` (0 for QoS 0). Returns the row's
-    /// `seq` if that completes it (QoS 0 needs no acknowledgement).
-    pub fn written(&mut self, pkid: u16, now: Instant) -> Result<Option<u64>, InflightError> {
-        let e = self
-            .submitted
-            .pop_front()
-            .ok_or(InflightError::NothingSubmitted(pkid))?;
-        if e.qos() == 0 {
-            return Ok(match e {
-                Entry::Row { seq, .. } => Some(seq),
-                Entry::Control { .. } => None,
-            });
-        }
-        if self.awaiting.insert(pkid, (e, now)).is_some() {
-            return Err(InflightError::Collision(pkid));
-        }
-        Ok(None)
-    }
-
-    /// The broker acknowledged `pkid`. Returns the row's `seq` to delete, if it was a row.
-    /// An acknowledgement for a packet id we do not await is ignored (a late duplicate).
-    pub fn acknowledged(&mut self, pkid: u16) -> Option<u64> {
-        match self.awaiting.remove(&pkid) {
-            Some((Entry::Row { seq, .. }, _)) => Some(seq),
-            Some((Entry::Control { .. }, _)) => None,
-            None => {
-                tracing::debug!(pkid, "acknowledgement for a packet not awaited; ignored");
-                None
-            }
-        }
-    }
-
-    /// The packet that has waited longest for its acknowledgement, and since when.
-    pub fn oldest(&self) -> Option<(u16, Instant)> {
-        self.awaiting
-            .iter()
-            .map(|(p, (_, t))| (*p, *t))
-            .min_by_key(|(_, t)| *t)
-    }
-
-    /// QoS 2 publishes submitted and not yet completed.
-    pub fn qos2_awaiting(&self) -> usize {
-        self.submitted
-            .iter()
-            .chain(self.awaiting.values().map(|(e, _)| e))
-            .filter(|e| e.qos() == 2)
-            .count()
-    }
-
-    /// Rows still awaiting an acknowledgement.
-    pub fn rows_awaiting(&self) -> usize {
-        self.submitted
-            .iter()
-            .chain(self.awaiting.values().map(|(e, _)| e))
-            .filter(|e| matches!(e, Entry::Row { .. }))
-            .count()
-    }
-}
+/// Largest packet the uplink sends (and accepts).
+pub const MAX_PACKET: usize = 1 << 20;
 
 fn qos(q: u8) -> QoS {
     match q {
@@ -180,13 +90,37 @@ fn qos(q: u8) -> QoS {
     }
 }
 
+/// Why a topic and payload can never be published: MQTT forbids wildcards and NUL in a topic
+/// name, an empty topic, and the packet must fit the size limit.
+pub fn unpublishable(topic: &str, payload_len: usize) -> Option<String> {
+    if topic.is_empty() {
+        return Some("empty topic".into());
+    }
+    if let Some(c) = topic.chars().find(|c| matches!(c, '+' | '#' | '\0')) {
+        return Some(format!("topic {topic:?} contains {c:?}"));
+    }
+    if topic.len() > u16::MAX as usize {
+        return Some("topic longer than 65535 bytes".into());
+    }
+    if topic.len() + payload_len + 16 > MAX_PACKET {
+        return Some(format!("packet larger than {MAX_PACKET} bytes"));
+    }
+    None
+}
+
+/// Bytes a publish takes on the wire, near enough for the window's budget.
+fn wire_bytes(topic: &str, payload_len: usize) -> usize {
+    topic.len() + payload_len + 8
+}
+
 /// Longest wait between attempts when the broker keeps refusing the connection.
 const REFUSED_BACKOFF_MAX: Duration = Duration::from_secs(300);
 
 /// Settings of the uplink beyond the config's `mqtt:` section.
 #[derive(Debug, Clone)]
 pub struct Tuning {
-    /// How long a PUBACK may take before the session is considered broken.
+    /// How long nothing may be acknowledged, while something awaits, before the session is
+    /// considered broken.
     pub ack_timeout: Duration,
     /// At shutdown, how long to wait for acknowledgements of what is in flight.
     pub drain_timeout: Duration,
@@ -218,7 +152,6 @@ pub struct Uplink {
     /// How often the retained `status/stats` message goes out.
     pub status_interval: Duration,
     pub started: std::time::Instant,
-    /// The pollers' figures, reported in the status message.
     /// Figures, device availability and liveness shared with the pollers.
     pub shared: Shared,
     /// Each Modbus device's bus task, for commands.
@@ -233,6 +166,14 @@ pub struct Uplink {
 /// How a session ended without an error.
 enum Ended {
     Shutdown,
+}
+
+/// What a session achieved before it ended, for the reconnect policy.
+#[derive(Debug, Default, Clone, Copy)]
+struct Report {
+    connected: bool,
+    /// The broker acknowledged at least one publish.
+    delivered: bool,
 }
 
 impl Uplink {
@@ -262,26 +203,32 @@ impl Uplink {
         }
     }
 
-    /// Queues every discovery config (retained), and empty retained messages for the topics
-    /// published last time that are gone now.
-    fn announce(&self, out: &mpsc::UnboundedSender<(String, Vec<u8>, bool)>) {
+    /// Every discovery config (retained), after empty retained messages for the topics
+    /// published last time that are gone now. A new announcement replaces one still under way
+    /// (Home Assistant restarting twice gets one full set, not two).
+    fn announcements(&self) -> VecDeque<Outbound> {
         let Some(Announcements { configs, file, .. }) = &self.discovery else {
-            return;
+            return VecDeque::new();
         };
         let before: Vec<String> = std::fs::read(file)
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or_default();
         let now: Vec<String> = configs.iter().map(|(t, _)| t.clone()).collect();
-        for gone in before.iter().filter(|t| !now.contains(t)) {
-            let _ = out.send((gone.clone(), Vec::new(), true));
-        }
-        for (t, body) in configs {
-            let _ = out.send((t.clone(), body.clone(), true));
-        }
+        let mut out: VecDeque<Outbound> = before
+            .iter()
+            .filter(|t| !now.contains(t))
+            .map(|gone| (gone.clone(), Vec::new(), true))
+            .collect();
+        out.extend(
+            configs
+                .iter()
+                .map(|(t, body)| (t.clone(), body.clone(), true)),
+        );
         if before != now {
             let _ = std::fs::write(file, serde_json::to_vec(&now).expect("strings serialize"));
         }
+        out
     }
 
     /// Promises the watchdog to be back by `within` from now.
@@ -311,15 +258,17 @@ impl Uplink {
             if cancel.is_cancelled() {
                 return;
             }
-            let mut connected = false;
+            let mut report = Report::default();
             let refused: bool;
             // Connecting takes at most the connect timeout (10 s).
             self.beat(Duration::from_secs(10));
-            let result = self.session(&cancel, &mut connected, down_since).await;
+            let result = self.session(&cancel, &mut report, down_since).await;
             match result {
                 Ok(Ended::Shutdown) => return,
                 Err(e) => {
-                    if connected {
+                    // Only a session that delivered something proves the link works: one that
+                    // connects and then fails at once must not turn into a reconnect storm.
+                    if report.delivered {
                         backoff = self.tuning.backoff_min;
                     }
                     // A broker that refuses us (bad credentials, not authorised) will not change
@@ -329,12 +278,12 @@ impl Uplink {
                         backoff = backoff.max(self.tuning.refused_backoff);
                     }
                     // Logged once per outage; the attempts in between go to debug.
-                    if connected || down_since.is_none() {
+                    if report.delivered || down_since.is_none() {
                         tracing::warn!(broker = %format!("{}:{}", self.mqtt.host, self.mqtt.port), error = %e,
                             "MQTT uplink down; readings stay queued on disk, retrying with backoff");
                         down_since = Some(Instant::now());
                     } else {
-                        tracing::debug!(error = %e, retry_in = ?backoff, "MQTT uplink still down");
+                        tracing::debug!(error = %e, connected = report.connected, retry_in = ?backoff, "MQTT uplink still down");
                     }
                 }
             }
@@ -366,8 +315,10 @@ impl Uplink {
         }
         o.set_keep_alive(m.keep_alive);
         o.set_clean_session(true);
-        o.set_inflight(m.inflight);
-        o.set_max_packet_size(1 << 20, 1 << 20);
+        // rumqttc's `inflight` is its packet-id space; the window (mqtt.inflight) is enforced
+        // here, with ids to spare so out-of-order acknowledgements rarely hold a publish back.
+        o.set_inflight(Window::id_space(m.inflight));
+        o.set_max_packet_size(MAX_PACKET, MAX_PACKET);
         o.set_last_will(LastWill::new(
             &self.status_topic,
             "offline",
@@ -384,13 +335,22 @@ impl Uplink {
     async fn session(
         &self,
         cancel: &CancellationToken,
-        connected: &mut bool,
+        report: &mut Report,
         down_since: Option<Instant>,
     ) -> Result<Ended, UplinkError> {
-        let window = self.mqtt.inflight as usize;
-        let (client, mut eventloop) = AsyncClient::new(self.options(), window + 16);
+        let limit = self.mqtt.inflight as usize;
+        let filters: Vec<rumqttc::SubscribeFilter> = self
+            .set_topics
+            .keys()
+            .map(|t| rumqttc::SubscribeFilter::new(t.clone(), QoS::AtLeastOnce))
+            .collect();
+        let subscribes = filters.len().div_ceil(64) + 1;
+        // Room for the whole window, the subscriptions and the odd control message: try_publish
+        // never finds the request channel full.
+        let capacity = limit + subscribes + 16;
+        let (client, mut eventloop) = AsyncClient::new(self.options(), capacity);
         // The event loop runs in its own task so that nothing here cancels a half-written packet.
-        let (ev_tx, mut events) = mpsc::channel(window + 16);
+        let (ev_tx, mut events) = mpsc::channel(capacity);
         let pump = tokio::spawn(async move {
             loop {
                 let ev = eventloop.poll().await;
@@ -423,20 +383,28 @@ impl Uplink {
                 Ok(Some(Ok(_))) => {}
             }
         }
-        *connected = true;
+        report.connected = true;
         let backlog = self.store.stats().await.map(|s| s.depth).unwrap_or(0);
         tracing::info!(broker = %format!("{}:{}", self.mqtt.host, self.mqtt.port), client_id = %self.mqtt.client_id, backlog,
             down_for = ?down_since.map(|t| t.elapsed()), "MQTT uplink connected");
 
-        let mut inflight = Inflight::default();
-        client.try_publish(&self.status_topic, QoS::AtLeastOnce, true, "online")?;
-        inflight.submitted(Entry::Control { qos: 1 });
+        let mut s = Session {
+            client: &client,
+            win: Window::new(
+                limit,
+                Window::id_space(self.mqtt.inflight),
+                self.mqtt.keep_alive,
+                Instant::now(),
+            ),
+            acks: Vec::new(),
+            surprised: false,
+        };
+        s.control(&self.status_topic, b"online".to_vec(), true)?;
 
         let mut committed = self.store.committed();
         let mut cursor = 0u64; // highest seq read from the queue in this session
         let mut drained = false; // the queue held nothing past `cursor` at the last look
         let mut ready: VecDeque<Stored> = VecDeque::new(); // read, not yet submitted
-        let mut acks: Vec<u64> = Vec::new();
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut bucket = self.replay_rate.map(TokenBucket::new);
@@ -444,19 +412,20 @@ impl Uplink {
         status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
         // Commands: every point's `…/set` (a non-writable one gets a refusal, not silence).
-        let filters: Vec<rumqttc::SubscribeFilter> = self
-            .set_topics
-            .keys()
-            .map(|t| rumqttc::SubscribeFilter::new(t.clone(), QoS::AtLeastOnce))
-            .collect();
         for chunk in filters.chunks(64) {
             client.try_subscribe_many(chunk.to_vec())?;
+            s.win.subscribed();
         }
-        // Command results and discovery messages, published as the window allows.
-        let (results_tx, mut results) = mpsc::unbounded_channel::<(String, Vec<u8>, bool)>();
+        // Command results, published as the window allows; bounded.
+        let (results_tx, mut results) = mpsc::channel::<Outbound>(RESULTS_QUEUED);
+        // Status and command results waiting for room in the window (first in line).
+        let mut outbox: VecDeque<Outbound> = VecDeque::new();
+        // Discovery configs still to publish.
+        let mut announcing: VecDeque<Outbound> = VecDeque::new();
         if let Some(a) = &self.discovery {
             client.try_subscribe(format!("{}/status", a.prefix), QoS::AtLeastOnce)?;
-            self.announce(&results_tx);
+            s.win.subscribed();
+            announcing = self.announcements();
         }
 
         // Device availability: everything known on connect, then every change.
@@ -464,23 +433,36 @@ impl Uplink {
         let result = loop {
             // The loop comes round at least every 100 ms (the tick below).
             self.beat(Duration::from_secs(1));
+            let now = Instant::now();
             for (topic, online, version) in self.shared.availability.snapshot() {
-                if announced.get(&topic) != Some(&version) && inflight.len() < window {
-                    client.try_publish(
-                        topic.as_str(),
-                        QoS::AtLeastOnce,
-                        true,
-                        if online { "online" } else { "offline" },
-                    )?;
-                    inflight.submitted(Entry::Control { qos: 1 });
+                let body: &[u8] = if online { b"online" } else { b"offline" };
+                if announced.get(&topic) != Some(&version)
+                    && s.win.can_submit(1, wire_bytes(&topic, body.len()), now)
+                {
+                    s.control(&topic, body.to_vec(), true)?;
                     announced.insert(topic, version);
                 }
+            }
+            // The gateway's own messages go before rows: a backlog must not starve them.
+            while let Some((t, body, _)) = outbox.front() {
+                if !s.win.can_submit(1, wire_bytes(t, body.len()), now) {
+                    break;
+                }
+                let (t, body, retain) = outbox.pop_front().expect("front exists");
+                s.control(&t, body, retain)?;
+            }
+            while let Some((t, body, _)) = announcing.front() {
+                if !s.win.can_submit(1, wire_bytes(t, body.len()), now) {
+                    break;
+                }
+                let (t, body, retain) = announcing.pop_front().expect("front exists");
+                s.control(&t, body, retain)?;
             }
             // Keep the window full, in seq order, within the QoS 2 limit and the replay rate.
             loop {
                 if ready.is_empty() && !drained {
                     committed.borrow_and_update();
-                    let want = window.saturating_sub(inflight.len()).max(1);
+                    let want = limit.saturating_sub(s.win.len()).max(64);
                     let rows = self.store.peek(cursor, want).await?;
                     drained = rows.len() < want;
                     if let Some(last) = rows.last() {
@@ -490,19 +472,34 @@ impl Uplink {
                 }
                 let Some(next) = ready.front() else { break };
                 let m = &next.message;
-                if inflight.len() >= window
-                    || (m.qos == 2 && inflight.qos2_awaiting() >= self.mqtt.inflight_qos2 as usize)
+                let payload = next.payload();
+                if let Some(why) = unpublishable(&m.topic, payload.len()) {
+                    let seq = next.seq;
+                    tracing::error!(seq, topic = %m.topic, reason = %why,
+                        "a queued reading can never be published; set aside in the queue file (table aside)");
+                    self.store.set_aside(vec![seq])?;
+                    ready.pop_front();
+                    continue;
+                }
+                if !s
+                    .win
+                    .can_submit(m.qos, wire_bytes(&m.topic, payload.len()), now)
+                    || (m.qos == 2 && s.win.qos2_in_flight() >= self.mqtt.inflight_qos2 as usize)
                     || !bucket
                         .as_mut()
                         .is_none_or(|b| b.take(std::time::Instant::now()))
                 {
                     break;
                 }
-                client.try_publish(m.topic.as_str(), qos(m.qos), m.retain, next.payload())?;
-                inflight.submitted(Entry::Row {
-                    seq: next.seq,
-                    qos: m.qos,
-                });
+                let bytes = wire_bytes(&m.topic, payload.len());
+                client.try_publish(m.topic.as_str(), qos(m.qos), m.retain, payload)?;
+                s.win.submit(
+                    Entry::Row {
+                        seq: next.seq,
+                        qos: m.qos,
+                    },
+                    bytes,
+                );
                 ready.pop_front();
             }
             tokio::select! {
@@ -516,20 +513,17 @@ impl Uplink {
                             if self.discovery.as_ref().is_some_and(|a| p.topic == format!("{}/status", a.prefix))
                             {
                                 if p.payload.as_ref() == b"online" {
-                                    self.announce(&results_tx);
+                                    announcing = self.announcements();
                                 }
                             } else {
                                 self.command(p, &results_tx);
                             }
                         }
-                        Some(Ok(ev)) => if let Err(e) = handle(&mut inflight, &mut acks, ev) {
-                            break Err(e);
-                        },
+                        Some(Ok(ev)) => s.handle(ev),
                     }
                 }
-                Some((topic, payload, retain)) = results.recv(), if inflight.len() < window => {
-                    client.try_publish(topic, QoS::AtLeastOnce, retain, payload)?;
-                    inflight.submitted(Entry::Control { qos: 1 });
+                Some(result) = results.recv(), if outbox.len() < RESULTS_QUEUED => {
+                    outbox.push_back(result);
                 }
                 changed = committed.changed(), if drained && ready.is_empty() => {
                     if changed.is_err() {
@@ -539,52 +533,56 @@ impl Uplink {
                 }
                 _ = self.shared.availability.changed() => {}
                 _ = status.tick() => {
-                    if inflight.len() < window {
-                        let payload = crate::status::snapshot_json(&self.shared, self.started).await?;
-                        client.try_publish(self.stats_topic(), QoS::AtLeastOnce, true, payload)?;
-                        inflight.submitted(Entry::Control { qos: 1 });
-                    }
+                    let payload = crate::status::snapshot_json(&self.shared, self.started).await?;
+                    let topic = self.stats_topic();
+                    // One status message waiting is enough: a newer one replaces it.
+                    outbox.retain(|(t, _, _)| *t != topic);
+                    outbox.push_back((topic, payload, true));
                 }
                 _ = tick.tick() => {
                     // Deletes are batched per tick: few fsyncs, and a crash re-sends at most
                     // one tick's worth of acknowledged rows.
-                    self.store.ack(std::mem::take(&mut acks))?;
-                    if let Some((pkid, since)) = inflight.oldest() {
-                        let waited = since.elapsed();
-                        if waited > self.tuning.ack_timeout {
-                            break Err(UplinkError::AckTimeout { pkid, waited });
-                        }
+                    self.store.ack(std::mem::take(&mut s.acks))?;
+                    if let Some((pkid, quiet)) = s.win.stuck(Instant::now(), self.tuning.ack_timeout) {
+                        break Err(UplinkError::AckTimeout { pkid, quiet });
                     }
                 }
             }
-            if acks.len() >= 256 {
-                self.store.ack(std::mem::take(&mut acks))?;
+            report.delivered |= s.win.acknowledged() > 0;
+            if s.acks.len() >= 256 {
+                self.store.ack(std::mem::take(&mut s.acks))?;
             }
         };
-        self.store.ack(std::mem::take(&mut acks))?;
+        report.delivered |= s.win.acknowledged() > 0;
+        self.store.ack(std::mem::take(&mut s.acks))?;
         result?;
 
-        // Shutdown: wait briefly for what is in flight, say offline, disconnect.
+        // Shutdown: wait briefly for what is in flight, say offline, disconnect. Command results
+        // still waiting go out first: a command carried out gets its answer.
+        while let Ok(result) = results.try_recv() {
+            outbox.push_back(result);
+        }
+        for (topic, payload, retain) in outbox {
+            if s.control(&topic, payload, retain).is_err() {
+                break;
+            }
+        }
         let deadline = Instant::now() + self.tuning.drain_timeout;
-        let _ = client.try_publish(&self.status_topic, QoS::AtLeastOnce, true, "offline");
-        inflight.submitted(Entry::Control { qos: 1 });
-        while !inflight.is_empty() {
+        // If the publish cannot even be handed over, there is nothing to wait for.
+        let _ = s.control(&self.status_topic, b"offline".to_vec(), true);
+        while !s.win.is_empty() {
             match timeout(
                 deadline.saturating_duration_since(Instant::now()),
                 events.recv(),
             )
             .await
             {
-                Ok(Some(Ok(ev))) => {
-                    if handle(&mut inflight, &mut acks, ev).is_err() {
-                        break;
-                    }
-                }
+                Ok(Some(Ok(ev))) => s.handle(ev),
                 _ => break,
             }
         }
-        self.store.ack(std::mem::take(&mut acks))?;
-        let left = inflight.rows_awaiting();
+        self.store.ack(std::mem::take(&mut s.acks))?;
+        let left = s.win.rows_in_flight();
         let _ = client.try_disconnect();
         let _ = timeout(Duration::from_millis(500), async {
             while let Some(Ok(ev)) = events.recv().await {
@@ -599,121 +597,55 @@ impl Uplink {
     }
 }
 
-/// The command topic of every point: `{point topic}/set`, or `{device topic}/{point}/set` for a
-/// device published as one message.
-pub fn command_topics(config: &Config) -> HashMap<String, (String, usize, crate::mapping::Point)> {
-    let mut out = HashMap::new();
-    for d in &config.devices {
-        for (i, p) in d.points.iter().enumerate() {
-            let topic = match d.publish {
-                crate::config::PublishMode::Point => format!("{}/set", p.delivery.topic),
-                crate::config::PublishMode::Device => {
-                    format!("{}/{}/set", d.device_delivery.topic, p.name)
-                }
-            };
-            out.insert(topic, (d.name.clone(), i, p.clone()));
-        }
-    }
-    out
+/// One connection's publishing state: the client, the window, acknowledged rows to delete.
+struct Session<'a> {
+    client: &'a AsyncClient,
+    win: Window,
+    /// Rows acknowledged, not yet deleted from the queue.
+    acks: Vec<u64>,
+    /// A surprise was logged at warn level in this session (later ones go to debug).
+    surprised: bool,
 }
 
-/// What a command payload asks for: a bare value (`21.5`, `true`, `on`) or `{"value": …}`.
-pub fn command_value(payload: &[u8]) -> Result<serde_json::Value, String> {
-    let text = std::str::from_utf8(payload)
-        .map_err(|_| "the payload is not UTF-8".to_string())?
-        .trim();
-    if text.is_empty() {
-        return Err("empty payload".into());
+impl Session<'_> {
+    /// Publishes a message of the gateway's own (QoS 1) and counts it in the window.
+    fn control(&mut self, topic: &str, payload: Vec<u8>, retain: bool) -> Result<(), UplinkError> {
+        let bytes = wire_bytes(topic, payload.len());
+        self.client
+            .try_publish(topic, QoS::AtLeastOnce, retain, payload)?;
+        self.win.submit(Entry::Control { qos: 1 }, bytes);
+        Ok(())
     }
-    match serde_json::from_str::<serde_json::Value>(text) {
-        Ok(serde_json::Value::Object(m)) => m
-            .get("value")
-            .cloned()
-            .ok_or_else(|| "expected {\"value\": …}".to_string()),
-        Ok(
-            v @ (serde_json::Value::Number(_)
-            | serde_json::Value::Bool(_)
-            | serde_json::Value::String(_)),
-        ) => Ok(v),
-        Ok(other) => Err(format!("expected a value, got {other}")),
-        Err(_) if text.starts_with(['{', '[', '"']) => Err("malformed JSON".into()),
-        Err(_) => Ok(serde_json::Value::String(text.to_string())),
-    }
-}
 
-impl Uplink {
-    /// Handles one incoming publish on a command topic: refuses it with a result message, or
-    /// hands it to the device's bus task and publishes the result when it is done.
-    fn command(
-        &self,
-        p: rumqttc::Publish,
-        results: &mpsc::UnboundedSender<(String, Vec<u8>, bool)>,
-    ) {
-        let Some((device, point, spec)) = self.set_topics.get(&p.topic) else {
-            return;
+    /// Applies one of rumqttc's events to the window; acknowledged rows go to `acks`.
+    fn handle(&mut self, ev: Event) {
+        let now = Instant::now();
+        let surprise = match ev {
+            Event::Outgoing(Outgoing::Publish(pkid)) => {
+                let (done, surprise) = self.win.written(pkid, now);
+                self.acks.extend(done);
+                surprise
+            }
+            Event::Outgoing(Outgoing::AwaitAck(pkid)) => Some(self.win.held_back(pkid)),
+            Event::Incoming(Packet::PubAck(a)) => {
+                self.acks.extend(self.win.ack(a.pkid, now));
+                None
+            }
+            Event::Incoming(Packet::PubComp(c)) => {
+                self.acks.extend(self.win.ack(c.pkid, now));
+                None
+            }
+            _ => None,
         };
-        // An empty publish is how a retained message is cleared: not a command.
-        if p.payload.is_empty() {
-            tracing::debug!(topic = %p.topic, "empty command payload ignored");
-            return;
-        }
-        let result_topic = format!("{}/result", p.topic);
-        let refuse = |why: String| {
-            tracing::warn!(topic = %p.topic, reason = %why, "command refused; nothing written");
-            let body = serde_json::json!({"ok": false, "error": why});
-            let _ = results.send((result_topic.clone(), body.to_string().into_bytes(), false));
-        };
-        // A retained command would be carried out again at every reconnect, hours later.
-        if p.retain {
-            return refuse("retained commands are ignored; publish without retain".into());
-        }
-        let data = match command_value(&p.payload).and_then(|v| spec.encode(&v)) {
-            Ok(d) => d,
-            Err(why) => return refuse(why),
-        };
-        let Some(tx) = self.commands.get(device) else {
-            return refuse(format!("device {device} does not take commands"));
-        };
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        let cmd = crate::poller::Command {
-            device: device.clone(),
-            point: *point,
-            data,
-            reply,
-        };
-        if tx.try_send(cmd).is_err() {
-            return refuse("the bus is busy with other commands; try again".into());
-        }
-        let results = results.clone();
-        tokio::spawn(async move {
-            let body = match tokio::time::timeout(Duration::from_secs(30), answer).await {
-                Ok(Ok(Ok(v))) => serde_json::json!({"ok": true, "value": v}),
-                Ok(Ok(Err(e))) => serde_json::json!({"ok": false, "error": e}),
-                _ => {
-                    serde_json::json!({"ok": false, "error": "no answer from the bus within 30 s"})
-                }
-            };
-            let _ = results.send((result_topic, body.to_string().into_bytes(), false));
-        });
-    }
-}
-
-/// Applies one event to the bookkeeping; acknowledged rows go to `acks`.
-fn handle(inflight: &mut Inflight, acks: &mut Vec<u64>, ev: Event) -> Result<(), UplinkError> {
-    match ev {
-        Event::Outgoing(Outgoing::Publish(pkid)) => {
-            if let Some(seq) = inflight.written(pkid, Instant::now())? {
-                acks.push(seq);
+        if let Some(s) = surprise {
+            if self.surprised {
+                tracing::debug!(surprise = %s, "MQTT bookkeeping surprise; session goes on");
+            } else {
+                self.surprised = true;
+                tracing::warn!(surprise = %s, "MQTT bookkeeping surprise; session goes on, nothing is deleted unacknowledged (further ones at debug level)");
             }
         }
-        Event::Outgoing(Outgoing::AwaitAck(pkid)) => {
-            return Err(InflightError::Collision(pkid).into());
-        }
-        Event::Incoming(Packet::PubAck(a)) => acks.extend(inflight.acknowledged(a.pkid)),
-        Event::Incoming(Packet::PubComp(c)) => acks.extend(inflight.acknowledged(c.pkid)),
-        _ => {}
     }
-    Ok(())
 }
 
 /// Paces publishing to `rate` messages per second, with at most one second of burst.
@@ -759,68 +691,6 @@ impl Drop for AbortOnDrop {
 mod tests {
     use super::*;
 
-    fn row(seq: u64) -> Entry {
-        Entry::Row { seq, qos: 1 }
-    }
-
-    #[test]
-    fn packet_ids_are_matched_to_rows_in_submission_order() {
-        let mut f = Inflight::default();
-        let now = Instant::now();
-        f.submitted(row(10));
-        f.submitted(row(11));
-        assert_eq!(f.written(1, now), Ok(None));
-        assert_eq!(f.written(2, now), Ok(None));
-        assert_eq!(f.acknowledged(2), Some(11));
-        assert_eq!(f.acknowledged(1), Some(10));
-        assert!(f.is_empty());
-    }
-
-    #[test]
-    fn qos0_rows_are_done_once_written() {
-        let mut f = Inflight::default();
-        f.submitted(Entry::Row { seq: 5, qos: 0 });
-        assert_eq!(f.written(0, Instant::now()), Ok(Some(5)));
-        assert!(f.is_empty());
-    }
-
-    #[test]
-    fn a_reused_packet_id_is_a_collision_not_a_delete() {
-        let mut f = Inflight::default();
-        let now = Instant::now();
-        f.submitted(row(1));
-        f.submitted(row(2));
-        f.written(7, now).unwrap();
-        assert_eq!(f.written(7, now), Err(InflightError::Collision(7)));
-    }
-
-    #[test]
-    fn an_unknown_ack_deletes_nothing() {
-        let mut f = Inflight::default();
-        f.submitted(row(1));
-        f.written(1, Instant::now()).unwrap();
-        assert_eq!(f.acknowledged(9), None);
-        assert_eq!(f.rows_awaiting(), 1);
-    }
-
-    #[test]
-    fn control_messages_are_tracked_but_never_deleted_from_the_queue() {
-        let mut f = Inflight::default();
-        f.submitted(Entry::Control { qos: 1 });
-        f.written(1, Instant::now()).unwrap();
-        assert_eq!(f.acknowledged(1), None);
-        assert!(f.is_empty());
-    }
-
-    #[test]
-    fn written_without_submission_is_an_error() {
-        let mut f = Inflight::default();
-        assert_eq!(
-            f.written(3, Instant::now()),
-            Err(InflightError::NothingSubmitted(3))
-        );
-    }
-
     #[test]
     fn the_token_bucket_paces_to_its_rate() {
         let t0 = std::time::Instant::now();
@@ -835,24 +705,11 @@ mod tests {
     }
 
     #[test]
-    fn qos2_in_flight_is_counted_apart() {
-        let mut f = Inflight::default();
-        f.submitted(Entry::Row { seq: 1, qos: 2 });
-        f.submitted(Entry::Row { seq: 2, qos: 1 });
-        f.written(1, Instant::now()).unwrap();
-        assert_eq!(f.qos2_awaiting(), 1);
-        f.acknowledged(1);
-        assert_eq!(f.qos2_awaiting(), 0);
-    }
-
-    #[test]
-    fn oldest_names_the_longest_waiting_packet() {
-        let mut f = Inflight::default();
-        let t0 = Instant::now();
-        f.submitted(row(1));
-        f.submitted(row(2));
-        f.written(4, t0 + Duration::from_millis(5)).unwrap();
-        f.written(3, t0).unwrap();
-        assert_eq!(f.oldest(), Some((3, t0)));
+    fn topics_mqtt_forbids_are_unpublishable() {
+        assert_eq!(unpublishable("site/a/temp", 10), None);
+        for bad in ["site/+/temp", "site/#", "a\0b", ""] {
+            assert!(unpublishable(bad, 10).is_some(), "{bad:?}");
+        }
+        assert!(unpublishable("a", MAX_PACKET).is_some());
     }
 }

@@ -1,0 +1,168 @@
+//! Drain rate over real links: `cargo run --release --example bench_link`.
+//!
+//! A backlog of N readings is queued, then the gateway drains it to a broker (mosquitto when
+//! installed, else the in-process rumqttd) through the fault proxy shaped as a link of 50, 300
+//! and 800 ms round trip, and as a GPRS modem (32 kbit/s, 600 ms). Printed for each: the time
+//! to the first acknowledgement, the drain rate while the backlog goes from 90 % to 10 %
+//! (the steady drain, without connection set-up and the tail), and that rate as a share of
+//! window ÷ round trip — the most any window-limited sender can reach (target ≥ 70 %) — or, on
+//! the rate-limited link, as a share of what the line can carry. A first line without delay
+//! shows what the machine itself manages (CPU-bound: gateway, proxy and broker share it).
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use fieldgate::config::Config;
+use fieldgate::mapping::Value;
+use fieldgate::message::{Body, Message, now_ms};
+use fieldgate::proxy::{FaultProxy, Link};
+use fieldgate::store::Store;
+use tokio_util::sync::CancellationToken;
+
+const WINDOW: u32 = 500;
+
+fn reading(i: u64) -> Message {
+    Message {
+        topic: format!("fieldgate/bench/meter{}/p{}", i % 20, i % 16),
+        qos: 1,
+        retain: false,
+        ts_ms: now_ms(),
+        body: Body::Point {
+            value: Value::Float(230.0 + (i % 100) as f64 / 10.0),
+            unit: Some("V".into()),
+        },
+    }
+}
+
+async fn drain(broker: SocketAddr, link: Link, n: u64, label: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    {
+        let mut s = Store::open(dir).unwrap();
+        for chunk in (0..n).collect::<Vec<_>>().chunks(1000) {
+            s.append(&chunk.iter().map(|&i| reading(i)).collect::<Vec<_>>())
+                .unwrap();
+        }
+        s.close().unwrap();
+    }
+    let proxy = FaultProxy::start(broker).await.unwrap();
+    proxy.shape(link);
+    let yaml = format!(
+        "gateway: {{ id: bench, state_dir: {} }}\nmqtt: {{ url: mqtt://{}, inflight: {WINDOW} }}\n",
+        dir.display(),
+        proxy.addr()
+    );
+    let config = Config::from_text(&dir.join("bench.yaml"), &yaml).unwrap();
+    let cancel = CancellationToken::new();
+    let t = Instant::now();
+    let gw = tokio::spawn(fieldgate::gateway::run(config, cancel.clone()));
+    let reader = Store::open_read_only(dir).unwrap();
+    let (mut first, mut at90, mut at10) = (None, None, None);
+    loop {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let depth = reader.stats().unwrap().depth;
+        let now = t.elapsed();
+        if depth < n && first.is_none() {
+            first = Some(now);
+        }
+        if depth <= n * 9 / 10 && at90.is_none() {
+            at90 = Some((now, depth));
+        }
+        if depth <= n / 10 && at10.is_none() {
+            at10 = Some((now, depth));
+        }
+        if depth == 0 {
+            break;
+        }
+        if now > Duration::from_secs(600) {
+            println!("{label}: gave up after 600 s with {depth} left");
+            break;
+        }
+    }
+    let total = t.elapsed();
+    cancel.cancel();
+    gw.await.unwrap().unwrap();
+    let rtt = link.delay * 2;
+    let (Some((t90, d90)), Some((t10, d10))) = (at90, at10) else {
+        return;
+    };
+    let steady = (d90 - d10) as f64 / (t10 - t90).as_secs_f64();
+    // What bounds the drain: the window over the round trip, or the line's rate.
+    let bound = match link.rate {
+        None if rtt.is_zero() => "reference: no delay, CPU-bound".to_string(),
+        None => {
+            let ceiling = WINDOW as f64 / rtt.as_secs_f64();
+            format!(
+                "{:>3.0}% of window/RTT ({ceiling:.0}/s)",
+                100.0 * steady / ceiling
+            )
+        }
+        Some(r) => {
+            let m = fieldgate::message::Stored {
+                seq: n,
+                message: reading(n),
+            };
+            // PUBLISH on the wire: fixed header 2, topic length 2, packet id 2.
+            let bytes = m.message.topic.len() + m.payload().len() + 6;
+            let ceiling = r as f64 / bytes as f64;
+            format!(
+                "{:>3.0}% of the line ({r} bytes/s ÷ {bytes} bytes = {ceiling:.0}/s)",
+                100.0 * steady / ceiling
+            )
+        }
+    };
+    println!(
+        "{label:<6} rtt {:>4} ms: {n:>6} readings, first ack after {:>5.2}s, all in {:>6.2}s; steady {steady:>6.0}/s = {bound}",
+        rtt.as_millis(),
+        first.unwrap_or_default().as_secs_f64(),
+        total.as_secs_f64(),
+    );
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let _mosquitto;
+    let (broker, name) = match ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+    {
+        Some(bin) => {
+            let mdir = tempfile::tempdir().unwrap();
+            let port = fieldgate::broker::quiet_port().unwrap();
+            let conf = mdir.path().join("m.conf");
+            std::fs::write(
+                &conf,
+                format!("listener {port} 127.0.0.1\nallow_anonymous true\n"),
+            )
+            .unwrap();
+            let child = std::process::Command::new(bin)
+                .arg("-c")
+                .arg(&conf)
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap();
+            std::thread::sleep(Duration::from_millis(300));
+            _mosquitto = KillOnDrop(child, mdir);
+            (format!("127.0.0.1:{port}").parse().unwrap(), "mosquitto")
+        }
+        None => (fieldgate::broker::start().unwrap(), "rumqttd (in process)"),
+    };
+    println!("fieldgate drain over shaped links to {name}, window {WINDOW}");
+    for (rtt, n) in [(0u64, 40_000u64), (50, 40_000), (300, 15_000), (800, 6_000)] {
+        let link = Link::round_trip(Duration::from_millis(rtt));
+        drain(broker, link, n, &format!("{rtt} ms")).await;
+    }
+    let gprs = Link::round_trip(Duration::from_millis(600)).with_bits_per_second(32_000);
+    drain(broker, gprs, 1_500, "GPRS").await;
+}
+
+/// mosquitto and its configuration folder, both gone at the end.
+struct KillOnDrop(std::process::Child, #[allow(dead_code)] tempfile::TempDir);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
