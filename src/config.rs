@@ -1016,8 +1016,8 @@ fn build_parser(
         return None;
     }
     if let Some(re) = &spec.regex {
-        return match regex::Regex::new(re) {
-            Ok(r) => Some(Parser::Regex(r)),
+        return match Parser::regex(re) {
+            Ok(p) => Some(p),
             Err(e) => {
                 errors.push(ctx.diag(&format!("{path}.regex"), format!("not a valid regex: {e}")));
                 None

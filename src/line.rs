@@ -115,6 +115,7 @@ pub async fn run(bus: Bus, devices: Vec<Device>, shared: Shared, cancel: Cancell
         settings,
         port: None,
         framer: LineFramer::new(&terminator, max_line),
+        fresh: false,
         open_failures: 0,
         stats: stats.clone(),
     };
@@ -209,6 +210,9 @@ struct Port {
     settings: SerialSettings,
     port: Option<SerialStream>,
     framer: LineFramer,
+    /// The port was just opened: its first line may start mid-line (a streaming sensor was
+    /// already talking). Only streaming mode drops it; a request/response answer is whole.
+    fresh: bool,
     open_failures: u32,
     stats: SharedStats,
 }
@@ -226,6 +230,7 @@ impl Port {
                 }
                 self.open_failures = 0;
                 self.framer.clear();
+                self.fresh = true;
                 self.port = Some(p);
                 Ok(())
             }
@@ -341,6 +346,10 @@ async fn stream(link: &mut Port, st: &mut State, ctx: &Ctx<'_>, cancel: &Cancell
                     link.framer.push(&buf[..n], &mut out);
                     let ts = now_ms();
                     for framed in out.drain(..) {
+                        if std::mem::take(&mut link.fresh) {
+                            tracing::debug!(device = %st.device.name, "first line after the port opened dropped (may be partial)");
+                            continue;
+                        }
                         let Some(values) = take_line(ctx, st, framed) else { continue };
                         st.last_good = Instant::now();
                         st.failures = 0;

@@ -75,6 +75,12 @@ pub enum Parser {
 }
 
 impl Parser {
+    /// A regex parser that matches the **whole line**: a fragment glued to the next line after
+    /// noise (`T=21.5,H=4T=21.5,H=40`) must not yield a field. `.*` is there for a search.
+    pub fn regex(re: &str) -> Result<Parser, regex::Error> {
+        Ok(Parser::Regex(Regex::new(&format!("^(?:{re})$"))?))
+    }
+
     /// Parses one line. `Ok(None)`: a valid line this parser does not decode (an NMEA sentence
     /// of a type not asked for), which is neither published nor an error.
     pub fn parse(&self, line: &str) -> Result<Option<Fields>, ParseError> {
@@ -293,6 +299,25 @@ mod tests {
 
     fn nm() -> Parser {
         Parser::Nmea(vec!["GGA".into(), "RMC".into()])
+    }
+
+    /// Acceptance testing (#10): a line cut short by noise, glued to the next one, published
+    /// humidity 4 because the regex was searched, not matched against the whole line.
+    #[test]
+    fn a_regex_must_match_the_whole_line() {
+        let p = Parser::regex(r"T=(?P<temp>-?\d+(\.\d+)?),H=(?P<hum>\d+)").unwrap();
+        assert_eq!(p.parse("T=21.5,H=4T=21.5,H=40"), Err(ParseError::NoMatch));
+        assert_eq!(p.parse("noise T=21.5,H=40"), Err(ParseError::NoMatch));
+        let f = p.parse("T=21.5,H=40").unwrap().unwrap();
+        assert_eq!(f["hum"], "40");
+        // Alternatives are anchored as a whole, not just the first and the last.
+        let p = Parser::regex(r"A=(?P<a>\d+)|B=(?P<b>\d+)").unwrap();
+        assert_eq!(p.parse("A=1x"), Err(ParseError::NoMatch));
+        assert_eq!(p.parse("xB=2"), Err(ParseError::NoMatch));
+        assert_eq!(p.parse("B=2").unwrap().unwrap()["b"], "2");
+        // `.*` searches, for those who want it.
+        let p = Parser::regex(r".*H=(?P<hum>\d+).*").unwrap();
+        assert_eq!(p.parse("junk H=40 junk").unwrap().unwrap()["hum"], "40");
     }
 
     #[test]
