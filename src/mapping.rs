@@ -106,6 +106,9 @@ impl Order {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum Value {
+    /// No value: a float register holding NaN or an infinity, which meters use for "not
+    /// available" (`0xFFFF 0xFFFF`, `0x7FC0 0x0000`). Published as `"value": null`.
+    Null,
     Bool(bool),
     Int(i64),
     UInt(u64),
@@ -119,6 +122,7 @@ impl PartialEq for Value {
     fn eq(&self, other: &Value) -> bool {
         use Value::*;
         match (self, other) {
+            (Null, Null) => true,
             (Bool(a), Bool(b)) => a == b,
             (Int(a), Int(b)) => a == b,
             (UInt(a), UInt(b)) => a == b,
@@ -133,6 +137,7 @@ impl PartialEq for Value {
 impl fmt::Display for Value {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            Value::Null => f.write_str("null"),
             Value::Bool(b) => write!(f, "{b}"),
             Value::Int(i) => write!(f, "{i}"),
             Value::UInt(u) => write!(f, "{u}"),
@@ -239,7 +244,10 @@ impl Point {
             DataType::Bool => Value::Bool(words[0] != 0),
             DataType::String => Value::Text(decode_string(&bytes)),
         };
-        self.apply_scale(raw)
+        match self.apply_scale(raw) {
+            Value::Float(f) if !f.is_finite() => Value::Null,
+            v => v,
+        }
     }
 
     /// Decodes a field of a parsed text line; None if the text is not of the point's type.
@@ -331,34 +339,71 @@ impl Point {
             return Err(format!("{x} is above the maximum {max}"));
         }
         let raw = (x - self.offset.unwrap_or(0.0)) / self.scale.unwrap_or(1.0);
-        let int = |lo: f64, hi: f64| -> Result<i128, String> {
-            let r = raw.round();
-            if (raw - r).abs() > 1e-6 * raw.abs().max(1.0) {
-                return Err(format!(
-                    "{x} is not a whole number of steps of {}",
-                    self.scale.unwrap_or(1.0)
-                ));
+        let unscaled = self.scale.is_none() && self.offset.is_none();
+        // An integer given as such, without scale or offset, is taken exactly (f64 holds
+        // integers exactly only up to 2^53).
+        let exact: Option<i128> = match v {
+            serde_json::Value::Number(n) if unscaled => n
+                .as_i64()
+                .map(i128::from)
+                .or_else(|| n.as_u64().map(i128::from)),
+            serde_json::Value::String(s) if unscaled => s.trim().parse::<i128>().ok(),
+            _ => None,
+        };
+        let doesnt_fit = || format!("{x} does not fit a {:?}", self.dtype);
+        // Every value of the type, and nothing else: `MIN..=MAX` exactly, never a wrap-around.
+        let int = |min: i128, max: i128| -> Result<i128, String> {
+            let r = match exact {
+                Some(i) => i,
+                None => {
+                    let r = raw.round();
+                    if !raw.is_finite() || (raw - r).abs() > 1e-6 * raw.abs().max(1.0) {
+                        return Err(format!(
+                            "{x} is not a whole number of steps of {}",
+                            self.scale.unwrap_or(1.0)
+                        ));
+                    }
+                    // Past 2^53 an f64 is not every integer: the device would get a neighbour.
+                    if r.abs() > 9_007_199_254_740_992.0 {
+                        return Err(format!(
+                            "{x} cannot be written exactly (more than 2^53 steps; give the raw integer without scale or offset)"
+                        ));
+                    }
+                    r as i128
+                }
+            };
+            if r < min || r > max {
+                return Err(doesnt_fit());
             }
-            if r < lo || r > hi {
-                return Err(format!("{x} does not fit a {:?}", self.dtype));
-            }
-            Ok(r as i128)
+            Ok(r)
         };
         let be: Vec<u8> = match self.dtype {
-            DataType::U16 => (int(0.0, u16::MAX as f64)? as u16).to_be_bytes().to_vec(),
-            DataType::I16 => (int(i16::MIN as f64, i16::MAX as f64)? as i16)
+            DataType::U16 => (int(0, u16::MAX.into())? as u16).to_be_bytes().to_vec(),
+            DataType::I16 => (int(i16::MIN.into(), i16::MAX.into())? as i16)
                 .to_be_bytes()
                 .to_vec(),
-            DataType::U32 => (int(0.0, u32::MAX as f64)? as u32).to_be_bytes().to_vec(),
-            DataType::I32 => (int(i32::MIN as f64, i32::MAX as f64)? as i32)
+            DataType::U32 => (int(0, u32::MAX.into())? as u32).to_be_bytes().to_vec(),
+            DataType::I32 => (int(i32::MIN.into(), i32::MAX.into())? as i32)
                 .to_be_bytes()
                 .to_vec(),
-            DataType::U64 => (int(0.0, u64::MAX as f64)? as u64).to_be_bytes().to_vec(),
-            DataType::I64 => (int(i64::MIN as f64, i64::MAX as f64)? as i64)
+            DataType::U64 => (int(0, u64::MAX.into())? as u64).to_be_bytes().to_vec(),
+            DataType::I64 => (int(i64::MIN.into(), i64::MAX.into())? as i64)
                 .to_be_bytes()
                 .to_vec(),
-            DataType::F32 => (raw as f32).to_be_bytes().to_vec(),
-            DataType::F64 => raw.to_be_bytes().to_vec(),
+            DataType::F32 => {
+                // Out of range or past the inverse scale: an f32 would hold an infinity.
+                let f = raw as f32;
+                if !f.is_finite() {
+                    return Err(doesnt_fit());
+                }
+                f.to_be_bytes().to_vec()
+            }
+            DataType::F64 => {
+                if !raw.is_finite() {
+                    return Err(doesnt_fit());
+                }
+                raw.to_be_bytes().to_vec()
+            }
             DataType::Bool | DataType::String => {
                 return Err(format!("a {:?} point cannot be written", self.dtype));
             }
@@ -726,6 +771,63 @@ mod tests {
             Ok(crate::bus::WriteData::Coil(true))
         );
         assert!(c.encode(&serde_json::json!(2)).is_err());
+    }
+
+    /// Acceptance testing (#10): 2^64 on a u64 wrote 0, 2^63 on an i64 wrote i64::MIN, 1e39 on
+    /// an f32 wrote +inf. Every value the type holds is accepted, exactly; nothing else is.
+    #[test]
+    fn commands_refuse_every_value_the_type_cannot_hold_exactly() {
+        let written = |dtype: DataType, v: serde_json::Value| -> Result<Value, String> {
+            let mut p = point(dtype, Order::ABCD);
+            p.writable = true;
+            let crate::bus::WriteData::Registers(words) = p.encode(&v)? else {
+                panic!()
+            };
+            Ok(p.decode_words(&words))
+        };
+        use serde_json::json;
+        // The reported cases.
+        assert!(written(DataType::U64, json!(18446744073709551616.0)).is_err());
+        assert!(written(DataType::U64, json!("18446744073709551616")).is_err());
+        assert!(written(DataType::I64, json!(9223372036854775808.0)).is_err());
+        assert!(written(DataType::I64, json!(9223372036854775808u64)).is_err());
+        assert!(written(DataType::F32, json!(1e39)).is_err());
+        assert!(written(DataType::F32, json!(-1e39)).is_err());
+        // The ends of each range are exact.
+        assert_eq!(
+            written(DataType::U64, json!(u64::MAX)),
+            Ok(Value::UInt(u64::MAX))
+        );
+        assert_eq!(
+            written(DataType::I64, json!(i64::MIN)),
+            Ok(Value::Int(i64::MIN))
+        );
+        assert_eq!(
+            written(DataType::I64, json!(i64::MAX)),
+            Ok(Value::Int(i64::MAX))
+        );
+        assert_eq!(
+            written(DataType::I64, json!("9007199254740993")),
+            Ok(Value::Int(9_007_199_254_740_993))
+        );
+        assert_eq!(written(DataType::U16, json!(65535)), Ok(Value::UInt(65535)));
+        assert!(written(DataType::U16, json!(65536)).is_err());
+        assert!(written(DataType::U32, json!(-1)).is_err());
+        assert!(written(DataType::I16, json!(-32769)).is_err());
+        assert_eq!(
+            written(DataType::F32, json!(3.0e38)),
+            Ok(Value::Float(3.0e38))
+        );
+        // Past 2^53 a scaled value is no longer exact in f64: refused, not rounded.
+        let mut p = point(DataType::I64, Order::ABCD);
+        p.writable = true;
+        p.scale = Some(0.5);
+        assert!(
+            p.encode(&json!(9007199254740993.0))
+                .unwrap_err()
+                .contains("exactly")
+        );
+        assert!(p.encode(&json!(10.5)).is_ok());
     }
 
     #[test]

@@ -43,6 +43,8 @@ pub struct DeviceStats {
     pub failed_polls: u64,
     pub timeouts: u64,
     pub exceptions: u64,
+    /// Values that read as NaN or infinite (published as null).
+    pub not_finite: u64,
     /// None until the first poll decided it.
     pub online: Option<bool>,
     pub last_success_ms: Option<i64>,
@@ -419,6 +421,9 @@ async fn poll_group(
                         Data::Words(w) => p.decode_words(&w[off..off + p.width() as usize]),
                         Data::Bits(b) => p.decode_bit(b[off]),
                     };
+                    if v == Value::Null {
+                        with_device(stats, bus, &dev.name, |d| d.not_finite += 1);
+                    }
                     values.push((i, v));
                 }
             }

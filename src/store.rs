@@ -922,6 +922,55 @@ mod tests {
             .collect()
     }
 
+    /// Acceptance testing (#10): a meter's "not available" float (`0xFFFF 0xFFFF`, NaN) went
+    /// into the queue as JSON null, could not be read back as a value, and was published as
+    /// the raw internal JSON, without `ts` and `seq`.
+    #[test]
+    fn a_non_finite_float_is_published_as_null_with_ts_and_seq() {
+        use crate::mapping::{DataType, Point, Table};
+        let f32p = Point::new("p", Table::Holding, 0, DataType::F32);
+        let f64p = Point::new("q", Table::Holding, 0, DataType::F64);
+        let nan = f32p.decode_words(&[0xFFFF, 0xFFFF]);
+        let quiet_nan = f32p.decode_words(&[0x7FC0, 0x0000]);
+        let inf = f32p.decode_words(&[0x7F80, 0x0000]);
+        let minus_inf = f64p.decode_words(&[0xFFF0, 0, 0, 0]);
+        for v in [&nan, &quiet_nan, &inf, &minus_inf] {
+            assert_eq!(*v, Value::Null);
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(dir.path()).unwrap();
+        let mut device_values = std::collections::BTreeMap::new();
+        device_values.insert("ok".to_string(), Value::Float(1.5));
+        device_values.insert("na".to_string(), nan.clone());
+        s.append(&[
+            Message {
+                body: Body::Point {
+                    value: nan,
+                    unit: Some("V".into()),
+                },
+                ..msg(1)
+            },
+            Message {
+                body: Body::Device {
+                    values: device_values,
+                },
+                ..msg(2)
+            },
+        ])
+        .unwrap();
+        let rows = s.peek(0, 10).unwrap();
+        let point: serde_json::Value = serde_json::from_slice(&rows[0].payload()).unwrap();
+        assert_eq!(point["value"], serde_json::Value::Null);
+        assert_eq!(point["unit"], "V");
+        assert_eq!(point["seq"], 1);
+        assert!(point["ts"].is_string(), "{point}");
+        let device: serde_json::Value = serde_json::from_slice(&rows[1].payload()).unwrap();
+        assert_eq!(device["values"]["na"], serde_json::Value::Null);
+        assert_eq!(device["values"]["ok"], 1.5);
+        assert_eq!(device["seq"], 2);
+        assert!(device["ts"].is_string(), "{device}");
+    }
+
     #[test]
     fn seq_is_gapless_and_survives_deletes_and_reopen() {
         let dir = tempfile::tempdir().unwrap();
