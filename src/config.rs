@@ -1146,7 +1146,7 @@ const PLACEHOLDERS: [&str; 4] = ["gateway", "device", "point", "unit"];
 impl Resolver<'_> {
     fn resolve(&mut self, ctx: &Ctx, path: &Path, base: &Path, raw: RawConfig) -> Config {
         let id = raw.gateway.id.clone().unwrap_or_else(hostname);
-        if id.is_empty() || id.contains(['/', '+', '#']) {
+        if id.is_empty() || id.contains(['/', '+', '#', '\0']) {
             self.errors.push(ctx.diag(
                 "gateway.id",
                 format!("`{id}` cannot be part of an MQTT topic (no '/', '+', '#', not empty)"),
@@ -1218,6 +1218,7 @@ impl Resolver<'_> {
                 devices.push(dev);
             }
         }
+        self.check_topics_unique(ctx, &devices);
         // A streaming device owns its line: nothing else may share the port.
         for bus in &buses {
             let on_bus: Vec<&Device> = devices
@@ -1500,6 +1501,48 @@ impl Resolver<'_> {
         }
     }
 
+    /// Every published topic belongs to one point (or one `publish: device` device): two
+    /// owners would mix their readings, and a command on `…/set` would reach whichever was
+    /// resolved last. Both places are named.
+    fn check_topics_unique(&mut self, ctx: &Ctx, devices: &[Device]) {
+        let mut owners: HashMap<String, String> = HashMap::new();
+        for d in devices {
+            let published: Vec<(String, String)> = match d.publish {
+                PublishMode::Point => d
+                    .points
+                    .iter()
+                    .map(|pt| {
+                        (
+                            pt.delivery.topic.clone(),
+                            format!("devices.{}.points.{}", d.name, pt.name),
+                        )
+                    })
+                    .collect(),
+                PublishMode::Device => vec![(
+                    d.device_delivery.topic.clone(),
+                    format!("devices.{}", d.name),
+                )],
+            };
+            for (topic, path) in published {
+                match owners.get(&topic) {
+                    Some(first) => {
+                        let at = ctx.map.locate(first);
+                        self.errors.push(ctx.diag(
+                            &path,
+                            format!(
+                                "publishes to `{topic}`, as {first} does ({}:{}:{}); give one of them its own `topic:`",
+                                ctx.file, at.line, at.col
+                            ),
+                        ));
+                    }
+                    None => {
+                        owners.insert(topic, path);
+                    }
+                }
+            }
+        }
+    }
+
     fn resolve_device(
         &mut self,
         ctx: &Ctx,
@@ -1608,13 +1651,25 @@ impl Resolver<'_> {
         let mut points = Vec::new();
         let mut payload = HashMap::new();
         for s in specs.into_values() {
+            let template = s.topic.as_deref().unwrap_or(&device_topic);
             let topic = render_topic(
-                s.topic.as_deref().unwrap_or(&device_topic),
+                template,
                 &gateway.id,
                 name,
                 &s.name,
                 s.unit.as_deref().unwrap_or(""),
             );
+            // A placeholder's value (a unit like `#/h`, a point name from a model) can put what
+            // MQTT forbids into the topic: no session could ever publish it.
+            if let Some(c) = topic.chars().find(|c| matches!(c, '+' | '#' | '\0')) {
+                self.errors.push(ctx.diag(
+                    &format!("{p}.points.{}", s.name),
+                    format!(
+                        "the topic `{template}` becomes `{}` for this point, and {c:?} cannot be in an MQTT topic; change the unit or name, or give the point a `topic:` without that placeholder",
+                        topic.escape_debug()
+                    ),
+                ));
+            }
             payload.insert(
                 s.name.clone(),
                 s.payload.or(d.payload).unwrap_or(PayloadFormat::Json),
@@ -2209,7 +2264,7 @@ fn check_topic_segment(
 }
 
 fn check_topic_segment_with(err: &mut dyn FnMut(&str, String), name: &str, what: &str) {
-    if name.is_empty() || name.contains(['/', '+', '#']) {
+    if name.is_empty() || name.contains(['/', '+', '#', '\0']) {
         err(
             "",
             format!("{what} `{name}` cannot be an MQTT topic level (no '/', '+', '#', not empty)"),
@@ -2225,6 +2280,12 @@ fn template_error(t: &str) -> Option<String> {
     if t.contains(['+', '#']) {
         return Some(format!(
             "`{t}`: '+' and '#' are subscription wildcards, not allowed in a topic"
+        ));
+    }
+    if t.contains('\0') {
+        return Some(format!(
+            "`{}`: NUL is not allowed in a topic",
+            t.escape_debug()
         ));
     }
     let mut rest = t;

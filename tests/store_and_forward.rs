@@ -460,3 +460,69 @@ async fn mosquitto_publishes_the_last_will_when_the_gateway_is_killed() {
     })
     .await;
 }
+
+/// Acceptance testing (#10): a row whose topic MQTT forbids (`+`, `#`, NUL — from a queue
+/// written before `check` refused such topics) failed every session and blocked the queue
+/// forever. It is set aside, counted, and everything behind it flows on one connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_that_can_never_be_published_is_set_aside_not_a_head_of_line_block() {
+    let broker = fieldgate::broker::start().unwrap();
+    let proxy = FaultProxy::start(broker).await.unwrap();
+    let sub = Subscriber::start(broker).await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let reading = |topic: &str, i: i64| Message {
+        topic: topic.to_string(),
+        qos: 1,
+        retain: false,
+        ts_ms: now_ms() - 1000 + i,
+        body: Body::Point {
+            value: Value::Int(i),
+            unit: None,
+        },
+    };
+    {
+        let mut s = Store::open(&state).unwrap();
+        let mut rows: Vec<Message> = (1..=10).map(|i| reading("site/ok", i)).collect();
+        rows.insert(3, reading("site/+/bad", 100));
+        rows.insert(7, reading("site/#", 101));
+        s.append(&rows).unwrap();
+        s.close().unwrap();
+    }
+    let yaml = format!(
+        "gateway: {{ id: gw1, state_dir: {} }}\nmqtt: {{ url: mqtt://{}, keep_alive: 2s }}\n",
+        state.display(),
+        proxy.addr()
+    );
+    let gw = Gateway::start(dir.path(), &yaml);
+    sub.wait_for(Duration::from_secs(10), "the ten good rows", |g| {
+        g.iter().filter(|r| r.topic == "site/ok").count() >= 10
+    })
+    .await;
+    gw.stop().await;
+    let values: Vec<i64> = sub
+        .values("site/ok")
+        .iter()
+        .map(|v| v.as_i64().unwrap())
+        .collect();
+    assert_eq!(values, (1..=10).collect::<Vec<_>>());
+    let s = queue_stats(&state);
+    assert_eq!(s.depth, 0, "{s:?}");
+    assert_eq!(s.set_aside, 2, "{s:?}");
+    assert_eq!(s.acked_total, 10, "{s:?}");
+    assert_eq!(
+        proxy.connections(),
+        1,
+        "no session was lost to the bad rows"
+    );
+    // Kept for inspection, with their topics.
+    let c = rusqlite::Connection::open(state.join("queue.db")).unwrap();
+    let topics: Vec<String> = c
+        .prepare("SELECT topic FROM aside ORDER BY seq")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(topics, vec!["site/+/bad", "site/#"]);
+}
