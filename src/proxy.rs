@@ -132,6 +132,8 @@ impl Drop for FaultProxy {
 #[derive(Default)]
 struct Pipe {
     due: VecDeque<(Instant, Vec<u8>)>,
+    /// Bytes in `due`.
+    queued: usize,
     /// When the (rate-limited) line is free to start serialising the next byte.
     line_free: Option<Instant>,
 }
@@ -142,7 +144,27 @@ const PIPE_BYTES: usize = 256 * 1024;
 
 impl Pipe {
     fn bytes(&self) -> usize {
-        self.due.iter().map(|(_, b)| b.len()).sum()
+        self.queued
+    }
+
+    fn pop(&mut self) -> Option<Vec<u8>> {
+        let (_, bytes) = self.due.pop_front()?;
+        self.queued -= bytes.len();
+        Some(bytes)
+    }
+
+    /// Every chunk due by `now`, in one piece (one write instead of one per chunk).
+    fn take_due(&mut self, now: Instant) -> Vec<u8> {
+        let mut out = Vec::new();
+        while self.next_due().is_some_and(|t| t <= now) {
+            out.extend(self.pop().expect("due implies a chunk"));
+        }
+        out
+    }
+
+    fn clear(&mut self) {
+        self.due.clear();
+        self.queued = 0;
     }
 
     /// How much to read at once: about 50 ms of line time on a rate-limited link, so bytes
@@ -169,13 +191,15 @@ impl Pipe {
         if let Some((last, _)) = self.due.back() {
             due = due.max(*last);
         }
+        self.queued += bytes.len();
         self.due.push_back((due, bytes));
     }
 
     /// Writes everything still queued, each chunk when it is due.
     async fn deliver(&mut self, to: &mut tokio::net::tcp::OwnedWriteHalf) {
-        while let Some((due, bytes)) = self.due.pop_front() {
+        while let Some(due) = self.next_due() {
             sleep_until(due).await;
+            let bytes = self.pop().expect("due implies a chunk");
             if to.write_all(&bytes).await.is_err() {
                 return;
             }
@@ -212,8 +236,8 @@ async fn relay(
             Mode::Cut => return,
             Mode::Stall => {
                 stalled = true;
-                up.due.clear();
-                down.due.clear();
+                up.clear();
+                down.clear();
             }
             Mode::Pass | Mode::ResetMidPacket => {}
         }
@@ -245,16 +269,12 @@ async fn relay(
                 Ok(n) => down.push(sbuf[..n].to_vec(), &shape),
             },
             _ = sleep_until(up_due.unwrap_or(far_future)), if up_due.is_some() => {
-                if let Some((_, bytes)) = up.due.pop_front()
-                    && sw.write_all(&bytes).await.is_err()
-                {
+                if sw.write_all(&up.take_due(Instant::now())).await.is_err() {
                     return;
                 }
             }
             _ = sleep_until(down_due.unwrap_or(far_future)), if down_due.is_some() => {
-                if let Some((_, bytes)) = down.due.pop_front()
-                    && cw.write_all(&bytes).await.is_err()
-                {
+                if cw.write_all(&down.take_due(Instant::now())).await.is_err() {
                     return;
                 }
             }

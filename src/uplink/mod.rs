@@ -349,6 +349,11 @@ impl Uplink {
         // never finds the request channel full.
         let capacity = limit + subscribes + 16;
         let (client, mut eventloop) = AsyncClient::new(self.options(), capacity);
+        // Small PUBLISHes paced by acknowledgements: with Nagle on, each waits for the peer's
+        // (delayed) ACK of the one before, and a 50 ms link behaved like a 100 ms one.
+        let mut network = rumqttc::NetworkOptions::new();
+        network.set_tcp_nodelay(true);
+        eventloop.set_network_options(network);
         // The event loop runs in its own task so that nothing here cancels a half-written packet.
         let (ev_tx, mut events) = mpsc::channel(capacity);
         let pump = tokio::spawn(async move {
@@ -405,6 +410,8 @@ impl Uplink {
         let mut cursor = 0u64; // highest seq read from the queue in this session
         let mut drained = false; // the queue held nothing past `cursor` at the last look
         let mut ready: VecDeque<Stored> = VecDeque::new(); // read, not yet submitted
+        let fetch_size = limit.max(64);
+        let mut fetch: Option<Fetch<'_>> = None; // a read of the queue under way
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut bucket = self.replay_rate.map(TokenBucket::new);
@@ -459,18 +466,13 @@ impl Uplink {
                 s.control(&t, body, retain)?;
             }
             // Keep the window full, in seq order, within the QoS 2 limit and the replay rate.
-            loop {
-                if ready.is_empty() && !drained {
-                    committed.borrow_and_update();
-                    let want = limit.saturating_sub(s.win.len()).max(64);
-                    let rows = self.store.peek(cursor, want).await?;
-                    drained = rows.len() < want;
-                    if let Some(last) = rows.last() {
-                        cursor = last.seq;
-                    }
-                    ready.extend(rows);
-                }
-                let Some(next) = ready.front() else { break };
+            // The next rows are fetched while these go out: waiting for the store thread (which
+            // may be in an fsync) must not leave the window empty.
+            if fetch.is_none() && !drained && ready.len() < fetch_size / 2 {
+                committed.borrow_and_update();
+                fetch = Some(Box::pin(self.store.peek(cursor, fetch_size)));
+            }
+            while let Some(next) = ready.front() {
                 let m = &next.message;
                 let payload = next.payload();
                 if let Some(why) = unpublishable(&m.topic, payload.len()) {
@@ -525,7 +527,19 @@ impl Uplink {
                 Some(result) = results.recv(), if outbox.len() < RESULTS_QUEUED => {
                     outbox.push_back(result);
                 }
-                changed = committed.changed(), if drained && ready.is_empty() => {
+                rows = async { fetch.as_mut().expect("guarded").await }, if fetch.is_some() => {
+                    fetch = None;
+                    let rows = match rows {
+                        Ok(r) => r,
+                        Err(e) => break Err(e.into()),
+                    };
+                    drained = rows.len() < fetch_size;
+                    if let Some(last) = rows.last() {
+                        cursor = last.seq;
+                    }
+                    ready.extend(rows);
+                }
+                changed = committed.changed(), if drained => {
                     if changed.is_err() {
                         break Err(UplinkError::Store(StoreError::Closed));
                     }
@@ -596,6 +610,11 @@ impl Uplink {
         Ok(Ended::Shutdown)
     }
 }
+
+/// A read of the next rows from the queue, under way.
+type Fetch<'a> = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<Vec<Stored>, StoreError>> + Send + 'a>,
+>;
 
 /// One connection's publishing state: the client, the window, acknowledged rows to delete.
 struct Session<'a> {
