@@ -188,6 +188,10 @@ async fn open_queue(config: &Config, cancel: &CancellationToken) -> Option<Store
     let mut last_log: Option<std::time::Instant> = None;
     loop {
         let d = dir.clone();
+        // After a power cut the file is checked before READY (PRAGMA quick_check): measured
+        // 0.37 s for 1 000 000 rows on a warm x86 disk, but a Pi reading a cold SD card is
+        // slower. systemd gets more time while it runs, instead of killing a start in progress.
+        systemd::extend_start(Duration::from_secs(120));
         let result = tokio::task::spawn_blocking(move || Store::open_with(&d, limits))
             .await
             .expect("store open does not panic");

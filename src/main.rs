@@ -381,6 +381,12 @@ fn queue_stats(dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
         s.dropped_newest,
         s.dropped_expired
     );
+    if s.clock_steps > 0 {
+        println!(
+            "clock steps      {} (readings polled before a step carry the old clock's ts)",
+            s.clock_steps
+        );
+    }
     if s.set_aside > 0 {
         println!(
             "set aside        {} (could never be published; see the aside table)",

@@ -29,6 +29,7 @@ pub async fn snapshot(shared: &Shared, started: Instant) -> Result<serde_json::V
                 "newest": q.dropped_newest,
                 "expired": q.dropped_expired,
                 "set_aside": q.set_aside,
+                "clock_steps": q.clock_steps,
                 "total": q.dropped(),
             },
             "acked_total": q.acked_total,

@@ -45,8 +45,10 @@
 //! (`page_count - freelist_count`), so it is the file's real size, not an estimate. Deleted rows
 //! free their pages to SQLite's freelist and new rows reuse them: the file does not grow past
 //! its budget across fills and drains, and no `VACUUM` ever runs on the hot path. The WAL is
-//! checkpointed automatically and truncated to `journal_size_limit` (8 MiB). Rows older than
-//! `max_age` are dropped once a minute.
+//! checkpointed automatically and truncated to `journal_size_limit` (8 MiB). Rows queued for
+//! longer than `max_age` are dropped once a minute, by the queue's own monotonic clock (not the
+//! wall clock, which a Pi without a real-time clock steps at NTP sync; see `Ages`); rows found
+//! at start count from the start. Expiry and stats never scan the table.
 //!
 //! ## Faults
 //! - A commit that fails (disk full, I/O error): the batch stays in memory and is retried every
@@ -160,6 +162,8 @@ pub struct Stats {
     pub dropped_expired: u64,
     /// Rows that could never be published, kept in the `aside` table.
     pub set_aside: u64,
+    /// Times the wall clock was seen to step while readings were queued.
+    pub clock_steps: u64,
     pub acked_total: u64,
     /// Acknowledged since the gateway that writes this file started.
     pub acked_since_start: u64,
@@ -189,6 +193,56 @@ pub struct Store {
     page_size: u64,
     depth: u64,
     last_seq: u64,
+    /// Opened read-only (another process writes): figures are read from the file each time.
+    read_only: bool,
+    /// The queue's own clock for `max_age`: see [`Ages`].
+    ages: Ages,
+    /// Wall and monotonic time of the last commit, to notice the wall clock stepping.
+    clock: Option<(i64, std::time::Instant)>,
+}
+
+/// A wall clock that moved this much more (or less) than the monotonic clock between two
+/// commits was stepped (NTP sync on a Pi without a real-time clock, a manual `date`).
+const CLOCK_STEP_MS: i64 = 2_000;
+
+/// When rows entered the queue, by the monotonic clock: `(highest seq, instant)` pairs, oldest
+/// first, at most one per minute. All rows up to `seq` entered no later than `instant` (rows of
+/// the last minute are dated its end, so a row expires up to a minute late, never early). Rows
+/// found at open are dated the open. So `max_age` is time spent in this queue while a gateway
+/// ran, immune to wall-clock steps (a Pi without a real-time clock starts with a wrong time,
+/// then NTP steps it): no reading is dropped because the clock jumped.
+#[derive(Debug, Default)]
+struct Ages {
+    /// `(highest seq, entered by, minute began)`.
+    marks: std::collections::VecDeque<(u64, std::time::Instant, std::time::Instant)>,
+}
+
+impl Ages {
+    const GRAIN: Duration = Duration::from_secs(60);
+
+    fn committed(&mut self, last_seq: u64, now: std::time::Instant) {
+        match self.marks.back_mut() {
+            // Within the same minute: its rows are all dated the latest commit.
+            Some((seq, at, began)) if now.saturating_duration_since(*began) < Ages::GRAIN => {
+                *seq = last_seq;
+                *at = now;
+            }
+            _ => self.marks.push_back((last_seq, now, now)),
+        }
+    }
+
+    /// The highest seq that has been queued for longer than `max_age`, if any.
+    fn expired(&mut self, max_age: Duration, now: std::time::Instant) -> Option<u64> {
+        let mut upto = None;
+        while let Some((seq, at, _)) = self.marks.front() {
+            if now.saturating_duration_since(*at) <= max_age {
+                break;
+            }
+            upto = Some(*seq);
+            self.marks.pop_front();
+        }
+        upto
+    }
 }
 
 const SCHEMA: &str = "
@@ -297,7 +351,9 @@ impl Store {
         )
         .map_err(wrap)?;
         conn.busy_timeout(Duration::from_secs(5)).map_err(wrap)?;
-        Store::from_conn(conn, &path, Limits::default()).map_err(wrap)
+        let mut s = Store::from_conn(conn, &path, Limits::default()).map_err(wrap)?;
+        s.read_only = true;
+        Ok(s)
     }
 
     /// The in-memory figures of an open connection: page size, depth, last seq.
@@ -305,6 +361,10 @@ impl Store {
         let page_size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
         let depth: i64 = conn.query_row("SELECT count(*) FROM queue", [], |r| r.get(0))?;
         let last_seq = read_last_seq(&conn)?;
+        let mut ages = Ages::default();
+        if last_seq > 0 {
+            ages.committed(last_seq, std::time::Instant::now());
+        }
         Ok(Store {
             conn,
             path: path.to_path_buf(),
@@ -312,6 +372,9 @@ impl Store {
             page_size: page_size as u64,
             depth: depth as u64,
             last_seq,
+            read_only: false,
+            ages,
+            clock: None,
         })
     }
 
@@ -369,10 +432,23 @@ impl Store {
         }
         meta_add(&tx, "dropped_oldest", out.dropped_oldest)?;
         meta_add(&tx, "dropped_newest", out.dropped_newest)?;
+        let (wall, mono) = (now_ms(), std::time::Instant::now());
+        if let Some((wall0, mono0)) = self.clock {
+            let step = (wall - wall0) - mono.saturating_duration_since(mono0).as_millis() as i64;
+            if step.abs() > CLOCK_STEP_MS {
+                tracing::warn!(
+                    step_ms = step,
+                    "the wall clock was stepped: readings polled before carry the old clock's time (their seq keeps the order); none expires because of it"
+                );
+                meta_add(&tx, "clock_steps", 1)?;
+            }
+        }
         let last_seq = read_last_seq(&tx)?;
         tx.commit()?;
         self.depth = depth;
         self.last_seq = last_seq;
+        self.ages.committed(last_seq, mono);
+        self.clock = Some((wall, mono));
         out.last_seq = last_seq;
         Ok(out)
     }
@@ -457,11 +533,15 @@ impl Store {
         Ok(n)
     }
 
-    /// Drops rows polled more than `max_age` before `now_ms`; returns how many.
-    pub fn expire(&mut self, now_ms: i64) -> Result<u64, StoreError> {
-        let cutoff = now_ms - self.limits.max_age.as_millis() as i64;
+    /// Drops rows that have been in the queue for longer than `max_age` (by the queue's own
+    /// monotonic clock, see [`Ages`]); returns how many. A range delete on the primary key: no
+    /// table scan, whatever the depth.
+    pub fn expire(&mut self, now: std::time::Instant) -> Result<u64, StoreError> {
+        let Some(upto) = self.ages.expired(self.limits.max_age, now) else {
+            return Ok(0);
+        };
         let tx = self.conn.transaction()?;
-        let n = tx.execute("DELETE FROM queue WHERE ts_ms < ?1", params![cutoff])? as u64;
+        let n = tx.execute("DELETE FROM queue WHERE seq <= ?1", params![upto as i64])? as u64;
         meta_add(&tx, "dropped_expired", n)?;
         tx.commit()?;
         self.depth -= n.min(self.depth);
@@ -474,12 +554,22 @@ impl Store {
 
     pub fn stats(&self) -> Result<Stats, StoreError> {
         let c = &self.conn;
-        let oldest: Option<i64> = c.query_row("SELECT min(ts_ms) FROM queue", [], |r| r.get(0))?;
-        let depth: i64 = c.query_row("SELECT count(*) FROM queue", [], |r| r.get(0))?;
+        // The oldest by seq (what is published next), found on the primary key; the depth is
+        // kept in memory by the writer. Only a reader in another process counts rows.
+        let oldest: Option<i64> = c
+            .query_row("SELECT ts_ms FROM queue ORDER BY seq LIMIT 1", [], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        let depth = if self.read_only {
+            c.query_row("SELECT count(*) FROM queue", [], |r| r.get::<_, i64>(0))? as u64
+        } else {
+            self.depth
+        };
         let pages: i64 = c.query_row("PRAGMA page_count", [], |r| r.get(0))?;
         let acked = meta_get(c, "acked_total")? as u64;
         Ok(Stats {
-            depth: depth as u64,
+            depth,
             oldest_ts_ms: oldest,
             last_seq: self.read_last_seq()?,
             bytes: used_bytes(c, self.page_size)?,
@@ -488,6 +578,7 @@ impl Store {
             dropped_newest: meta_get(c, "dropped_newest")? as u64,
             dropped_expired: meta_get(c, "dropped_expired")? as u64,
             set_aside: meta_get(c, "set_aside")? as u64,
+            clock_steps: meta_get(c, "clock_steps")? as u64,
             acked_total: acked,
             acked_since_start: acked.saturating_sub(meta_get(c, "acked_at_start")? as u64),
         })
@@ -766,7 +857,7 @@ impl Worker {
             self.delete_acked();
             if self.last_expiry.elapsed() >= Duration::from_secs(60) {
                 self.last_expiry = std::time::Instant::now();
-                match self.store.expire(now_ms()) {
+                match self.store.expire(std::time::Instant::now()) {
                     Ok(0) => {}
                     Ok(n) => {
                         tracing::warn!(dropped = n, max_age = ?self.store.limits().max_age, "queue: dropped readings older than max_age")
@@ -1112,17 +1203,67 @@ mod tests {
     }
 
     #[test]
-    fn readings_older_than_max_age_expire_and_are_counted() {
+    fn readings_queued_longer_than_max_age_expire_and_are_counted() {
         let dir = tempfile::tempdir().unwrap();
         let limits = Limits {
-            max_age: Duration::from_secs(10),
+            max_age: Duration::from_secs(600),
             ..Limits::default()
         };
         let mut s = Store::open_with(dir.path(), limits).unwrap();
-        s.append(&msgs(1..=5)).unwrap(); // ts T0+1 ..= T0+5 ms
-        assert_eq!(s.expire(T0 + 3 + 10_000).unwrap(), 2);
-        assert_eq!(seqs(&s), vec![3, 4, 5]);
-        assert_eq!(s.stats().unwrap().dropped_expired, 2);
+        s.append(&msgs(1..=5)).unwrap();
+        // Rows 1..=3 entered at t0, rows 4..=5 five minutes later (dated by hand).
+        let t0 = std::time::Instant::now();
+        let t5 = t0 + Duration::from_secs(300);
+        s.ages.marks = [(3, t0, t0), (5, t5, t5)].into();
+        assert_eq!(s.expire(t0 + Duration::from_secs(599)).unwrap(), 0);
+        assert_eq!(s.expire(t0 + Duration::from_secs(601)).unwrap(), 3);
+        assert_eq!(seqs(&s), vec![4, 5]);
+        assert_eq!(s.stats().unwrap().dropped_expired, 3);
+        assert_eq!(s.stats().unwrap().depth, 2);
+    }
+
+    /// Acceptance testing (#10): a Pi without a real-time clock stamps readings with a wrong
+    /// time until NTP steps the clock; `max_age` by the readings' timestamps then dropped good
+    /// readings. Age is time spent in the queue by the monotonic clock: a reading stamped 1970
+    /// is kept, and a reading found at start counts from the start.
+    #[test]
+    fn a_wall_clock_step_never_expires_a_reading() {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = Limits {
+            max_age: Duration::from_secs(3600),
+            ..Limits::default()
+        };
+        let mut s = Store::open_with(dir.path(), limits).unwrap();
+        let epoch_1970 = Message {
+            ts_ms: 1_000,
+            ..msg(1)
+        };
+        s.append(&[epoch_1970, msg(2)]).unwrap();
+        let now = std::time::Instant::now();
+        assert_eq!(s.expire(now + Duration::from_secs(60)).unwrap(), 0);
+        assert_eq!(seqs(&s), vec![1, 2]);
+        s.close().unwrap();
+        // After a restart (the clock synced meanwhile), the rows count from the start.
+        let mut s = Store::open_with(dir.path(), limits).unwrap();
+        let start = std::time::Instant::now();
+        assert_eq!(s.expire(start + Duration::from_secs(3599)).unwrap(), 0);
+        assert_eq!(s.expire(start + Duration::from_secs(3601)).unwrap(), 2);
+    }
+
+    #[test]
+    fn queue_ages_are_kept_per_minute_and_date_rows_late_not_early() {
+        let mut a = Ages::default();
+        let t0 = std::time::Instant::now();
+        a.committed(10, t0);
+        a.committed(20, t0 + Duration::from_secs(30));
+        a.committed(30, t0 + Duration::from_secs(61));
+        assert_eq!(a.marks.len(), 2, "{:?}", a.marks);
+        let max_age = Duration::from_secs(100);
+        // Rows 1..=10 entered at t0, but share the minute with 11..=20 (t0+30 s): dated t0+30.
+        assert_eq!(a.expired(max_age, t0 + Duration::from_secs(101)), None);
+        assert_eq!(a.expired(max_age, t0 + Duration::from_secs(131)), Some(20));
+        assert_eq!(a.expired(max_age, t0 + Duration::from_secs(162)), Some(30));
+        assert!(a.marks.is_empty());
     }
 
     #[test]

@@ -59,6 +59,15 @@ pub fn ready() {
     ]);
 }
 
+/// Asks systemd for `more` time to start (a long check of the queue file is running).
+pub fn extend_start(more: std::time::Duration) {
+    let usec = u32::try_from(more.as_micros()).unwrap_or(u32::MAX);
+    notify(&[
+        NotifyState::ExtendTimeoutUsec(usec),
+        NotifyState::Status("opening and checking the queue"),
+    ]);
+}
+
 pub fn reloading() {
     notify(&[NotifyState::Reloading]);
 }
