@@ -107,6 +107,11 @@ impl StoreError {
         }
     }
 
+    /// The disk (or the file's quota) is full.
+    pub fn is_disk_full(&self) -> bool {
+        self.sqlite().and_then(|e| e.sqlite_error_code()) == Some(ErrorCode::DiskFull)
+    }
+
     /// The file is damaged (not a transient I/O problem).
     pub fn is_corrupt(&self) -> bool {
         matches!(
@@ -199,6 +204,8 @@ pub struct Store {
     ages: Ages,
     /// Wall and monotonic time of the last commit, to notice the wall clock stepping.
     clock: Option<(i64, std::time::Instant)>,
+    /// Rows up to this seq may be in flight at the uplink: `drop_oldest` spares them.
+    pub in_flight_upto: u64,
 }
 
 /// A wall clock that moved this much more (or less) than the monotonic clock between two
@@ -375,6 +382,7 @@ impl Store {
             read_only: false,
             ages,
             clock: None,
+            in_flight_upto: 0,
         })
     }
 
@@ -395,6 +403,16 @@ impl Store {
 
     /// Appends `msgs` in one transaction, enforcing the bounds; see [`Appended`].
     pub fn append(&mut self, msgs: &[Message]) -> Result<Appended, StoreError> {
+        self.append_counting(msgs, 0)
+    }
+
+    /// [`append`](Store::append), and `held_dropped` readings that were dropped from memory
+    /// while the disk refused writes counted as `dropped_oldest` in the same transaction.
+    pub fn append_counting(
+        &mut self,
+        msgs: &[Message],
+        held_dropped: u64,
+    ) -> Result<Appended, StoreError> {
         let limits = self.limits;
         let page_size = self.page_size;
         let tx = self.conn.transaction()?;
@@ -421,16 +439,21 @@ impl Store {
         if limits.when_full == WhenFull::DropOldest {
             let over = depth.saturating_sub(limits.max_messages);
             if over > 0 {
-                depth -= delete_oldest(&tx, over)?;
+                depth -= delete_oldest(&tx, over, self.in_flight_upto, self.last_seq)?;
                 out.dropped_oldest += over;
             }
             while depth > 0 && used_bytes(&tx, page_size)? > limits.max_bytes {
-                let n = delete_oldest(&tx, (depth / 64).max(16))?;
+                let n = delete_oldest(
+                    &tx,
+                    (depth / 64).max(16),
+                    self.in_flight_upto,
+                    self.last_seq,
+                )?;
                 depth -= n;
                 out.dropped_oldest += n;
             }
         }
-        meta_add(&tx, "dropped_oldest", out.dropped_oldest)?;
+        meta_add(&tx, "dropped_oldest", out.dropped_oldest + held_dropped)?;
         meta_add(&tx, "dropped_newest", out.dropped_newest)?;
         let (wall, mono) = (now_ms(), std::time::Instant::now());
         if let Some((wall0, mono0)) = self.clock {
@@ -612,6 +635,12 @@ impl Store {
     fn replace_corrupt(&mut self) -> Result<u64, StoreError> {
         let lost = self.depth;
         let floor = self.last_seq;
+        // Close the old connection first: closing it later would delete `queue.db-wal` and
+        // `-shm` by name, by then the new file's (its commits would vanish at the next crash).
+        let old = std::mem::replace(&mut self.conn, Connection::open_in_memory()?);
+        if let Err((_, e)) = old.close() {
+            tracing::warn!(error = %e, "closing the corrupt queue file");
+        }
         let aside = move_aside(&self.path)?;
         tracing::error!(file = %self.path.display(), moved_to = %aside.display(), rows_in_old_file = lost,
             "QUEUE FILE BECAME CORRUPT: moved aside, starting a new queue; readings in the old file are not published");
@@ -639,12 +668,23 @@ fn used_bytes(c: &Connection, page_size: u64) -> rusqlite::Result<u64> {
     Ok((pages - free).max(0) as u64 * page_size)
 }
 
-/// Deletes the `n` oldest rows; returns how many were deleted.
-fn delete_oldest(c: &Connection, n: u64) -> rusqlite::Result<u64> {
-    Ok(c.execute(
-        "DELETE FROM queue WHERE seq IN (SELECT seq FROM queue ORDER BY seq LIMIT ?1)",
-        params![n as i64],
-    )? as u64)
+/// Deletes the `n` oldest rows, sparing those up to `spare` (in flight at the uplink: they are
+/// probably delivered already, and dropping them would count a delivered reading as dropped)
+/// unless nothing older than the batch being added (`seq <= newest_old`) is left; returns how
+/// many were deleted.
+fn delete_oldest(c: &Connection, n: u64, spare: u64, newest_old: u64) -> rusqlite::Result<u64> {
+    let beyond = c.execute(
+        "DELETE FROM queue WHERE seq IN (SELECT seq FROM queue WHERE seq > ?2 AND seq <= ?3 ORDER BY seq LIMIT ?1)",
+        params![n as i64, spare as i64, newest_old as i64],
+    )? as u64;
+    if beyond == n {
+        return Ok(n);
+    }
+    Ok(beyond
+        + c.execute(
+            "DELETE FROM queue WHERE seq IN (SELECT seq FROM queue ORDER BY seq LIMIT ?1)",
+            params![(n - beyond) as i64],
+        )? as u64)
 }
 
 fn meta_get(c: &Connection, key: &str) -> rusqlite::Result<i64> {
@@ -695,7 +735,14 @@ fn salvage_counts(path: &Path) -> (u64, Option<u64>) {
 /// Renames `queue.db` (and its `-wal`, `-shm`) to `queue.db.corrupt-<unix ms>`.
 fn move_aside(path: &Path) -> Result<PathBuf, StoreError> {
     let stamp = now_ms();
-    let aside = PathBuf::from(format!("{}.corrupt-{stamp}", path.display()));
+    // Unique even for two in the same millisecond: nothing moved aside is ever overwritten.
+    let aside = (0..)
+        .map(|n| match n {
+            0 => PathBuf::from(format!("{}.corrupt-{stamp}", path.display())),
+            n => PathBuf::from(format!("{}.corrupt-{stamp}-{n}", path.display())),
+        })
+        .find(|p| !p.exists())
+        .expect("some name is free");
     std::fs::rename(path, &aside).map_err(StoreError::MoveAside)?;
     for ext in ["-wal", "-shm"] {
         let side = PathBuf::from(format!("{}{ext}", path.display()));
@@ -723,6 +770,8 @@ enum Cmd {
 pub struct StoreHandle {
     tx: mpsc::Sender<Cmd>,
     committed: watch::Receiver<u64>,
+    /// The highest seq the uplink has in flight (0: none).
+    in_flight: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl StoreHandle {
@@ -775,6 +824,13 @@ impl StoreHandle {
             .map_err(StoreError::Thread)
     }
 
+    /// The uplink has rows up to `seq` in flight (0 when its session ended): `drop_oldest`
+    /// spares them while it can.
+    pub fn in_flight_upto(&self, seq: u64) {
+        self.in_flight
+            .store(seq, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Changes whenever new rows are committed; holds the highest committed `seq`.
     pub fn committed(&self) -> watch::Receiver<u64> {
         self.committed.clone()
@@ -787,17 +843,28 @@ impl StoreHandle {
 pub fn spawn(store: Store) -> Result<(StoreHandle, thread::JoinHandle<()>), StoreError> {
     let (tx, rx) = mpsc::channel();
     let (committed_tx, committed) = watch::channel(store.last_seq()?);
+    let in_flight = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let seen = in_flight.clone();
     let join = thread::Builder::new()
         .name("fieldgate-store".into())
-        .spawn(move || Worker::new(store, committed_tx).run(rx))
+        .spawn(move || Worker::new(store, committed_tx, seen).run(rx))
         .expect("spawning a thread");
-    Ok((StoreHandle { tx, committed }, join))
+    Ok((
+        StoreHandle {
+            tx,
+            committed,
+            in_flight,
+        },
+        join,
+    ))
 }
 
 /// The store thread's state.
 struct Worker {
     store: Store,
     committed: watch::Sender<u64>,
+    /// What the uplink has in flight, see [`StoreHandle::in_flight_upto`].
+    in_flight: std::sync::Arc<std::sync::atomic::AtomicU64>,
     /// Messages not yet committed (the disk refused them so far).
     unsaved: Vec<Message>,
     /// Acknowledged seqs not yet deleted.
@@ -809,20 +876,34 @@ struct Worker {
     dropped_unlogged: u64,
     last_drop_log: Option<std::time::Instant>,
     last_expiry: std::time::Instant,
+    /// When the file was last replaced after corruption (within the hour).
+    repairs: Vec<std::time::Instant>,
 }
 
+/// Most corrupt-file replacements an hour.
+const REPAIRS_PER_HOUR: usize = 3;
+
 impl Worker {
-    fn new(store: Store, committed: watch::Sender<u64>) -> Worker {
+    fn new(
+        store: Store,
+        committed: watch::Sender<u64>,
+        in_flight: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    ) -> Worker {
         Worker {
             store,
             committed,
+            in_flight,
             unsaved: Vec::new(),
             unacked: Vec::new(),
             dropped_held: 0,
             failing: false,
             dropped_unlogged: 0,
             last_drop_log: None,
-            last_expiry: std::time::Instant::now() - Duration::from_secs(3600),
+            // Not `now - 1 h`: that panics on a machine up for less than an hour (a Pi that
+            // starts fieldgate at boot). Nothing can be due at start anyway: rows found at
+            // start count their age from the start.
+            last_expiry: std::time::Instant::now(),
+            repairs: Vec::new(),
         }
     }
 
@@ -857,7 +938,7 @@ impl Worker {
             self.delete_acked();
             if self.last_expiry.elapsed() >= Duration::from_secs(60) {
                 self.last_expiry = std::time::Instant::now();
-                match self.store.expire(std::time::Instant::now()) {
+                match self.retried(|s| s.expire(std::time::Instant::now())) {
                     Ok(0) => {}
                     Ok(n) => {
                         tracing::warn!(dropped = n, max_age = ?self.store.limits().max_age, "queue: dropped readings older than max_age")
@@ -872,14 +953,15 @@ impl Worker {
                         limit,
                         reply,
                     } => {
-                        let _ =
-                            reply.send(self.store.peek(after, limit).map_err(|e| e.to_string()));
+                        let rows = self.retried(|s| s.peek(after, limit));
+                        let _ = reply.send(rows.map_err(|e| e.to_string()));
                     }
                     Cmd::Stats(reply) => {
-                        let _ = reply.send(self.store.stats().map_err(|e| e.to_string()));
+                        let stats = self.retried(|s| s.stats());
+                        let _ = reply.send(stats.map_err(|e| e.to_string()));
                     }
                     Cmd::SetAside(seqs) => {
-                        if let Err(e) = self.store.set_aside(&seqs) {
+                        if let Err(e) = self.retried(|s| s.set_aside(&seqs)) {
                             tracing::error!(error = %e, ?seqs, "queue: cannot set unpublishable rows aside");
                         }
                     }
@@ -898,6 +980,18 @@ impl Worker {
         }
     }
 
+    /// Runs `op` on the store; after a corruption error the file is replaced (see
+    /// [`repair`](Worker::repair)) and `op` tried once more.
+    fn retried<T>(
+        &mut self,
+        mut op: impl FnMut(&mut Store) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        match op(&mut self.store) {
+            Err(e) if self.repair(&e) => op(&mut self.store),
+            other => other,
+        }
+    }
+
     fn save(&mut self) {
         if self.unsaved.len() > MAX_HELD {
             let n = self.unsaved.len() - MAX_HELD;
@@ -912,29 +1006,61 @@ impl Worker {
         if self.unsaved.is_empty() {
             return;
         }
-        match self.store.append(&self.unsaved) {
-            Ok(a) => {
-                if self.failing {
-                    tracing::info!(
-                        saved = self.unsaved.len(),
-                        "queue writes work again; the readings held in memory are saved"
-                    );
-                    self.failing = false;
-                }
-                if self.dropped_held > 0 {
-                    // Held-and-dropped readings count as the oldest dropped, now that we can say so.
-                    let _ = meta_add(&self.store.conn, "dropped_oldest", self.dropped_held);
+        self.store.in_flight_upto = self.in_flight.load(std::sync::atomic::Ordering::Relaxed);
+        // All at once if it fits; after a failure (a nearly full disk), in ever smaller parts,
+        // so what fits is saved and only the rest waits in memory.
+        let mut part = self.unsaved.len();
+        while !self.unsaved.is_empty() {
+            let n = part.min(self.unsaved.len());
+            match self
+                .store
+                .append_counting(&self.unsaved[..n], self.dropped_held)
+            {
+                Ok(a) => {
+                    if self.failing {
+                        tracing::info!(
+                            saved = n,
+                            "queue writes work again; the readings held in memory are saved"
+                        );
+                        self.failing = false;
+                    }
+                    // Held-and-dropped readings were counted as the oldest dropped in that commit.
                     self.dropped_held = 0;
+                    self.unsaved.drain(..n);
+                    self.note_drops(a.dropped_oldest + a.dropped_newest);
+                    self.committed.send_replace(a.last_seq);
                 }
-                self.unsaved.clear();
-                self.note_drops(a.dropped_oldest + a.dropped_newest);
-                self.committed.send_replace(a.last_seq);
+                Err(e) if self.repair(&e) => {}
+                Err(e) if n > 1 && e.is_disk_full() => part = n / 2,
+                Err(e) => {
+                    self.fail(&e);
+                    return;
+                }
             }
-            Err(e) if e.is_corrupt() => match self.store.replace_corrupt() {
-                Ok(_) => self.save(),
-                Err(e) => self.fail(&e),
-            },
-            Err(e) => self.fail(&e),
+        }
+    }
+
+    /// After a corruption error on any path (write or read), replaces the file — at most
+    /// [`REPAIRS_PER_HOUR`] times an hour, so a dying card is reported, not churned through.
+    /// True if the file was replaced and the operation is worth one more try.
+    fn repair(&mut self, e: &StoreError) -> bool {
+        if !e.is_corrupt() {
+            return false;
+        }
+        let now = std::time::Instant::now();
+        self.repairs
+            .retain(|t| now.saturating_duration_since(*t) < Duration::from_secs(3600));
+        if self.repairs.len() >= REPAIRS_PER_HOUR {
+            tracing::error!(error = %e, "queue file corrupt again; not replacing it more than {REPAIRS_PER_HOUR} times an hour (check the SD card)");
+            return false;
+        }
+        self.repairs.push(now);
+        match self.store.replace_corrupt() {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot replace the corrupt queue file");
+                false
+            }
         }
     }
 
@@ -950,7 +1076,10 @@ impl Worker {
         if self.unacked.is_empty() {
             return;
         }
-        match self.store.ack(&self.unacked) {
+        let unacked = std::mem::take(&mut self.unacked);
+        let result = self.retried(|s| s.ack(&unacked));
+        self.unacked = unacked;
+        match result {
             Ok(_) => self.unacked.clear(),
             Err(e) => {
                 if !self.failing {
@@ -1264,6 +1393,59 @@ mod tests {
         assert_eq!(a.expired(max_age, t0 + Duration::from_secs(131)), Some(20));
         assert_eq!(a.expired(max_age, t0 + Duration::from_secs(162)), Some(30));
         assert!(a.marks.is_empty());
+    }
+
+    /// Review of #10: replacing a corrupt file while running opened the new file before the old
+    /// connection was closed; closing it then deleted `queue.db-wal` by name — the new file's —
+    /// so its commits vanished at the next crash. Two replacements in one millisecond must not
+    /// overwrite each other's aside file either.
+    #[test]
+    fn a_file_replaced_while_running_keeps_what_is_committed_to_it_after_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(dir.path()).unwrap();
+        s.append(&msgs(1..=5)).unwrap();
+        s.replace_corrupt().unwrap();
+        s.replace_corrupt().unwrap();
+        let asides = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter(|e| {
+                let name = e.as_ref().unwrap().file_name();
+                let name = name.to_string_lossy();
+                name.contains(".corrupt-") && !name.ends_with("-wal") && !name.ends_with("-shm")
+            })
+            .count();
+        assert_eq!(asides, 2, "each replaced file kept under its own name");
+        let floor = s.last_seq;
+        assert!(
+            dir.path().join("queue.db-wal").exists(),
+            "the new file's WAL is still there"
+        );
+        s.append(&msgs(6..=8)).unwrap();
+        // A crash: the connection is never closed, the WAL never checkpointed.
+        std::mem::forget(s);
+        let s = Store::open(dir.path()).unwrap();
+        assert_eq!(seqs(&s), vec![floor + 1, floor + 2, floor + 3]);
+    }
+
+    /// Review of #10: drop_oldest deleted rows in flight at the uplink (probably delivered),
+    /// then counted them as dropped. It spares them while other rows can go instead.
+    #[test]
+    fn drop_oldest_spares_the_rows_in_flight() {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = Limits {
+            max_messages: 10,
+            ..Limits::default()
+        };
+        let mut s = Store::open_with(dir.path(), limits).unwrap();
+        s.append(&msgs(1..=10)).unwrap();
+        s.in_flight_upto = 3; // 1..=3 published, awaiting PUBACK
+        s.append(&msgs(11..=12)).unwrap();
+        assert_eq!(seqs(&s), vec![1, 2, 3, 6, 7, 8, 9, 10, 11, 12]);
+        // With nothing but in-flight rows left to drop, the bound still holds.
+        s.in_flight_upto = 12;
+        s.append(&msgs(13..=14)).unwrap();
+        assert_eq!(seqs(&s), vec![3, 6, 7, 8, 9, 10, 11, 12, 13, 14]);
+        assert_eq!(s.stats().unwrap().dropped_oldest, 4);
     }
 
     #[test]

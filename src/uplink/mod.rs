@@ -263,6 +263,8 @@ impl Uplink {
             // Connecting takes at most the connect timeout (10 s).
             self.beat(Duration::from_secs(10));
             let result = self.session(&cancel, &mut report, down_since).await;
+            // Whatever was in flight is not any more: the next session sends it again.
+            self.store.in_flight_upto(0);
             match result {
                 Ok(Ended::Shutdown) => return,
                 Err(e) => {
@@ -502,6 +504,8 @@ impl Uplink {
                     },
                     bytes,
                 );
+                // Rows go out in seq order: everything up to here may be in flight.
+                self.store.in_flight_upto(next.seq);
                 ready.pop_front();
             }
             tokio::select! {
