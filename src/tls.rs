@@ -6,8 +6,10 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use rustls::client::ResolvesClientCert;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 
 /// `mqtt.tls` as resolved from the config.
@@ -84,15 +86,14 @@ pub fn client_config(s: &TlsSettings) -> Result<Arc<ClientConfig>, (Field, Strin
         builder.with_root_certificates(roots)
     };
     let config = match (&s.cert_file, &s.key_file) {
-        (Some(cert), Some(key)) => {
+        (Some(cert), Some(key_file)) => {
             let certs = read_certs(cert).map_err(|e| (Field::CertFile, e))?;
-            let key = read_key(key).map_err(|e| (Field::KeyFile, e))?;
-            builder.with_client_auth_cert(certs, key).map_err(|e| {
-                (
-                    Field::KeyFile,
-                    format!("the key does not fit the certificate: {e}"),
-                )
-            })?
+            let key = read_key(key_file).map_err(|e| (Field::KeyFile, e))?;
+            let identity = client_identity(certs, key).map_err(|(f, e)| {
+                let file = if f == Field::KeyFile { key_file } else { cert };
+                (f, format!("{}: {e}", file.display()))
+            })?;
+            builder.with_client_cert_resolver(Arc::new(ClientIdentity(identity)))
         }
         (None, None) => builder.with_no_client_auth(),
         (Some(_), None) => {
@@ -104,6 +105,66 @@ pub fn client_config(s: &TlsSettings) -> Result<Arc<ClientConfig>, (Field, Strin
         (None, Some(_)) => return Err((Field::CertFile, "a client key needs `cert_file`".into())),
     };
     Ok(Arc::new(config))
+}
+
+/// The client certificate and its key, checked only for belonging together. The broker judges
+/// the certificate: rustls's own parse refuses an X.509 version 1 certificate (what
+/// `openssl x509 -req` without extensions makes, as in mosquitto's TLS recipe) that mosquitto
+/// accepts for mutual TLS.
+fn client_identity(
+    certs: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<Arc<CertifiedKey>, (Field, String)> {
+    let signer = provider()
+        .key_provider
+        .load_private_key(key)
+        .map_err(|e| (Field::KeyFile, format!("unusable private key: {e}")))?;
+    // The certificate carries the SubjectPublicKeyInfo as DER, byte for byte: finding the key's
+    // own SPKI in it proves they belong together, with no X.509 parser in the way.
+    if let Some(spki) = signer.public_key() {
+        let spki: &[u8] = spki.as_ref();
+        let cert: &[u8] = certs[0].as_ref();
+        if !cert.windows(spki.len()).any(|w| w == spki) {
+            return Err((
+                Field::KeyFile,
+                "this key does not belong to the certificate in `cert_file`".into(),
+            ));
+        }
+    }
+    Ok(Arc::new(CertifiedKey::new(certs, signer)))
+}
+
+#[derive(Debug)]
+struct ClientIdentity(Arc<CertifiedKey>);
+
+impl ResolvesClientCert for ClientIdentity {
+    fn resolve(&self, _hints: &[&[u8]], _schemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// What to do about a TLS failure at connect time that rustls words for its own developers:
+/// the broker's certificate is one rustls cannot accept (X.509 version 1, no subjectAltName).
+pub fn explain(error: &str) -> Option<&'static str> {
+    if error.contains("UnsupportedCertVersion") {
+        Some(
+            "the broker's certificate is X.509 version 1 (made by `openssl x509 -req` without extensions); \
+             rustls accepts only version 3: re-issue it with a subjectAltName, e.g. \
+             `openssl x509 -req ... -extfile <(printf 'subjectAltName=DNS:broker.example,IP:192.0.2.10')`",
+        )
+    } else if error.contains("NotValidForName") {
+        Some(
+            "the broker's certificate does not name the host in the URL in a subjectAltName \
+             (a name only in the CN does not count for rustls): re-issue it with \
+             `-extfile <(printf 'subjectAltName=DNS:<host in mqtt.url>')`, or use a name it lists",
+        )
+    } else {
+        None
+    }
 }
 
 /// Accepts any server certificate. Only behind `insecure_skip_verify: true`.

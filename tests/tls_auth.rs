@@ -324,3 +324,134 @@ async fn a_publish_the_broker_acl_refuses_does_not_wedge_the_queue() {
     );
     assert!(depth <= 4, "the queue is wedged: {depth} rows");
 }
+
+/// Runs `openssl` with `args` in `dir`; false if openssl is missing (then the test skips, or
+/// fails under FIELDGATE_REQUIRE_MOSQUITTO, which `.ci/run` sets and which installs openssl).
+fn openssl(dir: &Path, args: &[&str]) -> bool {
+    match std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+    {
+        Ok(s) => {
+            assert!(s.success(), "openssl {args:?} failed");
+            true
+        }
+        Err(_) => {
+            assert!(
+                std::env::var("FIELDGATE_REQUIRE_MOSQUITTO").as_deref() != Ok("1"),
+                "openssl is required"
+            );
+            false
+        }
+    }
+}
+
+/// Acceptance testing (#10): a client certificate made with mosquitto's TLS recipe
+/// (`openssl x509 -req` without extensions: an X.509 version 1 certificate) was refused at
+/// config time with "the key does not fit the certificate: … UnsupportedCertVersion", though
+/// mosquitto accepts it. The broker judges the client certificate; fieldgate sends it, and
+/// checks only that the key belongs to it. A server certificate of that kind gets an error
+/// that says what is wrong and how to make one that works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_1_client_certificate_from_the_mosquitto_recipe_is_sent_and_accepted() {
+    let pki_dir = tempfile::tempdir().unwrap();
+    let d = pki_dir.path();
+    let pki = Pki::new(d, "good");
+    pki.issue(d, "server", &["localhost"], false);
+    std::fs::write(d.join("ca.key"), pki.ca.key().serialize_pem()).unwrap();
+    // The recipe: key, CSR, `x509 -req` signed by the CA, no extensions.
+    for args in [
+        &["genrsa", "-out", "client.key", "2048"][..],
+        &[
+            "req",
+            "-new",
+            "-key",
+            "client.key",
+            "-out",
+            "client.csr",
+            "-subj",
+            "/CN=gw1",
+        ],
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "client.csr",
+            "-CA",
+            "good-ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "client.pem",
+            "-days",
+            "30",
+        ],
+        &["genrsa", "-out", "other.key", "2048"],
+    ] {
+        if !openssl(d, args) {
+            return;
+        }
+    }
+    let text = std::process::Command::new("openssl")
+        .args(["x509", "-noout", "-text", "-in", "client.pem"])
+        .current_dir(d)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&text.stdout).contains("Version: 1 (0x0)"),
+        "the recipe makes a version 1 certificate"
+    );
+    let port = free_port();
+    let extra = tls_listener(port, d, "good", "server", true);
+    let Some(broker) = Mosquitto::start_custom(tempfile::tempdir().unwrap(), &extra) else {
+        return;
+    };
+    let sim = sim().await;
+    let sub = Subscriber::start(broker.addr).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mqtt = format!(
+        "  url: mqtts://localhost:{port}\n  tls: {{ ca_file: {d}/good-ca.pem, cert_file: {d}/client.pem, key_file: {d}/client.key }}\n",
+        d = d.display()
+    );
+    let (got, _) = run_for(dir.path(), &gateway_yaml(dir.path(), &sim, &mqtt), &sub, 2).await;
+    assert!(
+        got >= 3,
+        "mutual TLS with a v1 client certificate: {got} readings"
+    );
+
+    // A key that is not the certificate's is still refused, at config time, in plain words.
+    let mqtt = format!(
+        "  url: mqtts://localhost:{port}\n  tls: {{ ca_file: {d}/good-ca.pem, cert_file: {d}/client.pem, key_file: {d}/other.key }}\n",
+        d = d.display()
+    );
+    let err = fieldgate::config::Config::from_text(
+        &dir.path().join("c.yaml"),
+        &gateway_yaml(dir.path(), &sim, &mqtt),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("other.key") && err.contains("does not belong to the certificate"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_server_certificate_rustls_cannot_take_gets_an_explanation() {
+    let v1 = fieldgate::tls::explain(
+        // As logged against mosquitto with an `openssl x509 -req` server certificate.
+        "TLS: I/O: invalid peer certificate: Other(OtherError(UnsupportedCertVersion))",
+    )
+    .unwrap();
+    assert!(
+        v1.contains("version 1") && v1.contains("subjectAltName"),
+        "{v1}"
+    );
+    let cn_only = fieldgate::tls::explain("InvalidCertificate(NotValidForName)").unwrap();
+    assert!(cn_only.contains("subjectAltName"), "{cn_only}");
+    assert_eq!(fieldgate::tls::explain("Connection refused"), None);
+}

@@ -283,6 +283,9 @@ impl Uplink {
                     if report.delivered || down_since.is_none() {
                         tracing::warn!(broker = %format!("{}:{}", self.mqtt.host, self.mqtt.port), error = %e,
                             "MQTT uplink down; readings stay queued on disk, retrying with backoff");
+                        if let Some(fix) = crate::tls::explain(&format!("{e:?}")) {
+                            tracing::error!(broker = %self.mqtt.host, "TLS: {fix}");
+                        }
                         down_since = Some(Instant::now());
                     } else {
                         tracing::debug!(error = %e, connected = report.connected, retry_in = ?backoff, "MQTT uplink still down");
