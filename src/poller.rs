@@ -125,6 +125,9 @@ struct Slot {
 /// Polls every device of `bus` until `cancel` fires.
 /// A command for a point: write it, read it back. The reply carries the value read back or
 /// why it failed. Commands are never stored: they are carried out now or refused.
+/// Commands served in a row while a poll is overdue, before the poll goes first.
+const COMMANDS_PER_OVERDUE_POLL: u32 = 4;
+
 pub struct Command {
     pub device: String,
     pub point: usize,
@@ -177,6 +180,7 @@ pub async fn run(
     tracing::info!(bus = %bus.name, devices = states.len(), "polling started");
     let mut bus_failures = 0u32;
     let mut last_report = Instant::now();
+    let mut commands_since_poll = 0u32;
 
     loop {
         let next = (0..slots.len())
@@ -192,16 +196,20 @@ pub async fn run(
                 + per_request * requests.max(1)
                 + crate::systemd::SLACK,
         );
+        // A command waits its turn on the bus like any request and goes before polls, but only
+        // a few while a poll is overdue: a flood of commands must not starve polling.
+        let may_command = commands_since_poll < COMMANDS_PER_OVERDUE_POLL || Instant::now() < due;
         tokio::select! {
             biased;
             _ = cancel.cancelled() => break,
-            // A command waits its turn on the bus like any request, but goes before polls.
-            Some(cmd) = commands.recv() => {
+            Some(cmd) = commands.recv(), if may_command => {
                 execute(&mut link, &mut states, cmd, &store).await;
+                commands_since_poll += 1;
                 continue;
             }
             _ = sleep_until(due) => {}
         }
+        commands_since_poll = 0;
         let (d, g) = (slots[next].device, slots[next].group);
         let st = &mut states[d];
         let every = st.device.groups[g].every;
@@ -270,6 +278,14 @@ pub async fn run(
                 tracing::info!(bus = %bus.name, requests = b.requests, errors = ?b.errors, utilisation = format!("{:.1}%", b.utilisation * 100.0), "bus figures");
             }
         }
+    }
+    // Commands still waiting are answered, not dropped: the one who sent them learns they
+    // were not carried out (a reload or a shutdown came first).
+    commands.close();
+    while let Ok(cmd) = commands.try_recv() {
+        let _ = cmd.reply.send(Err(
+            "not carried out: the gateway is stopping or reloading; send it again".into(),
+        ));
     }
     health.forget(&task);
     tracing::debug!(bus = %bus.name, "polling stopped");

@@ -234,3 +234,127 @@ async fn a_command_on_rs485_waits_its_turn_and_lands() {
         (0xFFFE, 0x7960, 9)
     );
 }
+
+/// Review of #10: the bus task served every waiting command before an overdue poll, so a flood
+/// of commands stopped polling for as long as it lasted. Now at most a few commands go between
+/// overdue polls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_commands_does_not_starve_polling() {
+    let broker = fieldgate::broker::start().unwrap();
+    let sim = Simulator::start(None).await.unwrap();
+    sim.with_unit(1, |b| b.set_holding(10, &[1, 2]));
+    // Every request takes 20 ms: a command (write and read back) holds the bus 40 ms.
+    sim.state.lock().unwrap().delay = Duration::from_millis(20);
+    let dir = tempfile::tempdir().unwrap();
+    let sub = Subscriber::start(broker).await;
+    let devices = "  d:\n    bus: plc\n    every: 100ms\n    points:\n      level:  { register: 10, writable: true }\n      sensor: { register: 11 }\n";
+    let gw = Gateway::start(
+        dir.path(),
+        &config(&dir.path().join("state"), broker, sim.addr, devices),
+    );
+    sub.wait_for(Duration::from_secs(5), "first readings", |g| {
+        g.iter().any(|r| r.topic.ends_with("/sensor"))
+    })
+    .await;
+    let client = publisher(broker).await;
+    let from = fieldgate::message::now_ms();
+    // Three seconds of commands, one every 5 ms: far more than the bus can carry out.
+    for i in 0..600u32 {
+        client
+            .publish(
+                "fieldgate/gw1/d/level/set",
+                rumqttc::QoS::AtMostOnce,
+                false,
+                (i % 100).to_string(),
+            )
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let to = fieldgate::message::now_ms();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    gw.stop().await;
+    let carried_out = result(&sub, "level")
+        .iter()
+        .filter(|r| r["ok"] == true)
+        .count();
+    assert!(
+        carried_out >= 20,
+        "commands were carried out: {carried_out}"
+    );
+    let mut polled: Vec<i64> = sub
+        .all()
+        .iter()
+        .filter(|r| r.topic == "fieldgate/gw1/d/sensor")
+        .filter_map(|r| r.ts_ms())
+        .filter(|ts| (from..=to).contains(ts))
+        .collect();
+    polled.sort();
+    let gaps: Vec<i64> = polled.windows(2).map(|w| w[1] - w[0]).collect();
+    let worst = gaps.iter().copied().max().unwrap_or(i64::MAX);
+    eprintln!(
+        "{} polls during {} ms of commands ({carried_out} carried out); longest gap {worst} ms",
+        polled.len(),
+        to - from
+    );
+    // A poll every 100 ms, plus at most four commands (160 ms) and the poll itself between.
+    assert!(
+        worst <= 600,
+        "polling stalled for {worst} ms during the flood"
+    );
+    assert!(
+        polled.len() as i64 >= (to - from) / 400,
+        "{} polls",
+        polled.len()
+    );
+}
+
+/// Review of #10: a reload or shutdown dropped the commands waiting for the bus, and the ones
+/// whose answers were pending, without a result. Every command handed over gets an answer:
+/// carried out, or "not carried out".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_waiting_for_the_bus_at_a_stop_are_answered() {
+    let broker = fieldgate::broker::start().unwrap();
+    let sim = Simulator::start(None).await.unwrap();
+    sim.with_unit(1, |b| b.set_holding(10, &[1]));
+    let dir = tempfile::tempdir().unwrap();
+    let sub = Subscriber::start(broker).await;
+    let devices = "  d:\n    bus: plc\n    every: 10s\n    points:\n      level: { register: 10, writable: true }\n";
+    let gw = Gateway::start(
+        dir.path(),
+        &config(&dir.path().join("state"), broker, sim.addr, devices),
+    );
+    sub.wait_for(Duration::from_secs(5), "first reading", |g| {
+        g.iter().any(|r| r.topic.ends_with("/level"))
+    })
+    .await;
+    // A slow bus: each command (write, read back) takes 400 ms.
+    sim.state.lock().unwrap().delay = Duration::from_millis(200);
+    let client = publisher(broker).await;
+    for i in 0..5 {
+        client
+            .publish(
+                "fieldgate/gw1/d/level/set",
+                rumqttc::QoS::AtLeastOnce,
+                false,
+                (10 + i).to_string(),
+            )
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    gw.stop().await;
+    let answers = result(&sub, "level");
+    let done = answers.iter().filter(|r| r["ok"] == true).count();
+    let not_done = answers
+        .iter()
+        .filter(|r| {
+            r["ok"] == false
+                && r["error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("not carried out"))
+        })
+        .count();
+    assert_eq!(answers.len(), 5, "every command answered: {answers:?}");
+    assert!(done >= 1 && not_done >= 1, "{answers:?}");
+}

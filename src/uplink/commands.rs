@@ -95,7 +95,7 @@ impl Uplink {
             return refuse("the bus is busy with other commands; try again".into());
         }
         let results = results.clone();
-        tokio::spawn(async move {
+        self.pending_commands.spawn(async move {
             let body = match tokio::time::timeout(Duration::from_secs(30), answer).await {
                 Ok(Ok(Ok(v))) => serde_json::json!({"ok": true, "value": v}),
                 Ok(Ok(Err(e))) => serde_json::json!({"ok": false, "error": e}),

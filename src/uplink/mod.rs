@@ -161,6 +161,9 @@ pub struct Uplink {
     /// Home Assistant discovery: the prefix, the retained configs, and where the topics
     /// published last time are remembered (to remove those of points that left the config).
     pub discovery: Option<Announcements>,
+    /// Commands handed to a bus task and not yet answered: waited for at shutdown, so their
+    /// results go out before `offline`.
+    pub pending_commands: tokio_util::task::TaskTracker,
 }
 
 /// How a session ended without an error.
@@ -189,6 +192,7 @@ impl Uplink {
             shared,
             commands: HashMap::new(),
             set_topics: command_topics(config),
+            pending_commands: tokio_util::task::TaskTracker::new(),
             discovery: config.homeassistant.as_ref().map(|d| {
                 let configs = crate::discovery::configs(config, d)
                     .into_iter()
@@ -579,7 +583,10 @@ impl Uplink {
         result?;
 
         // Shutdown: wait briefly for what is in flight, say offline, disconnect. Command results
-        // still waiting go out first: a command carried out gets its answer.
+        // go out first: a command handed to a bus task gets its answer (the bus task answers
+        // the ones it did not carry out as it stops).
+        self.pending_commands.close();
+        let _ = timeout(self.tuning.drain_timeout, self.pending_commands.wait()).await;
         while let Ok(result) = results.try_recv() {
             outbox.push_back(result);
         }
