@@ -117,6 +117,10 @@ mod tests {
         h.beat("poller rs485", t0 + Duration::from_secs(20));
         assert!(h.stalled(t0 + Duration::from_secs(6)).is_empty());
         h.forget("uplink");
-        assert!(h.stalled(t0 + Duration::from_secs(100)).len() == 1);
+        assert_eq!(
+            h.stalled(t0 + Duration::from_secs(100)),
+            vec!["poller rs485"],
+            "a forgotten task is never stalled; the poller is, once past its promise"
+        );
     }
 }

@@ -425,8 +425,20 @@ async fn replay_rate_paces_the_drain() {
     .await;
     let took = t.elapsed();
     gw.stop().await;
-    // 300 readings at 100/s, with one second of burst allowed: at least two seconds.
+    // 300 readings at 100/s, with one second of burst allowed: at least two seconds, and not
+    // much more than three (a rate far below the setting fails too).
     assert!(took >= Duration::from_secs(2), "drained in {took:?}");
+    let arrivals: Vec<i64> = sub
+        .all()
+        .iter()
+        .filter(|r| r.topic.ends_with("/backlog/x"))
+        .map(|r| r.at_ms)
+        .collect();
+    let span = arrivals.iter().max().unwrap() - arrivals.iter().min().unwrap();
+    assert!(
+        (1_900..=4_500).contains(&span),
+        "300 readings at 100/s arrived over {span} ms"
+    );
     assert_gapless(sub.by_seq().keys().copied());
 }
 

@@ -31,15 +31,28 @@ async fn survive(
     tokio::time::sleep(Duration::from_secs(1)).await;
     let from = now_ms();
     let connections = proxy.connections();
+    let reader = Store::open_read_only(&state).unwrap();
+    let seq_before = reader.last_seq().unwrap();
     let t = std::time::Instant::now();
     proxy.set(fault);
     // The gateway notices the fault when it opens a new connection.
     let mut noticed = None;
+    let mut deepest = 0;
     while t.elapsed() < hold {
         if noticed.is_none() && proxy.connections() > connections {
             noticed = Some(t.elapsed());
         }
+        deepest = deepest.max(reader.stats().unwrap().depth);
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let seq_during = reader.last_seq().unwrap();
+    if hold >= Duration::from_secs(2) {
+        // 40 readings/s with nothing acknowledged: a backlog must build up, or the fault did
+        // nothing (#17).
+        assert!(
+            deepest >= hold.as_secs() * 20,
+            "{fault:?}: deepest queue {deepest} during {hold:?}"
+        );
     }
     if fault == Mode::Stall {
         // keep_alive is 2s: a half-open link is found within about two keep-alives.
@@ -62,10 +75,29 @@ async fn survive(
     gw.stop().await;
     let n = assert_nothing_lost(&state, &sub);
     assert!(n >= 40, "polling went on: {n} readings");
-    // Readings polled during the fault carry their poll time, not their delivery time.
-    for r in sub.by_seq().values() {
-        let ts = r.ts_ms().unwrap();
-        assert!(ts <= to + 20_000 && ts > from - 60_000, "ts {ts}");
+    assert!(
+        proxy.connections() > connections,
+        "{fault:?}: the gateway had to reconnect"
+    );
+    // Readings polled during the fault carry their poll time, not their delivery time: those
+    // enqueued while it lasted are stamped inside it, and nothing is stamped after it arrived.
+    let by_seq = sub.by_seq();
+    for r in by_seq.values() {
+        assert!(
+            r.ts_ms().unwrap() <= r.at_ms,
+            "stamped after arrival: {r:?}"
+        );
+    }
+    let during: Vec<i64> = ((seq_before + 2)..seq_during)
+        .filter_map(|s| by_seq.get(&s))
+        .map(|r| r.ts_ms().unwrap())
+        .collect();
+    assert!(!during.is_empty() || hold < Duration::from_secs(1));
+    for ts in during {
+        assert!(
+            (from - 300..=to).contains(&ts),
+            "{fault:?}: a reading enqueued during the fault stamped {ts}, outside {from}..={to}"
+        );
     }
     (sub, dir, from, to)
 }

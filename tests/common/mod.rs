@@ -401,7 +401,11 @@ pub fn free_port() -> u16 {
 
 /// Asserts that `seqs` is exactly `first..=last` with no gap.
 pub fn assert_gapless(seqs: impl IntoIterator<Item = u64>) {
-    let v: Vec<u64> = seqs.into_iter().collect();
+    // Sorted and de-duplicated first: the binary search below needs it, and callers chain
+    // received and queued seqs in any order.
+    let mut v: Vec<u64> = seqs.into_iter().collect();
+    v.sort_unstable();
+    v.dedup();
     assert!(!v.is_empty(), "no seq at all");
     let missing: Vec<u64> = (v[0]..=*v.last().unwrap())
         .filter(|s| v.binary_search(s).is_err())
