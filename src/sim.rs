@@ -56,6 +56,10 @@ pub struct State {
     pub corrupt_every: Option<u64>,
     /// RTU: send this many bytes of line noise before every Nth reply.
     pub noise_every: Option<(u64, usize)>,
+    /// RTU: replies sent with a corrupted CRC, and bytes of noise sent (what was injected, for
+    /// tests to compare the gateway's counts with).
+    pub corrupted: u64,
+    pub noise_sent: u64,
 }
 
 #[derive(Clone)]
@@ -349,6 +353,8 @@ async fn serve_rtu(
                     .noise_every
                     .filter(|(n, _)| replies.is_multiple_of(*n))
                     .map(|(_, len)| len);
+                st.corrupted += u64::from(corrupt);
+                st.noise_sent += noise.unwrap_or(0) as u64;
                 let mut delay = st.unit_delay.get(&unit).copied().unwrap_or(st.delay);
                 if let Some((n, late)) = st.late_every
                     && replies.is_multiple_of(n)
