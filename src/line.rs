@@ -115,7 +115,7 @@ pub async fn run(bus: Bus, devices: Vec<Device>, shared: Shared, cancel: Cancell
         settings,
         port: None,
         framer: LineFramer::new(&terminator, max_line),
-        fresh: false,
+        streaming,
         open_failures: 0,
         stats: stats.clone(),
     };
@@ -210,9 +210,9 @@ struct Port {
     settings: SerialSettings,
     port: Option<SerialStream>,
     framer: LineFramer,
-    /// The port was just opened: its first line may start mid-line (a streaming sensor was
-    /// already talking). Only streaming mode drops it; a request/response answer is whole.
-    fresh: bool,
+    /// One streaming device owns the port: after opening it, the bytes up to the first line
+    /// ending are discarded (the sensor may be mid-line). A request/response answer is whole.
+    streaming: bool,
     open_failures: u32,
     stats: SharedStats,
 }
@@ -229,8 +229,11 @@ impl Port {
                     tracing::info!(bus = %self.bus, port = %self.settings.port, "serial port open again");
                 }
                 self.open_failures = 0;
-                self.framer.clear();
-                self.fresh = true;
+                if self.streaming {
+                    self.framer.resync();
+                } else {
+                    self.framer.clear();
+                }
                 self.port = Some(p);
                 Ok(())
             }
@@ -346,10 +349,6 @@ async fn stream(link: &mut Port, st: &mut State, ctx: &Ctx<'_>, cancel: &Cancell
                     link.framer.push(&buf[..n], &mut out);
                     let ts = now_ms();
                     for framed in out.drain(..) {
-                        if std::mem::take(&mut link.fresh) {
-                            tracing::debug!(device = %st.device.name, "first line after the port opened dropped (may be partial)");
-                            continue;
-                        }
                         let Some(values) = take_line(ctx, st, framed) else { continue };
                         st.last_good = Instant::now();
                         st.failures = 0;

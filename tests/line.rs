@@ -50,6 +50,9 @@ async fn a_stream_of_good_bad_partial_and_overlong_lines_gives_exact_values_and_
     );
     let gw = Gateway::start(dir.path(), &yaml);
     tokio::time::sleep(Duration::from_millis(300)).await;
+    // The port opened while the sensor was in the middle of a line: its tail is discarded, not
+    // published and not counted (with `regex` searched and no resync this was humidity 39).
+    sensor.write("1.5,H=39\r\n");
     sensor.write("T=21.5,H=40\r\n");
     sensor.write("garbage\r\n");
     sensor.write("T=2");
@@ -196,6 +199,7 @@ async fn recorded_nmea_with_corrupted_checksums_publishes_only_the_good_sentence
     let gw = Gateway::start(dir.path(), &yaml);
     tokio::time::sleep(Duration::from_millis(300)).await;
     for s in [
+        "038,E,1,08,0.9,545.4,M,46.9,M,,*47", // the tail of a sentence under way at open
         "$GPGGA,123519,4807.038,N,01131.000,E,1,08,0.9,545.4,M,46.9,M,,*47",
         "$GPGSV,2,1,08,01,40,083,46,02,17,308,41,12,07,344,39,14,22,228,45*75",
         "$GPGGA,123520,4807.038,N,01131.000,E,1,09,0.9,545.4,M,46.9,M,,*47", // corrupted: checksum of the line before
@@ -251,6 +255,7 @@ async fn an_unplugged_line_sensor_goes_offline_and_comes_back() {
     );
     let gw = Gateway::start(dir.path(), &yaml);
     tokio::time::sleep(Duration::from_millis(300)).await;
+    sensor.write("=0\r\n"); // mid-line at open: discarded
     sensor.write("T=1.0,H=1\r\n");
     sub.wait_for(Duration::from_secs(5), "online", |g| {
         g.iter()
@@ -264,13 +269,22 @@ async fn an_unplugged_line_sensor_goes_offline_and_comes_back() {
     })
     .await;
     sensor.plug().unwrap();
-    tokio::time::sleep(Duration::from_secs(3)).await; // reopened with backoff
-    sensor.write("T=2.0,H=2\r\n");
-    sub.wait_for(Duration::from_secs(10), "a reading after replugging", |g| {
-        g.iter()
+    // A streaming sensor keeps talking; the port is reopened with backoff, and the line under
+    // way then is discarded: the next whole one is published.
+    let t = std::time::Instant::now();
+    let seen = |sub: &Subscriber| {
+        sub.all()
+            .iter()
             .any(|r| r.topic.ends_with("/temperature") && r.value() == Some(&json!(2.0)))
-    })
-    .await;
+    };
+    while !seen(&sub) {
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "no reading after replugging"
+        );
+        sensor.write("T=2.0,H=2\r\n");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     gw.stop().await;
     let av: Vec<String> = sub
         .all()

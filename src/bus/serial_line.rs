@@ -37,6 +37,14 @@ impl LineFramer {
         self.overflow = false;
     }
 
+    /// Starts over in the middle of a stream (a port just opened on a sensor that was already
+    /// talking): everything up to the first line ending may be the tail of a line, so it is
+    /// discarded without counting it as an error. The first whole line after that is framed.
+    pub fn resync(&mut self) {
+        self.buf.clear();
+        self.overflow = true;
+    }
+
     /// Feeds bytes; complete lines (and framing errors) are appended to `out`. Empty lines are
     /// skipped.
     pub fn push(&mut self, bytes: &[u8], out: &mut Vec<Framed>) {
@@ -84,6 +92,23 @@ impl LineFramer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Acceptance testing (#10): a streaming port opened in the middle of a line framed its
+    /// tail as a line of its own. After `resync` the tail is discarded, silently.
+    #[test]
+    fn after_a_resync_the_tail_of_a_line_is_discarded_without_an_error() {
+        let mut f = LineFramer::new(b"\r\n", 64);
+        let mut out = Vec::new();
+        f.resync();
+        f.push(b"5,H=4", &mut out);
+        f.push(b"0\r\nT=21.5,H=40\r\n", &mut out);
+        assert_eq!(out, vec![Framed::Line("T=21.5,H=40".into())]);
+        // A terminator right away: nothing lost.
+        let mut out = Vec::new();
+        f.resync();
+        f.push(b"\r\nT=1,H=2\r\n", &mut out);
+        assert_eq!(out, vec![Framed::Line("T=1,H=2".into())]);
+    }
 
     fn frame(t: &[u8], max: usize, chunks: &[&[u8]]) -> Vec<Framed> {
         let mut f = LineFramer::new(t, max);
