@@ -85,3 +85,87 @@ async fn status_command_status_message_and_metrics_report_the_same_gateway() {
     assert!(text.contains("bus plc"), "{text}");
     gw.stop().await;
 }
+
+/// The views are cross-checked (#17): with polling quiescent, the status message, `/metrics`
+/// and `fieldgate status` give the same figures, and those match what the device served and
+/// what the queue holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_views_agree_with_each_other_and_with_the_device() {
+    let broker = fieldgate::broker::start().unwrap();
+    let sim = Simulator::start(None).await.unwrap();
+    sim.with_unit(1, |b| b.set_holding(0, &[1, 2]));
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let port = free_port();
+    // One poll at start, then nothing for an hour: every figure holds still.
+    let yaml = config(
+        &state,
+        broker,
+        sim.addr,
+        "  meter:\n    bus: plc\n    every: 1h\n    points:\n      p: { register: 0 }\n      q: { register: 1 }\n",
+    )
+    .replace("  id: gw1\n", "  id: gw1\n  status_interval: 1s\n")
+        + &format!("metrics: {{ listen: 127.0.0.1:{port} }}\n");
+    let sub = Subscriber::start(broker).await;
+    let gw = Gateway::start(dir.path(), &yaml);
+    sub.wait_for(Duration::from_secs(5), "both readings", |g| {
+        g.iter().filter(|r| r.seq().is_some()).count() >= 2
+    })
+    .await;
+    // Two status messages after the readings were acknowledged: the figures are settled.
+    let seen = sub.payloads("fieldgate/gw1/status/stats").len();
+    sub.wait_for(Duration::from_secs(5), "settled status", |g| {
+        g.iter()
+            .filter(|r| r.topic == "fieldgate/gw1/status/stats")
+            .count()
+            >= seen + 3
+    })
+    .await;
+    let served = sim.requests();
+    let j = sub.latest_json("fieldgate/gw1/status/stats");
+    let metrics = tokio::task::spawn_blocking(move || {
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut s = String::new();
+        c.read_to_string(&mut s).unwrap();
+        s
+    })
+    .await
+    .unwrap();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_fieldgate"))
+        .args(["status", "--state-dir"])
+        .arg(&state)
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    gw.stop().await;
+
+    assert_eq!(served, 1, "one coalesced request for both registers");
+    assert_eq!(j["buses"]["plc"]["requests"], serde_json::json!(served));
+    assert_eq!(
+        j["buses"]["plc"]["devices"]["meter"]["polls"],
+        serde_json::json!(1)
+    );
+    assert_eq!(j["queue"]["last_seq"], serde_json::json!(2));
+    assert_eq!(j["queue"]["depth"], serde_json::json!(0));
+    assert_eq!(j["queue"]["acked_total"], serde_json::json!(2));
+    for line in [
+        format!("fieldgate_bus_requests_total{{bus=\"plc\"}} {served}"),
+        "fieldgate_queue_depth 0".to_string(),
+        "fieldgate_acknowledged_total 2".to_string(),
+        "fieldgate_device_online{bus=\"plc\",device=\"meter\"} 1".to_string(),
+    ] {
+        assert!(
+            metrics
+                .lines()
+                .any(|l| l == line || l == format!("{line}.0")),
+            "/metrics lacks `{line}`:\n{metrics}"
+        );
+    }
+    assert!(
+        text.contains(&format!("bus plc          {served} requests")),
+        "`fieldgate status` disagrees:\n{text}"
+    );
+}
