@@ -8,6 +8,20 @@ use std::time::Duration;
 use common::{Gateway, Subscriber, config, free_port};
 use fieldgate::sim::Simulator;
 
+/// The answer of `GET /metrics` on the metrics port, headers included.
+async fn metrics(port: u16) -> String {
+    tokio::task::spawn_blocking(move || {
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut s = String::new();
+        c.read_to_string(&mut s).unwrap();
+        s
+    })
+    .await
+    .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_command_status_message_and_metrics_report_the_same_gateway() {
     let broker = fieldgate::broker::start().unwrap();
@@ -52,16 +66,7 @@ async fn status_command_status_message_and_metrics_report_the_same_gateway() {
     );
     assert!(j["buses"]["plc"]["requests"].as_u64().unwrap() >= 3);
 
-    let metrics = tokio::task::spawn_blocking(move || {
-        let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-        c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-            .unwrap();
-        let mut s = String::new();
-        c.read_to_string(&mut s).unwrap();
-        s
-    })
-    .await
-    .unwrap();
+    let metrics = metrics(port).await;
     assert!(metrics.starts_with("HTTP/1.1 200 OK"), "{metrics}");
     assert!(
         metrics.contains("fieldgate_device_online{bus=\"plc\",device=\"meter\"} 1"),
@@ -123,16 +128,7 @@ async fn the_status_views_agree_with_each_other_and_with_the_device() {
     .await;
     let served = sim.requests();
     let j = sub.latest_json("fieldgate/gw1/status/stats");
-    let metrics = tokio::task::spawn_blocking(move || {
-        let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-        c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-            .unwrap();
-        let mut s = String::new();
-        c.read_to_string(&mut s).unwrap();
-        s
-    })
-    .await
-    .unwrap();
+    let metrics = metrics(port).await;
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_fieldgate"))
         .args(["status", "--state-dir"])
         .arg(&state)

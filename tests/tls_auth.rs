@@ -276,28 +276,8 @@ async fn a_password_file_admits_the_right_credentials_and_wrong_ones_do_not_spin
     );
     let yaml = gateway_yaml(dir.path(), &sim, &mqtt);
     let cfg = dir.path().join("config.yaml");
-    std::fs::write(&cfg, &yaml).unwrap();
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_fieldgate"))
-        .arg("run")
-        .arg(&cfg)
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    std::process::Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status()
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    let log = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(
-        sub.all()
-            .iter()
-            .filter(|r| r.topic == "fieldgate/gw1/d/p")
-            .count(),
-        0
-    );
+    let (got, _, log) = run_logged(dir.path(), &yaml, &sub, 5).await;
+    assert_eq!(got, 0, "nothing published with a wrong password");
     assert!(
         proxy.connections() <= 2,
         "{} connection attempts in 5 s: a hot loop; log:\n{log}",
