@@ -1,0 +1,65 @@
+//! The queue's own clock for `max_age`: when rows entered the queue, by the monotonic clock.
+//! Pure bookkeeping, no I/O; the store feeds it every commit and asks it at each expiry pass.
+
+use std::time::{Duration, Instant};
+
+/// When rows entered the queue, by the monotonic clock: `(highest seq, instant)` pairs, oldest
+/// first, at most one per minute. All rows up to `seq` entered no later than `instant` (rows of
+/// the last minute are dated its end, so a row expires up to a minute late, never early). Rows
+/// found at open are dated the open. So `max_age` is time spent in this queue while a gateway
+/// ran, immune to wall-clock steps (a Pi without a real-time clock starts with a wrong time,
+/// then NTP steps it): no reading is dropped because the clock jumped.
+#[derive(Debug, Default)]
+pub(super) struct Ages {
+    /// `(highest seq, entered by, minute began)`.
+    pub(super) marks: std::collections::VecDeque<(u64, Instant, Instant)>,
+}
+
+impl Ages {
+    const GRAIN: Duration = Duration::from_secs(60);
+
+    pub(super) fn committed(&mut self, last_seq: u64, now: Instant) {
+        match self.marks.back_mut() {
+            // Within the same minute: its rows are all dated the latest commit.
+            Some((seq, at, began)) if now.saturating_duration_since(*began) < Ages::GRAIN => {
+                *seq = last_seq;
+                *at = now;
+            }
+            _ => self.marks.push_back((last_seq, now, now)),
+        }
+    }
+
+    /// The highest seq that has been queued for longer than `max_age`, if any.
+    pub(super) fn expired(&mut self, max_age: Duration, now: Instant) -> Option<u64> {
+        let mut upto = None;
+        while let Some((seq, at, _)) = self.marks.front() {
+            if now.saturating_duration_since(*at) <= max_age {
+                break;
+            }
+            upto = Some(*seq);
+            self.marks.pop_front();
+        }
+        upto
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queue_ages_are_kept_per_minute_and_date_rows_late_not_early() {
+        let mut a = Ages::default();
+        let t0 = Instant::now();
+        a.committed(10, t0);
+        a.committed(20, t0 + Duration::from_secs(30));
+        a.committed(30, t0 + Duration::from_secs(61));
+        assert_eq!(a.marks.len(), 2, "{:?}", a.marks);
+        let max_age = Duration::from_secs(100);
+        // Rows 1..=10 entered at t0, but share the minute with 11..=20 (t0+30 s): dated t0+30.
+        assert_eq!(a.expired(max_age, t0 + Duration::from_secs(101)), None);
+        assert_eq!(a.expired(max_age, t0 + Duration::from_secs(131)), Some(20));
+        assert_eq!(a.expired(max_age, t0 + Duration::from_secs(162)), Some(30));
+        assert!(a.marks.is_empty());
+    }
+}

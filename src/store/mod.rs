@@ -1,0 +1,720 @@
+//! The store-and-forward queue: every message is committed here before it is published.
+//!
+//! # Design
+//!
+//! One SQLite file, `{state_dir}/queue.db`:
+//!
+//! ```sql
+//! CREATE TABLE queue (
+//!     seq    INTEGER PRIMARY KEY AUTOINCREMENT,  -- gateway-wide sequence number
+//!     ts_ms  INTEGER NOT NULL,                   -- poll time, ms since the Unix epoch (UTC)
+//!     topic  TEXT    NOT NULL,
+//!     qos    INTEGER NOT NULL,
+//!     retain INTEGER NOT NULL,
+//!     body   TEXT    NOT NULL                    -- message::Body as JSON, without ts and seq
+//! );
+//! CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);  -- counters, see Stats
+//! CREATE TABLE aside (...same columns as queue...);  -- rows that can never be published
+//! ```
+//!
+//! ## Invariants
+//! - `seq` is assigned by SQLite when the row is inserted. `AUTOINCREMENT` keeps the highest
+//!   `seq` ever used in `sqlite_sequence`, so a `seq` is never reused, even after every row was
+//!   deleted and the gateway restarted; a rolled-back insert rolls that counter back too, so the
+//!   sequence has no gaps. A consumer can order and de-duplicate by `seq` alone.
+//! - A row leaves the queue in exactly one of four ways, each counted in `meta` in the same
+//!   transaction: acknowledged by the broker (`acked_total`; PUBACK for QoS 1, PUBCOMP for QoS 2,
+//!   written for QoS 0), or dropped by a bound — `dropped_oldest`, `dropped_expired` — while a
+//!   message refused by `when_full: drop_newest` never gets a row and counts in `dropped_newest`.
+//!   A row the broker can never take (a topic with `+`, `#` or NUL, a packet over the limit)
+//!   is moved to `aside` (`set_aside`), kept for inspection instead of blocking the queue.
+//!   Nothing else deletes.
+//! - Rows are published oldest first (`ORDER BY seq`), so a replay keeps `seq` order.
+//!
+//! ## Durability
+//! WAL journal with `synchronous = FULL`: a commit is on disk (the WAL fsynced) when
+//! [`Store::append`] returns, so a `kill -9` or a power loss after that loses nothing. (With
+//! `NORMAL`, a power loss could roll back the last commits: not acceptable for this queue.) To
+//! keep SD-card writes low, every message waiting when the store thread wakes goes into one
+//! transaction — one fsync per poll cycle, not per reading — and acknowledgements are deleted
+//! in batches (the uplink flushes them every 100 ms). A crash can therefore re-send at most the
+//! acknowledged-but-not-yet-deleted rows plus the in-flight window, with their original `seq`.
+//!
+//! ## Bounds
+//! `max_messages` and `max_bytes` bound the queue; `max_bytes` is measured as the pages in use
+//! (`page_count - freelist_count`), so it is the file's real size, not an estimate. Deleted rows
+//! free their pages to SQLite's freelist and new rows reuse them: the file does not grow past
+//! its budget across fills and drains, and no `VACUUM` ever runs on the hot path. The WAL is
+//! checkpointed automatically and truncated to `journal_size_limit` (8 MiB). Rows queued for
+//! longer than `max_age` are dropped once a minute, by the queue's own monotonic clock (not the
+//! wall clock, which a Pi without a real-time clock steps at NTP sync; see `Ages`); rows found
+//! at start count from the start. Expiry and stats never scan the table.
+//!
+//! ## Faults
+//! - A commit that fails (disk full, I/O error): the batch stays in memory and is retried every
+//!   second, logged once per episode; past [`MAX_HELD`] messages the oldest held ones are dropped
+//!   and counted. Pollers never wait.
+//! - A corrupt file (at open, or a corruption error later): moved aside as
+//!   `queue.db.corrupt-<unix ms>` (with its `-wal`/`-shm`), a new file is started with `seq`
+//!   continuing above the old one, and this is logged as an error with the number of rows the
+//!   old file held. After an unclean shutdown the file is checked with `PRAGMA quick_check`.
+//!
+//! Concurrency: one thread owns the connection ([`spawn`]); pollers and the uplink talk to it
+//! through a [`StoreHandle`]. Enqueueing never waits for the disk. Other processes (`fieldgate
+//! queue stats`) may read the file at any time ([`Store::open_read_only`]).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, params};
+use serde::Serialize;
+
+use crate::message::{Body, Message, Stored, now_ms};
+
+mod ages;
+mod worker;
+
+use ages::Ages;
+pub use worker::{StoreHandle, spawn};
+
+/// Most messages held in memory while the disk refuses writes.
+pub const MAX_HELD: usize = 100_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot create the state directory {path}: {source}")]
+    StateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("queue database {path}: {source}")]
+    Sqlite {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("queue database: {0}")]
+    Query(#[from] rusqlite::Error),
+    #[error("cannot move the corrupt queue aside: {0}")]
+    MoveAside(std::io::Error),
+    #[error("the store thread has stopped")]
+    Closed,
+    #[error("queue database: {0}")]
+    Thread(String),
+}
+
+impl StoreError {
+    fn sqlite(&self) -> Option<&rusqlite::Error> {
+        match self {
+            StoreError::Sqlite { source, .. } | StoreError::Query(source) => Some(source),
+            _ => None,
+        }
+    }
+
+    /// The disk (or the file's quota) is full.
+    pub fn is_disk_full(&self) -> bool {
+        self.sqlite().and_then(|e| e.sqlite_error_code()) == Some(ErrorCode::DiskFull)
+    }
+
+    /// The file is damaged (not a transient I/O problem).
+    pub fn is_corrupt(&self) -> bool {
+        matches!(
+            self.sqlite().and_then(|e| e.sqlite_error_code()),
+            Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase)
+        )
+    }
+}
+
+/// What to do with a new message when the queue is at a bound.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WhenFull {
+    /// Delete the oldest rows to make room (the newest readings are usually worth more).
+    #[default]
+    DropOldest,
+    /// Keep what is queued and refuse new messages.
+    DropNewest,
+}
+
+/// The queue's budget. The defaults suit a 32 GB SD card: at most 1 GiB and 5 million
+/// readings (days of backlog for hundreds of points), and nothing older than 30 days.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Limits {
+    pub max_messages: u64,
+    pub max_bytes: u64,
+    pub max_age: Duration,
+    pub when_full: WhenFull,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_messages: 5_000_000,
+            max_bytes: 1 << 30,
+            max_age: Duration::from_secs(30 * 24 * 3600),
+            when_full: WhenFull::DropOldest,
+        }
+    }
+}
+
+/// The queue's figures, for `fieldgate queue stats` and the status message.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Stats {
+    pub depth: u64,
+    pub oldest_ts_ms: Option<i64>,
+    pub last_seq: u64,
+    /// Bytes of the file in use (pages not on the freelist).
+    pub bytes: u64,
+    pub file_bytes: u64,
+    pub dropped_oldest: u64,
+    pub dropped_newest: u64,
+    pub dropped_expired: u64,
+    /// Rows that could never be published, kept in the `aside` table.
+    pub set_aside: u64,
+    /// Times the wall clock was seen to step while readings were queued.
+    pub clock_steps: u64,
+    pub acked_total: u64,
+    /// Acknowledged since the gateway that writes this file started.
+    pub acked_since_start: u64,
+}
+
+impl Stats {
+    pub fn dropped(&self) -> u64 {
+        self.dropped_oldest + self.dropped_newest + self.dropped_expired
+    }
+}
+
+/// What one [`Store::append`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Appended {
+    /// Highest `seq` in use afterwards.
+    pub last_seq: u64,
+    pub inserted: u64,
+    pub dropped_oldest: u64,
+    pub dropped_newest: u64,
+}
+
+/// The queue file. Synchronous; see [`spawn`] for the thread that owns it in the gateway.
+pub struct Store {
+    conn: Connection,
+    path: PathBuf,
+    limits: Limits,
+    page_size: u64,
+    depth: u64,
+    last_seq: u64,
+    /// Opened read-only (another process writes): figures are read from the file each time.
+    read_only: bool,
+    /// The queue's own clock for `max_age`: see [`Ages`].
+    ages: Ages,
+    /// Wall and monotonic time of the last commit, to notice the wall clock stepping.
+    clock: Option<(i64, std::time::Instant)>,
+    /// Rows up to this seq may be in flight at the uplink: `drop_oldest` spares them.
+    pub in_flight_upto: u64,
+}
+
+/// A wall clock that moved this much more (or less) than the monotonic clock between two
+/// commits was stepped (NTP sync on a Pi without a real-time clock, a manual `date`).
+const CLOCK_STEP_MS: i64 = 2_000;
+
+const SCHEMA: &str = "
+    CREATE TABLE IF NOT EXISTS queue (
+        seq    INTEGER PRIMARY KEY AUTOINCREMENT,
+        ts_ms  INTEGER NOT NULL,
+        topic  TEXT    NOT NULL,
+        qos    INTEGER NOT NULL,
+        retain INTEGER NOT NULL,
+        body   TEXT    NOT NULL
+    );
+    CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+    CREATE TABLE IF NOT EXISTS aside (
+        seq    INTEGER PRIMARY KEY,
+        ts_ms  INTEGER NOT NULL,
+        topic  TEXT    NOT NULL,
+        qos    INTEGER NOT NULL,
+        retain INTEGER NOT NULL,
+        body   TEXT    NOT NULL
+    );
+";
+
+impl Store {
+    /// Opens (or creates) `{state_dir}/queue.db` with the default limits.
+    pub fn open(state_dir: &Path) -> Result<Store, StoreError> {
+        Store::open_with(state_dir, Limits::default())
+    }
+
+    /// Opens (or creates) `{state_dir}/queue.db`. A corrupt file is moved aside and replaced.
+    pub fn open_with(state_dir: &Path, limits: Limits) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(state_dir).map_err(|source| StoreError::StateDir {
+            path: state_dir.to_path_buf(),
+            source,
+        })?;
+        let path = state_dir.join("queue.db");
+        match Store::open_file(&path, limits) {
+            Err(e) if e.is_corrupt() => {
+                let (seq_floor, rows) = salvage_counts(&path);
+                let aside = move_aside(&path)?;
+                tracing::error!(file = %path.display(), moved_to = %aside.display(), error = %e,
+                    rows_in_old_file = ?rows, "QUEUE FILE IS CORRUPT: moved aside, starting a new queue; readings in the old file are not published");
+                let mut s = Store::open_file(&path, limits)?;
+                s.raise_seq(seq_floor)?;
+                Ok(s)
+            }
+            other => other,
+        }
+    }
+
+    fn open_file(path: &Path, limits: Limits) -> Result<Store, StoreError> {
+        let wrap = |source| StoreError::Sqlite {
+            path: path.to_path_buf(),
+            source,
+        };
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE
+                | OpenFlags::SQLITE_OPEN_CREATE
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(wrap)?;
+        conn.busy_timeout(Duration::from_secs(5)).map_err(wrap)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(wrap)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(wrap)?;
+        conn.pragma_update(None, "journal_size_limit", 8 << 20)
+            .map_err(wrap)?;
+        conn.execute_batch(SCHEMA).map_err(wrap)?;
+        let clean: i64 = meta_get(&conn, "clean_shutdown").map_err(wrap)?;
+        let fresh: bool = conn
+            .query_row("SELECT NOT EXISTS (SELECT 1 FROM meta)", [], |r| r.get(0))
+            .map_err(wrap)?;
+        if clean == 0 && !fresh {
+            let verdict: String = conn
+                .query_row("PRAGMA quick_check(1)", [], |r| r.get(0))
+                .map_err(wrap)?;
+            if verdict != "ok" {
+                return Err(wrap(rusqlite::Error::SqliteFailure(
+                    rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CORRUPT),
+                    Some(verdict),
+                )));
+            }
+        }
+        let s = Store::from_conn(conn, path, limits).map_err(wrap)?;
+        // Marked clean again by `close`; a crash leaves it at 0 and the next open checks the file.
+        let mut s = s;
+        let acked = meta_get(&s.conn, "acked_total").map_err(wrap)?;
+        let tx = s.conn.transaction().map_err(wrap)?;
+        meta_set(&tx, "clean_shutdown", 0).map_err(wrap)?;
+        meta_set(&tx, "acked_at_start", acked).map_err(wrap)?;
+        tx.commit().map_err(wrap)?;
+        Ok(s)
+    }
+
+    /// Opens an existing queue for reading only (while a gateway writes it).
+    pub fn open_read_only(state_dir: &Path) -> Result<Store, StoreError> {
+        let path = state_dir.join("queue.db");
+        let wrap = |source| StoreError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let conn = Connection::open_with_flags(
+            &path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(wrap)?;
+        conn.busy_timeout(Duration::from_secs(5)).map_err(wrap)?;
+        let mut s = Store::from_conn(conn, &path, Limits::default()).map_err(wrap)?;
+        s.read_only = true;
+        Ok(s)
+    }
+
+    /// The in-memory figures of an open connection: page size, depth, last seq.
+    fn from_conn(conn: Connection, path: &Path, limits: Limits) -> rusqlite::Result<Store> {
+        let page_size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+        let depth: i64 = conn.query_row("SELECT count(*) FROM queue", [], |r| r.get(0))?;
+        let last_seq = read_last_seq(&conn)?;
+        let mut ages = Ages::default();
+        if last_seq > 0 {
+            ages.committed(last_seq, std::time::Instant::now());
+        }
+        Ok(Store {
+            conn,
+            path: path.to_path_buf(),
+            limits,
+            page_size: page_size as u64,
+            depth: depth as u64,
+            last_seq,
+            read_only: false,
+            ages,
+            clock: None,
+            in_flight_upto: 0,
+        })
+    }
+
+    /// Marks a clean shutdown, so the next open skips the integrity check.
+    pub fn close(self) -> Result<(), StoreError> {
+        meta_set(&self.conn, "clean_shutdown", 1)?;
+        let _ = self.conn.pragma_update(None, "wal_checkpoint", "TRUNCATE");
+        Ok(())
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// Appends `msgs` in one transaction, enforcing the bounds; see [`Appended`].
+    pub fn append(&mut self, msgs: &[Message]) -> Result<Appended, StoreError> {
+        self.append_counting(msgs, 0)
+    }
+
+    /// [`append`](Store::append), and `held_dropped` readings that were dropped from memory
+    /// while the disk refused writes counted as `dropped_oldest` in the same transaction.
+    pub fn append_counting(
+        &mut self,
+        msgs: &[Message],
+        held_dropped: u64,
+    ) -> Result<Appended, StoreError> {
+        let limits = self.limits;
+        let page_size = self.page_size;
+        let tx = self.conn.transaction()?;
+        let mut out = Appended::default();
+        let mut depth = self.depth;
+        {
+            let mut stmt = tx.prepare_cached(
+                "INSERT INTO queue (ts_ms, topic, qos, retain, body) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?;
+            for (i, m) in msgs.iter().enumerate() {
+                if limits.when_full == WhenFull::DropNewest
+                    && (depth >= limits.max_messages
+                        || (i % 64 == 0 && used_bytes(&tx, page_size)? >= limits.max_bytes))
+                {
+                    out.dropped_newest = (msgs.len() - i) as u64;
+                    break;
+                }
+                let body = serde_json::to_string(&m.body).expect("plain data serializes");
+                stmt.execute(params![m.ts_ms, m.topic, m.qos, m.retain, body])?;
+                depth += 1;
+                out.inserted += 1;
+            }
+        }
+        if limits.when_full == WhenFull::DropOldest {
+            let over = depth.saturating_sub(limits.max_messages);
+            if over > 0 {
+                depth -= delete_oldest(&tx, over, self.in_flight_upto, self.last_seq)?;
+                out.dropped_oldest += over;
+            }
+            while depth > 0 && used_bytes(&tx, page_size)? > limits.max_bytes {
+                let n = delete_oldest(
+                    &tx,
+                    (depth / 64).max(16),
+                    self.in_flight_upto,
+                    self.last_seq,
+                )?;
+                depth -= n;
+                out.dropped_oldest += n;
+            }
+        }
+        meta_add(&tx, "dropped_oldest", out.dropped_oldest + held_dropped)?;
+        meta_add(&tx, "dropped_newest", out.dropped_newest)?;
+        let (wall, mono) = (now_ms(), std::time::Instant::now());
+        if let Some((wall0, mono0)) = self.clock {
+            let step = (wall - wall0) - mono.saturating_duration_since(mono0).as_millis() as i64;
+            if step.abs() > CLOCK_STEP_MS {
+                tracing::warn!(
+                    step_ms = step,
+                    "the wall clock was stepped: readings polled before carry the old clock's time (their seq keeps the order); none expires because of it"
+                );
+                meta_add(&tx, "clock_steps", 1)?;
+            }
+        }
+        let last_seq = read_last_seq(&tx)?;
+        tx.commit()?;
+        self.depth = depth;
+        self.last_seq = last_seq;
+        self.ages.committed(last_seq, mono);
+        self.clock = Some((wall, mono));
+        out.last_seq = last_seq;
+        Ok(out)
+    }
+
+    /// Up to `limit` rows with `seq > after`, oldest first.
+    pub fn peek(&self, after: u64, limit: usize) -> Result<Vec<Stored>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT seq, ts_ms, topic, qos, retain, body FROM queue WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![after as i64, limit as i64], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, u8>(3)?,
+                r.get::<_, bool>(4)?,
+                r.get::<_, String>(5)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (seq, ts_ms, topic, qos, retain, body) = row?;
+            let body: Body = match serde_json::from_str(&body) {
+                Ok(b) => b,
+                Err(e) => {
+                    // Never silently drop: publish what we have as text so it is visible.
+                    tracing::error!(seq, error = %e, "queue row has an unreadable body; publishing it as text");
+                    Body::Bare {
+                        value: crate::mapping::Value::Text(body),
+                    }
+                }
+            };
+            out.push(Stored {
+                seq: seq as u64,
+                message: Message {
+                    topic,
+                    qos,
+                    retain,
+                    ts_ms,
+                    body,
+                },
+            });
+        }
+        Ok(out)
+    }
+
+    /// Deletes acknowledged rows in one transaction; returns how many were deleted (a row a
+    /// bound already dropped is not counted twice).
+    pub fn ack(&mut self, seqs: &[u64]) -> Result<u64, StoreError> {
+        let tx = self.conn.transaction()?;
+        let mut n = 0u64;
+        {
+            let mut stmt = tx.prepare_cached("DELETE FROM queue WHERE seq = ?1")?;
+            for s in seqs {
+                n += stmt.execute(params![*s as i64])? as u64;
+            }
+        }
+        meta_add(&tx, "acked_total", n)?;
+        tx.commit()?;
+        self.depth -= n.min(self.depth);
+        Ok(n)
+    }
+
+    /// Moves rows that can never be published to the `aside` table, in one transaction;
+    /// returns how many were moved.
+    pub fn set_aside(&mut self, seqs: &[u64]) -> Result<u64, StoreError> {
+        let tx = self.conn.transaction()?;
+        let mut n = 0u64;
+        {
+            let mut copy = tx.prepare_cached(
+                "INSERT OR REPLACE INTO aside SELECT seq, ts_ms, topic, qos, retain, body FROM queue WHERE seq = ?1",
+            )?;
+            let mut delete = tx.prepare_cached("DELETE FROM queue WHERE seq = ?1")?;
+            for s in seqs {
+                copy.execute(params![*s as i64])?;
+                n += delete.execute(params![*s as i64])? as u64;
+            }
+        }
+        meta_add(&tx, "set_aside", n)?;
+        tx.commit()?;
+        self.depth -= n.min(self.depth);
+        Ok(n)
+    }
+
+    /// Drops rows that have been in the queue for longer than `max_age` (by the queue's own
+    /// monotonic clock, see [`Ages`]); returns how many. A range delete on the primary key: no
+    /// table scan, whatever the depth.
+    pub fn expire(&mut self, now: std::time::Instant) -> Result<u64, StoreError> {
+        let Some(upto) = self.ages.expired(self.limits.max_age, now) else {
+            return Ok(0);
+        };
+        let tx = self.conn.transaction()?;
+        let n = tx.execute("DELETE FROM queue WHERE seq <= ?1", params![upto as i64])? as u64;
+        meta_add(&tx, "dropped_expired", n)?;
+        tx.commit()?;
+        self.depth -= n.min(self.depth);
+        Ok(n)
+    }
+
+    pub fn depth(&self) -> u64 {
+        self.depth
+    }
+
+    pub fn stats(&self) -> Result<Stats, StoreError> {
+        let c = &self.conn;
+        // The oldest by seq (what is published next), found on the primary key; the depth is
+        // kept in memory by the writer. Only a reader in another process counts rows.
+        let oldest: Option<i64> = c
+            .query_row("SELECT ts_ms FROM queue ORDER BY seq LIMIT 1", [], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        let depth = if self.read_only {
+            c.query_row("SELECT count(*) FROM queue", [], |r| r.get::<_, i64>(0))? as u64
+        } else {
+            self.depth
+        };
+        let pages: i64 = c.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+        let acked = meta_get(c, "acked_total")? as u64;
+        Ok(Stats {
+            depth,
+            oldest_ts_ms: oldest,
+            last_seq: self.read_last_seq()?,
+            bytes: used_bytes(c, self.page_size)?,
+            file_bytes: pages as u64 * self.page_size,
+            dropped_oldest: meta_get(c, "dropped_oldest")? as u64,
+            dropped_newest: meta_get(c, "dropped_newest")? as u64,
+            dropped_expired: meta_get(c, "dropped_expired")? as u64,
+            set_aside: meta_get(c, "set_aside")? as u64,
+            clock_steps: meta_get(c, "clock_steps")? as u64,
+            acked_total: acked,
+            acked_since_start: acked.saturating_sub(meta_get(c, "acked_at_start")? as u64),
+        })
+    }
+
+    /// The highest `seq` ever assigned (0 for a new file).
+    pub fn last_seq(&self) -> Result<u64, StoreError> {
+        Ok(self.read_last_seq()?)
+    }
+
+    fn read_last_seq(&self) -> rusqlite::Result<u64> {
+        read_last_seq(&self.conn)
+    }
+
+    /// Makes the next `seq` larger than `floor` (used when a corrupt file is replaced).
+    fn raise_seq(&mut self, floor: u64) -> Result<(), StoreError> {
+        if floor > self.last_seq {
+            self.conn
+                .execute("DELETE FROM sqlite_sequence WHERE name = 'queue'", [])?;
+            self.conn.execute(
+                "INSERT INTO sqlite_sequence (name, seq) VALUES ('queue', ?1)",
+                params![floor as i64],
+            )?;
+            self.last_seq = floor;
+        }
+        Ok(())
+    }
+
+    /// Replaces a file found corrupt while running: moved aside, a new one started with `seq`
+    /// continuing. Returns how many rows the old file was believed to hold.
+    pub(super) fn replace_corrupt(&mut self) -> Result<u64, StoreError> {
+        let lost = self.depth;
+        let floor = self.last_seq;
+        // Close the old connection first: closing it later would delete `queue.db-wal` and
+        // `-shm` by name, by then the new file's (its commits would vanish at the next crash).
+        let old = std::mem::replace(&mut self.conn, Connection::open_in_memory()?);
+        if let Err((_, e)) = old.close() {
+            tracing::warn!(error = %e, "closing the corrupt queue file");
+        }
+        let aside = move_aside(&self.path)?;
+        tracing::error!(file = %self.path.display(), moved_to = %aside.display(), rows_in_old_file = lost,
+            "QUEUE FILE BECAME CORRUPT: moved aside, starting a new queue; readings in the old file are not published");
+        let mut fresh = Store::open_file(&self.path, self.limits)?;
+        fresh.raise_seq(floor.max(now_ms() as u64))?;
+        *self = fresh;
+        Ok(lost)
+    }
+}
+
+fn read_last_seq(c: &Connection) -> rusqlite::Result<u64> {
+    let seq: Option<i64> = c
+        .query_row(
+            "SELECT seq FROM sqlite_sequence WHERE name = 'queue'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?;
+    Ok(seq.unwrap_or(0) as u64)
+}
+
+fn used_bytes(c: &Connection, page_size: u64) -> rusqlite::Result<u64> {
+    let pages: i64 = c.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+    let free: i64 = c.query_row("PRAGMA freelist_count", [], |r| r.get(0))?;
+    Ok((pages - free).max(0) as u64 * page_size)
+}
+
+/// Deletes the `n` oldest rows, sparing those up to `spare` (in flight at the uplink: they are
+/// probably delivered already, and dropping them would count a delivered reading as dropped)
+/// unless nothing older than the batch being added (`seq <= newest_old`) is left; returns how
+/// many were deleted.
+fn delete_oldest(c: &Connection, n: u64, spare: u64, newest_old: u64) -> rusqlite::Result<u64> {
+    let beyond = c.execute(
+        "DELETE FROM queue WHERE seq IN (SELECT seq FROM queue WHERE seq > ?2 AND seq <= ?3 ORDER BY seq LIMIT ?1)",
+        params![n as i64, spare as i64, newest_old as i64],
+    )? as u64;
+    if beyond == n {
+        return Ok(n);
+    }
+    Ok(beyond
+        + c.execute(
+            "DELETE FROM queue WHERE seq IN (SELECT seq FROM queue ORDER BY seq LIMIT ?1)",
+            params![(n - beyond) as i64],
+        )? as u64)
+}
+
+fn meta_get(c: &Connection, key: &str) -> rusqlite::Result<i64> {
+    Ok(
+        c.query_row("SELECT value FROM meta WHERE key = ?1", params![key], |r| {
+            r.get(0)
+        })
+        .optional()?
+        .unwrap_or(0),
+    )
+}
+
+fn meta_set(c: &Connection, key: &str, value: i64) -> rusqlite::Result<()> {
+    c.execute(
+        "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+        params![key, value],
+    )?;
+    Ok(())
+}
+
+fn meta_add(c: &Connection, key: &str, n: u64) -> rusqlite::Result<()> {
+    if n > 0 {
+        c.execute(
+            "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = value + excluded.value",
+            params![key, n as i64],
+        )?;
+    }
+    Ok(())
+}
+
+/// What can still be read from a corrupt file: its highest `seq` (or, failing that, the current
+/// time in ms, which is larger than any `seq` a gateway reaches) and its row count.
+fn salvage_counts(path: &Path) -> (u64, Option<u64>) {
+    let Ok(c) = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY) else {
+        return (now_ms() as u64, None);
+    };
+    let seq = read_last_seq(&c)
+        .ok()
+        .filter(|s| *s > 0)
+        .unwrap_or(now_ms() as u64);
+    let rows = c
+        .query_row("SELECT count(*) FROM queue", [], |r| r.get::<_, i64>(0))
+        .ok()
+        .map(|n| n as u64);
+    (seq, rows)
+}
+
+/// Renames `queue.db` (and its `-wal`, `-shm`) to `queue.db.corrupt-<unix ms>`.
+fn move_aside(path: &Path) -> Result<PathBuf, StoreError> {
+    let stamp = now_ms();
+    // Unique even for two in the same millisecond: nothing moved aside is ever overwritten.
+    let aside = (0..)
+        .map(|n| match n {
+            0 => PathBuf::from(format!("{}.corrupt-{stamp}", path.display())),
+            n => PathBuf::from(format!("{}.corrupt-{stamp}-{n}", path.display())),
+        })
+        .find(|p| !p.exists())
+        .expect("some name is free");
+    std::fs::rename(path, &aside).map_err(StoreError::MoveAside)?;
+    for ext in ["-wal", "-shm"] {
+        let side = PathBuf::from(format!("{}{ext}", path.display()));
+        if side.exists() {
+            let _ = std::fs::rename(&side, format!("{}{ext}", aside.display()));
+        }
+    }
+    Ok(aside)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,385 @@
+//! The queue's unit tests: the design's invariants, one by one.
+
+use super::*;
+use crate::mapping::Value;
+
+/// 2026-11-26, so the default max_age keeps them.
+const T0: i64 = 1_795_665_600_000;
+
+fn msg(i: i64) -> Message {
+    Message {
+        topic: format!("t/{i}"),
+        qos: 1,
+        retain: false,
+        ts_ms: T0 + i,
+        body: Body::Point {
+            value: Value::Int(i),
+            unit: None,
+        },
+    }
+}
+
+fn msgs(r: std::ops::RangeInclusive<i64>) -> Vec<Message> {
+    r.map(msg).collect()
+}
+
+fn seqs(s: &Store) -> Vec<u64> {
+    s.peek(0, usize::MAX >> 1)
+        .unwrap()
+        .iter()
+        .map(|r| r.seq)
+        .collect()
+}
+
+/// Acceptance testing (#10): a meter's "not available" float (`0xFFFF 0xFFFF`, NaN) went
+/// into the queue as JSON null, could not be read back as a value, and was published as
+/// the raw internal JSON, without `ts` and `seq`.
+#[test]
+fn a_non_finite_float_is_published_as_null_with_ts_and_seq() {
+    use crate::mapping::{DataType, Point, Table};
+    let f32p = Point::new("p", Table::Holding, 0, DataType::F32);
+    let f64p = Point::new("q", Table::Holding, 0, DataType::F64);
+    let nan = f32p.decode_words(&[0xFFFF, 0xFFFF]);
+    let quiet_nan = f32p.decode_words(&[0x7FC0, 0x0000]);
+    let inf = f32p.decode_words(&[0x7F80, 0x0000]);
+    let minus_inf = f64p.decode_words(&[0xFFF0, 0, 0, 0]);
+    for v in [&nan, &quiet_nan, &inf, &minus_inf] {
+        assert_eq!(*v, Value::Null);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Store::open(dir.path()).unwrap();
+    let mut device_values = std::collections::BTreeMap::new();
+    device_values.insert("ok".to_string(), Value::Float(1.5));
+    device_values.insert("na".to_string(), nan.clone());
+    s.append(&[
+        Message {
+            body: Body::Point {
+                value: nan,
+                unit: Some("V".into()),
+            },
+            ..msg(1)
+        },
+        Message {
+            body: Body::Device {
+                values: device_values,
+            },
+            ..msg(2)
+        },
+    ])
+    .unwrap();
+    let rows = s.peek(0, 10).unwrap();
+    let point: serde_json::Value = serde_json::from_slice(&rows[0].payload()).unwrap();
+    assert_eq!(point["value"], serde_json::Value::Null);
+    assert_eq!(point["unit"], "V");
+    assert_eq!(point["seq"], 1);
+    assert!(point["ts"].is_string(), "{point}");
+    let device: serde_json::Value = serde_json::from_slice(&rows[1].payload()).unwrap();
+    assert_eq!(device["values"]["na"], serde_json::Value::Null);
+    assert_eq!(device["values"]["ok"], 1.5);
+    assert_eq!(device["seq"], 2);
+    assert!(device["ts"].is_string(), "{device}");
+}
+
+#[test]
+fn seq_is_gapless_and_survives_deletes_and_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Store::open(dir.path()).unwrap();
+    assert_eq!(s.append(&msgs(1..=3)).unwrap().last_seq, 3);
+    let rows = s.peek(0, 10).unwrap();
+    assert_eq!(
+        rows.iter().map(|r| r.seq).collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
+    assert_eq!(rows[1].message, msg(2));
+    assert_eq!(s.ack(&[1, 2, 3]).unwrap(), 3);
+    drop(s);
+    let mut s = Store::open(dir.path()).unwrap();
+    assert_eq!(s.stats().unwrap().depth, 0);
+    assert_eq!(s.append(&[msg(4)]).unwrap().last_seq, 4);
+    assert_eq!(s.peek(0, 10).unwrap()[0].seq, 4);
+}
+
+#[test]
+fn peek_is_oldest_first_after_a_cursor() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Store::open(dir.path()).unwrap();
+    s.append(&msgs(1..=10)).unwrap();
+    let rows = s.peek(4, 3).unwrap();
+    assert_eq!(
+        rows.iter().map(|r| r.seq).collect::<Vec<_>>(),
+        vec![5, 6, 7]
+    );
+}
+
+#[test]
+fn ack_out_of_order_deletes_only_those_rows_and_counts_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Store::open(dir.path()).unwrap();
+    s.append(&msgs(1..=5)).unwrap();
+    assert_eq!(s.ack(&[4, 2, 4]).unwrap(), 2);
+    assert_eq!(seqs(&s), vec![1, 3, 5]);
+    let st = s.stats().unwrap();
+    assert_eq!(
+        (st.depth, st.oldest_ts_ms, st.last_seq, st.acked_total),
+        (3, Some(T0 + 1), 5, 2)
+    );
+}
+
+#[test]
+fn drop_oldest_keeps_the_newest_and_counts_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = Limits {
+        max_messages: 100,
+        ..Limits::default()
+    };
+    let mut s = Store::open_with(dir.path(), limits).unwrap();
+    for chunk in 0..25 {
+        s.append(&msgs(chunk * 10 + 1..=chunk * 10 + 10)).unwrap();
+    }
+    assert_eq!(seqs(&s), (151..=250).collect::<Vec<_>>());
+    let st = s.stats().unwrap();
+    assert_eq!(
+        (st.depth, st.dropped_oldest, st.dropped_newest),
+        (100, 150, 0)
+    );
+    // Persisted: a reopened file reports the same.
+    drop(s);
+    let st = Store::open_with(dir.path(), limits)
+        .unwrap()
+        .stats()
+        .unwrap();
+    assert_eq!(st.dropped_oldest, 150);
+}
+
+#[test]
+fn drop_newest_keeps_the_oldest_and_counts_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = Limits {
+        max_messages: 100,
+        when_full: WhenFull::DropNewest,
+        ..Limits::default()
+    };
+    let mut s = Store::open_with(dir.path(), limits).unwrap();
+    let mut refused = 0;
+    for chunk in 0..25 {
+        refused += s
+            .append(&msgs(chunk * 10 + 1..=chunk * 10 + 10))
+            .unwrap()
+            .dropped_newest;
+    }
+    assert_eq!(refused, 150);
+    assert_eq!(seqs(&s), (1..=100).collect::<Vec<_>>());
+    assert_eq!(s.stats().unwrap().dropped_newest, 150);
+    // Room again after acknowledgements; seq continues without a gap.
+    s.ack(&[1, 2]).unwrap();
+    assert_eq!(
+        s.append(&msgs(1..=3)).unwrap(),
+        Appended {
+            last_seq: 102,
+            inserted: 2,
+            dropped_oldest: 0,
+            dropped_newest: 1
+        }
+    );
+}
+
+#[test]
+fn the_file_stays_within_max_bytes_across_fill_and_drain_cycles() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = Limits {
+        max_bytes: 256 * 1024,
+        ..Limits::default()
+    };
+    let mut s = Store::open_with(dir.path(), limits).unwrap();
+    let mut sizes = Vec::new();
+    let mut next = 1;
+    for _cycle in 0..10 {
+        // Fill well past the budget …
+        for _ in 0..80 {
+            s.append(&msgs(next..=next + 99)).unwrap();
+            next += 100;
+        }
+        let st = s.stats().unwrap();
+        assert!(st.bytes <= limits.max_bytes, "{st:?}");
+        assert!(st.dropped_oldest > 0);
+        // … then drain everything.
+        let all = seqs(&s);
+        s.ack(&all).unwrap();
+        let size = |f: &str| std::fs::metadata(dir.path().join(f)).map_or(0, |m| m.len());
+        sizes.push(size("queue.db"));
+        assert!(
+            size("queue.db-wal") <= (8 << 20) + 64 * 1024,
+            "the WAL is truncated to its limit"
+        );
+    }
+    // Freed pages are reused: the file never grows past its budget (plus one batch), and
+    // once it has reached its working size it stays there.
+    for size in &sizes {
+        assert!(*size <= limits.max_bytes + 64 * 1024, "sizes {sizes:?}");
+    }
+    assert!(sizes[2..].iter().all(|s| *s == sizes[1]), "sizes {sizes:?}");
+}
+
+#[test]
+fn readings_queued_longer_than_max_age_expire_and_are_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = Limits {
+        max_age: Duration::from_secs(600),
+        ..Limits::default()
+    };
+    let mut s = Store::open_with(dir.path(), limits).unwrap();
+    s.append(&msgs(1..=5)).unwrap();
+    // Rows 1..=3 entered at t0, rows 4..=5 five minutes later (dated by hand).
+    let t0 = std::time::Instant::now();
+    let t5 = t0 + Duration::from_secs(300);
+    s.ages.marks = [(3, t0, t0), (5, t5, t5)].into();
+    assert_eq!(s.expire(t0 + Duration::from_secs(599)).unwrap(), 0);
+    assert_eq!(s.expire(t0 + Duration::from_secs(601)).unwrap(), 3);
+    assert_eq!(seqs(&s), vec![4, 5]);
+    assert_eq!(s.stats().unwrap().dropped_expired, 3);
+    assert_eq!(s.stats().unwrap().depth, 2);
+}
+
+/// Acceptance testing (#10): a Pi without a real-time clock stamps readings with a wrong
+/// time until NTP steps the clock; `max_age` by the readings' timestamps then dropped good
+/// readings. Age is time spent in the queue by the monotonic clock: a reading stamped 1970
+/// is kept, and a reading found at start counts from the start.
+#[test]
+fn a_wall_clock_step_never_expires_a_reading() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = Limits {
+        max_age: Duration::from_secs(3600),
+        ..Limits::default()
+    };
+    let mut s = Store::open_with(dir.path(), limits).unwrap();
+    let epoch_1970 = Message {
+        ts_ms: 1_000,
+        ..msg(1)
+    };
+    s.append(&[epoch_1970, msg(2)]).unwrap();
+    let now = std::time::Instant::now();
+    assert_eq!(s.expire(now + Duration::from_secs(60)).unwrap(), 0);
+    assert_eq!(seqs(&s), vec![1, 2]);
+    s.close().unwrap();
+    // After a restart (the clock synced meanwhile), the rows count from the start.
+    let mut s = Store::open_with(dir.path(), limits).unwrap();
+    let start = std::time::Instant::now();
+    assert_eq!(s.expire(start + Duration::from_secs(3599)).unwrap(), 0);
+    assert_eq!(s.expire(start + Duration::from_secs(3601)).unwrap(), 2);
+}
+
+/// Review of #10: replacing a corrupt file while running opened the new file before the old
+/// connection was closed; closing it then deleted `queue.db-wal` by name — the new file's —
+/// so its commits vanished at the next crash. Two replacements in one millisecond must not
+/// overwrite each other's aside file either.
+#[test]
+fn a_file_replaced_while_running_keeps_what_is_committed_to_it_after_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Store::open(dir.path()).unwrap();
+    s.append(&msgs(1..=5)).unwrap();
+    s.replace_corrupt().unwrap();
+    s.replace_corrupt().unwrap();
+    let asides = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter(|e| {
+            let name = e.as_ref().unwrap().file_name();
+            let name = name.to_string_lossy();
+            name.contains(".corrupt-") && !name.ends_with("-wal") && !name.ends_with("-shm")
+        })
+        .count();
+    assert_eq!(asides, 2, "each replaced file kept under its own name");
+    let floor = s.last_seq;
+    assert!(
+        dir.path().join("queue.db-wal").exists(),
+        "the new file's WAL is still there"
+    );
+    s.append(&msgs(6..=8)).unwrap();
+    // A crash: the connection is never closed, the WAL never checkpointed.
+    std::mem::forget(s);
+    let s = Store::open(dir.path()).unwrap();
+    assert_eq!(seqs(&s), vec![floor + 1, floor + 2, floor + 3]);
+}
+
+/// Review of #10: drop_oldest deleted rows in flight at the uplink (probably delivered),
+/// then counted them as dropped. It spares them while other rows can go instead.
+#[test]
+fn drop_oldest_spares_the_rows_in_flight() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = Limits {
+        max_messages: 10,
+        ..Limits::default()
+    };
+    let mut s = Store::open_with(dir.path(), limits).unwrap();
+    s.append(&msgs(1..=10)).unwrap();
+    s.in_flight_upto = 3; // 1..=3 published, awaiting PUBACK
+    s.append(&msgs(11..=12)).unwrap();
+    assert_eq!(seqs(&s), vec![1, 2, 3, 6, 7, 8, 9, 10, 11, 12]);
+    // With nothing but in-flight rows left to drop, the bound still holds.
+    s.in_flight_upto = 12;
+    s.append(&msgs(13..=14)).unwrap();
+    assert_eq!(seqs(&s), vec![3, 6, 7, 8, 9, 10, 11, 12, 13, 14]);
+    assert_eq!(s.stats().unwrap().dropped_oldest, 4);
+}
+
+#[test]
+fn a_corrupt_file_is_moved_aside_and_seq_keeps_growing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Store::open(dir.path()).unwrap();
+    s.append(&msgs(1..=5)).unwrap();
+    s.close().unwrap();
+    std::fs::write(
+        dir.path().join("queue.db"),
+        b"this is not a database, it is a mess".repeat(200),
+    )
+    .unwrap();
+    let mut s = Store::open(dir.path()).unwrap();
+    let aside: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with("queue.db.corrupt-"))
+        .collect();
+    assert_eq!(aside.len(), 1, "{aside:?}");
+    let seq = s.append(&[msg(6)]).unwrap().last_seq;
+    assert!(
+        seq > 5,
+        "a new seq ({seq}) is above every seq of the old file"
+    );
+}
+
+#[test]
+fn acked_since_start_counts_from_this_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Store::open(dir.path()).unwrap();
+    s.append(&msgs(1..=5)).unwrap();
+    s.ack(&[1, 2]).unwrap();
+    s.close().unwrap();
+    let mut s = Store::open(dir.path()).unwrap();
+    s.ack(&[3]).unwrap();
+    let st = s.stats().unwrap();
+    assert_eq!((st.acked_total, st.acked_since_start), (3, 1));
+}
+
+#[tokio::test]
+async fn the_thread_commits_everything_before_it_exits() {
+    let dir = tempfile::tempdir().unwrap();
+    let (h, join) = spawn(Store::open(dir.path()).unwrap()).unwrap();
+    for i in 0..100 {
+        h.enqueue(vec![msg(i)]).unwrap();
+    }
+    drop(h);
+    join.join().unwrap();
+    let s = Store::open(dir.path()).unwrap();
+    assert_eq!(s.stats().unwrap().depth, 100);
+}
+
+#[tokio::test]
+async fn committed_tells_the_uplink_about_new_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let (h, _join) = spawn(Store::open(dir.path()).unwrap()).unwrap();
+    let mut c = h.committed();
+    assert_eq!(*c.borrow_and_update(), 0);
+    h.enqueue(vec![msg(1), msg(2)]).unwrap();
+    c.changed().await.unwrap();
+    assert_eq!(*c.borrow(), 2);
+    assert_eq!(h.peek(0, 10).await.unwrap().len(), 2);
+}

@@ -1,0 +1,369 @@
+//! The store thread: owns the queue file's connection, takes the pollers' readings and the
+//! uplink's acknowledgements over a channel, commits each batch in one transaction, answers
+//! reads, expires, repairs a corrupt file, and holds readings in memory while the disk refuses
+//! them. Pollers never wait for it.
+
+use std::sync::mpsc;
+use std::thread;
+use std::time::Duration;
+
+use tokio::sync::{oneshot, watch};
+
+use super::{MAX_HELD, Stats, Store, StoreError};
+use crate::message::{Message, Stored};
+
+enum Cmd {
+    Enqueue(Vec<Message>),
+    Peek {
+        after: u64,
+        limit: usize,
+        reply: oneshot::Sender<Result<Vec<Stored>, String>>,
+    },
+    Ack(Vec<u64>),
+    SetAside(Vec<u64>),
+    Stats(oneshot::Sender<Result<Stats, String>>),
+}
+
+/// The way pollers and the uplink reach the store thread. Cheap to clone.
+#[derive(Clone)]
+pub struct StoreHandle {
+    tx: mpsc::Sender<Cmd>,
+    committed: watch::Receiver<u64>,
+    /// The highest seq the uplink has in flight (0: none).
+    in_flight: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl StoreHandle {
+    /// Hands `msgs` to the store thread; never waits for the disk.
+    pub fn enqueue(&self, msgs: Vec<Message>) -> Result<(), StoreError> {
+        if msgs.is_empty() {
+            return Ok(());
+        }
+        self.tx
+            .send(Cmd::Enqueue(msgs))
+            .map_err(|_| StoreError::Closed)
+    }
+
+    pub async fn peek(&self, after: u64, limit: usize) -> Result<Vec<Stored>, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Cmd::Peek {
+                after,
+                limit,
+                reply,
+            })
+            .map_err(|_| StoreError::Closed)?;
+        rx.await
+            .map_err(|_| StoreError::Closed)?
+            .map_err(StoreError::Thread)
+    }
+
+    /// Deletes acknowledged rows (batched by the store thread).
+    pub fn ack(&self, seqs: Vec<u64>) -> Result<(), StoreError> {
+        if seqs.is_empty() {
+            return Ok(());
+        }
+        self.tx.send(Cmd::Ack(seqs)).map_err(|_| StoreError::Closed)
+    }
+
+    /// Moves rows that can never be published out of the queue, into its `aside` table.
+    pub fn set_aside(&self, seqs: Vec<u64>) -> Result<(), StoreError> {
+        self.tx
+            .send(Cmd::SetAside(seqs))
+            .map_err(|_| StoreError::Closed)
+    }
+
+    pub async fn stats(&self) -> Result<Stats, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Cmd::Stats(reply))
+            .map_err(|_| StoreError::Closed)?;
+        rx.await
+            .map_err(|_| StoreError::Closed)?
+            .map_err(StoreError::Thread)
+    }
+
+    /// The uplink has rows up to `seq` in flight (0 when its session ended): `drop_oldest`
+    /// spares them while it can.
+    pub fn in_flight_upto(&self, seq: u64) {
+        self.in_flight
+            .store(seq, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Changes whenever new rows are committed; holds the highest committed `seq`.
+    pub fn committed(&self) -> watch::Receiver<u64> {
+        self.committed.clone()
+    }
+}
+
+/// Starts the thread that owns `store`. It runs until every [`StoreHandle`] is dropped, then
+/// commits whatever is still waiting, marks the file cleanly closed and returns; join the
+/// handle to be sure it did.
+pub fn spawn(store: Store) -> Result<(StoreHandle, thread::JoinHandle<()>), StoreError> {
+    let (tx, rx) = mpsc::channel();
+    let (committed_tx, committed) = watch::channel(store.last_seq()?);
+    let in_flight = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let seen = in_flight.clone();
+    let join = thread::Builder::new()
+        .name("fieldgate-store".into())
+        .spawn(move || Worker::new(store, committed_tx, seen).run(rx))
+        .expect("spawning a thread");
+    Ok((
+        StoreHandle {
+            tx,
+            committed,
+            in_flight,
+        },
+        join,
+    ))
+}
+
+/// The store thread's state.
+struct Worker {
+    store: Store,
+    committed: watch::Sender<u64>,
+    /// What the uplink has in flight, see [`StoreHandle::in_flight_upto`].
+    in_flight: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Messages not yet committed (the disk refused them so far).
+    unsaved: Vec<Message>,
+    /// Acknowledged seqs not yet deleted.
+    unacked: Vec<u64>,
+    /// Held messages dropped because memory was full, not yet added to the file's counter.
+    dropped_held: u64,
+    failing: bool,
+    /// Drops by a bound since the last log line (logged at most once a minute).
+    dropped_unlogged: u64,
+    last_drop_log: Option<std::time::Instant>,
+    last_expiry: std::time::Instant,
+    /// When the file was last replaced after corruption (within the hour).
+    repairs: Vec<std::time::Instant>,
+}
+
+/// Most corrupt-file replacements an hour.
+const REPAIRS_PER_HOUR: usize = 3;
+
+impl Worker {
+    fn new(
+        store: Store,
+        committed: watch::Sender<u64>,
+        in_flight: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    ) -> Worker {
+        Worker {
+            store,
+            committed,
+            in_flight,
+            unsaved: Vec::new(),
+            unacked: Vec::new(),
+            dropped_held: 0,
+            failing: false,
+            dropped_unlogged: 0,
+            last_drop_log: None,
+            // Not `now - 1 h`: that panics on a machine up for less than an hour (a Pi that
+            // starts fieldgate at boot). Nothing can be due at start anyway: rows found at
+            // start count their age from the start.
+            last_expiry: std::time::Instant::now(),
+            repairs: Vec::new(),
+        }
+    }
+
+    fn run(mut self, rx: mpsc::Receiver<Cmd>) {
+        let mut open = true;
+        loop {
+            let pending = !self.unsaved.is_empty() || !self.unacked.is_empty();
+            if !open && (!pending || self.failing) {
+                break;
+            }
+            // Wake at least once a second for retries and expiry.
+            let first = match rx.recv_timeout(Duration::from_secs(1)) {
+                Ok(c) => Some(c),
+                Err(mpsc::RecvTimeoutError::Timeout) => None,
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    open = false;
+                    None
+                }
+            };
+            let mut queries = Vec::new();
+            for c in first
+                .into_iter()
+                .chain(std::iter::from_fn(|| rx.try_recv().ok()))
+            {
+                match c {
+                    Cmd::Enqueue(m) => self.unsaved.extend(m),
+                    Cmd::Ack(s) => self.unacked.extend(s),
+                    q => queries.push(q),
+                }
+            }
+            self.save();
+            self.delete_acked();
+            if self.last_expiry.elapsed() >= Duration::from_secs(60) {
+                self.last_expiry = std::time::Instant::now();
+                match self.retried(|s| s.expire(std::time::Instant::now())) {
+                    Ok(0) => {}
+                    Ok(n) => {
+                        tracing::warn!(dropped = n, max_age = ?self.store.limits().max_age, "queue: dropped readings older than max_age")
+                    }
+                    Err(e) => tracing::warn!(error = %e, "queue: cannot drop expired readings"),
+                }
+            }
+            for q in queries {
+                match q {
+                    Cmd::Peek {
+                        after,
+                        limit,
+                        reply,
+                    } => {
+                        let rows = self.retried(|s| s.peek(after, limit));
+                        let _ = reply.send(rows.map_err(|e| e.to_string()));
+                    }
+                    Cmd::Stats(reply) => {
+                        let stats = self.retried(|s| s.stats());
+                        let _ = reply.send(stats.map_err(|e| e.to_string()));
+                    }
+                    Cmd::SetAside(seqs) => {
+                        if let Err(e) = self.retried(|s| s.set_aside(&seqs)) {
+                            tracing::error!(error = %e, ?seqs, "queue: cannot set unpublishable rows aside");
+                        }
+                    }
+                    Cmd::Enqueue(_) | Cmd::Ack(_) => unreachable!("sorted out above"),
+                }
+            }
+        }
+        if !self.unsaved.is_empty() {
+            tracing::error!(
+                lost = self.unsaved.len(),
+                "shutting down with readings the queue could not save"
+            );
+        }
+        if let Err(e) = self.store.close() {
+            tracing::warn!(error = %e, "queue: cannot mark a clean shutdown");
+        }
+    }
+
+    /// Runs `op` on the store; after a corruption error the file is replaced (see
+    /// [`repair`](Worker::repair)) and `op` tried once more.
+    fn retried<T>(
+        &mut self,
+        mut op: impl FnMut(&mut Store) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        match op(&mut self.store) {
+            Err(e) if self.repair(&e) => op(&mut self.store),
+            other => other,
+        }
+    }
+
+    fn save(&mut self) {
+        if self.unsaved.len() > MAX_HELD {
+            let n = self.unsaved.len() - MAX_HELD;
+            self.unsaved.drain(..n);
+            self.dropped_held += n as u64;
+            tracing::error!(
+                dropped = n,
+                held = MAX_HELD,
+                "queue: the disk refuses writes and memory is full; dropped the oldest held readings"
+            );
+        }
+        if self.unsaved.is_empty() {
+            return;
+        }
+        self.store.in_flight_upto = self.in_flight.load(std::sync::atomic::Ordering::Relaxed);
+        // All at once if it fits; after a failure (a nearly full disk), in ever smaller parts,
+        // so what fits is saved and only the rest waits in memory.
+        let mut part = self.unsaved.len();
+        while !self.unsaved.is_empty() {
+            let n = part.min(self.unsaved.len());
+            match self
+                .store
+                .append_counting(&self.unsaved[..n], self.dropped_held)
+            {
+                Ok(a) => {
+                    if self.failing {
+                        tracing::info!(
+                            saved = n,
+                            "queue writes work again; the readings held in memory are saved"
+                        );
+                        self.failing = false;
+                    }
+                    // Held-and-dropped readings were counted as the oldest dropped in that commit.
+                    self.dropped_held = 0;
+                    self.unsaved.drain(..n);
+                    self.note_drops(a.dropped_oldest + a.dropped_newest);
+                    self.committed.send_replace(a.last_seq);
+                }
+                Err(e) if self.repair(&e) => {}
+                Err(e) if n > 1 && e.is_disk_full() => part = n / 2,
+                Err(e) => {
+                    self.fail(&e);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// After a corruption error on any path (write or read), replaces the file — at most
+    /// [`REPAIRS_PER_HOUR`] times an hour, so a dying card is reported, not churned through.
+    /// True if the file was replaced and the operation is worth one more try.
+    fn repair(&mut self, e: &StoreError) -> bool {
+        if !e.is_corrupt() {
+            return false;
+        }
+        let now = std::time::Instant::now();
+        self.repairs
+            .retain(|t| now.saturating_duration_since(*t) < Duration::from_secs(3600));
+        if self.repairs.len() >= REPAIRS_PER_HOUR {
+            tracing::error!(error = %e, "queue file corrupt again; not replacing it more than {REPAIRS_PER_HOUR} times an hour (check the SD card)");
+            return false;
+        }
+        self.repairs.push(now);
+        match self.store.replace_corrupt() {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot replace the corrupt queue file");
+                false
+            }
+        }
+    }
+
+    fn fail(&mut self, e: &StoreError) {
+        if !self.failing {
+            tracing::error!(error = %e, held = self.unsaved.len(), file = %self.store.path().display(),
+                "cannot write to the queue; holding readings in memory and retrying every second");
+            self.failing = true;
+        }
+    }
+
+    fn delete_acked(&mut self) {
+        if self.unacked.is_empty() {
+            return;
+        }
+        let unacked = std::mem::take(&mut self.unacked);
+        let result = self.retried(|s| s.ack(&unacked));
+        self.unacked = unacked;
+        match result {
+            Ok(_) => self.unacked.clear(),
+            Err(e) => {
+                if !self.failing {
+                    tracing::warn!(error = %e, "cannot delete acknowledged rows; retrying (they may be published twice)");
+                }
+                // Bounded: acks are cheap, but do not grow without end.
+                if self.unacked.len() > MAX_HELD {
+                    self.unacked.drain(..self.unacked.len() - MAX_HELD);
+                }
+            }
+        }
+    }
+
+    fn note_drops(&mut self, n: u64) {
+        self.dropped_unlogged += n;
+        if self.dropped_unlogged > 0
+            && self
+                .last_drop_log
+                .is_none_or(|t| t.elapsed() >= Duration::from_secs(60))
+        {
+            let l = self.store.limits();
+            tracing::warn!(dropped = self.dropped_unlogged, policy = ?l.when_full, max_messages = l.max_messages, max_bytes = l.max_bytes,
+                "queue full: readings dropped (see `fieldgate queue stats`)");
+            self.dropped_unlogged = 0;
+            self.last_drop_log = Some(std::time::Instant::now());
+        }
+    }
+}
