@@ -398,3 +398,70 @@ async fn mosquitto_every_qos_level_is_delivered_and_deleted_from_the_queue() {
     let Some(m) = Mosquitto::start() else { return };
     every_qos_level_is_delivered_and_deleted(m.addr).await;
 }
+
+/// Acceptance testing (#10): a meter's "not available" float (`0xFFFF 0xFFFF`) was published
+/// as raw internal JSON without `ts` and `seq`. Through the whole pipeline it is now a normal
+/// payload with `"value": null`, counted in the device's figures, and it does not spoil the
+/// other values of a `publish: device` message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nan_register_is_published_as_null_with_ts_and_seq_and_counted() {
+    let broker = fieldgate::broker::start().unwrap();
+    let sim = Simulator::start(None).await.unwrap();
+    sim.with_unit(1, |b| {
+        b.set_holding(0, &[0xFFFF, 0xFFFF]); // f32 NaN
+        b.set_holding(2, &[0x4275, 0x0000]); // 61.25
+    });
+    sim.with_unit(2, |b| {
+        b.set_holding(0, &[0x7F80, 0x0000]); // f32 +inf
+        b.set_holding(2, &[7]);
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let sub = Subscriber::start(broker).await;
+    let devices = "  meter:\n    bus: plc\n    every: 200ms\n    points:\n      voltage: { register: 0, type: f32 }\n      temp:    { register: 2, type: f32 }\n  block:\n    bus: plc\n    unit: 2\n    every: 200ms\n    publish: device\n    points:\n      power: { register: 0, type: f32 }\n      count: { register: 2 }\n";
+    let gw = Gateway::start(
+        dir.path(),
+        &config(&dir.path().join("state"), broker, sim.addr, devices)
+            .replace("  id: gw1\n", "  id: gw1\n  status_interval: 1s\n"),
+    );
+    sub.wait_for(Duration::from_secs(10), "readings and a status", |g| {
+        g.iter()
+            .filter(|r| r.topic.ends_with("/meter/voltage"))
+            .count()
+            >= 3
+            && g.iter().any(|r| r.topic == "fieldgate/gw1/block")
+            && g.iter()
+                .filter(|r| r.topic.ends_with("/status/stats"))
+                .count()
+                >= 2
+    })
+    .await;
+    gw.stop().await;
+    for r in sub
+        .all()
+        .iter()
+        .filter(|r| r.topic.ends_with("/meter/voltage"))
+    {
+        let j = r.json.as_ref().expect("a JSON payload");
+        assert_eq!(j["value"], serde_json::Value::Null, "{}", r.payload);
+        assert!(j["ts"].is_string() && j["seq"].is_u64(), "{}", r.payload);
+    }
+    assert!(
+        sub.values("fieldgate/gw1/meter/temp")
+            .iter()
+            .all(|v| *v == json!(61.25))
+    );
+    let block = sub.latest_json("fieldgate/gw1/block");
+    assert_eq!(block["values"]["power"], serde_json::Value::Null, "{block}");
+    assert_eq!(block["values"]["count"], json!(7), "{block}");
+    assert!(block["ts"].is_string() && block["seq"].is_u64(), "{block}");
+    let stats = sub.latest_json("fieldgate/gw1/status/stats");
+    let devices = &stats["buses"]["plc"]["devices"];
+    assert!(
+        devices["meter"]["not_finite"].as_u64().unwrap() >= 1,
+        "{stats}"
+    );
+    assert!(
+        devices["block"]["not_finite"].as_u64().unwrap() >= 1,
+        "{stats}"
+    );
+}

@@ -300,6 +300,28 @@ fn a_file_replaced_while_running_keeps_what_is_committed_to_it_after_a_crash() {
     assert_eq!(seqs(&s), vec![floor + 1, floor + 2, floor + 3]);
 }
 
+/// Review of #10: a wall clock that steps between two commits is logged and counted, so a
+/// consumer who sees odd `ts` values can tell why from the status.
+#[test]
+fn a_wall_clock_step_between_commits_is_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Store::open(dir.path()).unwrap();
+    s.append(&msgs(1..=1)).unwrap();
+    s.append(&msgs(2..=2)).unwrap();
+    assert_eq!(
+        s.stats().unwrap().clock_steps,
+        0,
+        "no step between close commits"
+    );
+    // As if the wall clock had said a minute earlier at the last commit: NTP stepped it.
+    let (wall, mono) = s.clock.unwrap();
+    s.clock = Some((wall - 60_000, mono));
+    s.append(&msgs(3..=3)).unwrap();
+    assert_eq!(s.stats().unwrap().clock_steps, 1);
+    s.append(&msgs(4..=4)).unwrap();
+    assert_eq!(s.stats().unwrap().clock_steps, 1, "one step, counted once");
+}
+
 /// Review of #10: drop_oldest deleted rows in flight at the uplink (probably delivered),
 /// then counted them as dropped. It spares them while other rows can go instead.
 #[test]
