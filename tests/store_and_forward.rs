@@ -396,8 +396,13 @@ async fn a_full_disk_during_a_run_holds_readings_until_there_is_room() {
     // Room again: what was held in memory is saved and delivered, without a gap.
     std::fs::remove_file(&filler).unwrap();
     proxy.set(Mode::Pass);
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let target = queue_stats(&state).last_seq;
+    // Wait (bounded) for the held readings to be committed, instead of sleeping and hoping.
+    let t = std::time::Instant::now();
+    let mut target = queue_stats(&state).last_seq;
+    while target < during + 100 && t.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        target = queue_stats(&state).last_seq;
+    }
     assert!(
         target >= during + 100,
         "held readings were saved after the disk had room ({before} → {during} → {target})"
