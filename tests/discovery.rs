@@ -144,3 +144,80 @@ async fn every_point_is_announced_republished_for_ha_and_removed_when_it_leaves(
     .await;
     gw.stop().await;
 }
+
+/// Review of #10: every `online` from Home Assistant queued all discovery configs again in an
+/// unbounded channel; during a backlog they piled up in memory and all went out. A new
+/// announcement now replaces one still waiting: ten `online`s during a backlog give at most a
+/// couple of sets, not ten.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_home_assistant_births_during_a_backlog_are_coalesced() {
+    use fieldgate::mapping::Value;
+    use fieldgate::message::{Body, Message, now_ms};
+    use fieldgate::proxy::{FaultProxy, Link};
+
+    let broker = fieldgate::broker::start().unwrap();
+    let sim = Simulator::start(None).await.unwrap();
+    sim.with_unit(1, |b| {
+        b.set_holding(0, &[0x41A0, 0, 0, 5, 0x4248, 0, 0x4142, 0x4344])
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    // A backlog of 3 000 readings over a 600 ms round trip: the window stays full for seconds.
+    {
+        let mut s = fieldgate::store::Store::open(&state).unwrap();
+        let rows: Vec<Message> = (0..3000)
+            .map(|i| Message {
+                topic: "site/backlog/x".into(),
+                qos: 1,
+                retain: false,
+                ts_ms: now_ms() - 10_000 + i,
+                body: Body::Point {
+                    value: Value::Int(i),
+                    unit: None,
+                },
+            })
+            .collect();
+        s.append(&rows).unwrap();
+        s.close().unwrap();
+    }
+    let proxy = FaultProxy::start(broker).await.unwrap();
+    proxy.shape(Link::round_trip(Duration::from_millis(600)));
+    let sub = Subscriber::start(broker).await;
+    let yaml =
+        config(&state, proxy.addr(), sim.addr, DEVICES) + "homeassistant: { discovery: true }\n";
+    let gw = Gateway::start(dir.path(), &yaml);
+    sub.wait_for(
+        Duration::from_secs(10),
+        "the first announcement and backlog",
+        |g| {
+            g.iter().any(|r| r.topic.starts_with("homeassistant/"))
+                && g.iter().filter(|r| r.topic == "site/backlog/x").count() >= 100
+        },
+    )
+    .await;
+    // Home Assistant restarts ten times in a row.
+    let o = rumqttc::MqttOptions::new("ha", broker.ip().to_string(), broker.port());
+    let (ha, mut el) = rumqttc::AsyncClient::new(o, 100);
+    tokio::spawn(async move { while el.poll().await.is_ok() {} });
+    for _ in 0..10 {
+        ha.publish(
+            "homeassistant/status",
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            "online",
+        )
+        .await
+        .unwrap();
+    }
+    sub.wait_for(Duration::from_secs(30), "the backlog", |g| {
+        g.iter().filter(|r| r.topic == "site/backlog/x").count() >= 3000
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    gw.stop().await;
+    let sets = disc(&sub, "sensor", "temp").len();
+    assert!(
+        (2..=3).contains(&sets),
+        "{sets} announcements of one config: the first, then the births coalesced"
+    );
+}
