@@ -49,7 +49,13 @@ async fn commands_write_read_back_and_answer_and_refusals_write_nothing() {
         )
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The broker has it once our own subscriber received it (not after a hopeful sleep).
+    sub.wait_for(
+        Duration::from_secs(5),
+        "the retained command at the broker",
+        |g| g.iter().any(|r| r.topic == "fieldgate/gw1/d/setpoint/set"),
+    )
+    .await;
     let devices = "  d:\n    bus: plc\n    every: 1s\n    points:\n      setpoint: { register: 100, type: f32, order: CDAB, writable: true, min: 5, max: 80 }\n      level:    { register: 10, scale: 0.1, writable: true }\n      pump:     { coil: 3, writable: true }\n      sensor:   { register: 7, kind: input }\n";
     let gw = Gateway::start(
         dir.path(),
