@@ -418,7 +418,7 @@ impl Uplink {
         let mut committed = self.store.committed();
         let mut cursor = 0u64; // highest seq read from the queue in this session
         let mut drained = false; // the queue held nothing past `cursor` at the last look
-        let mut ready: VecDeque<Stored> = VecDeque::new(); // read, not yet submitted
+        let mut ready: VecDeque<Ready> = VecDeque::new(); // read, not yet submitted
         let fetch_size = limit.max(64);
         let mut fetch: Option<Fetch<'_>> = None; // a read of the queue under way
         let mut tick = tokio::time::interval(Duration::from_millis(100));
@@ -446,7 +446,7 @@ impl Uplink {
 
         // Device availability: everything known on connect, then every change.
         let mut announced: HashMap<String, u64> = HashMap::new();
-        let result = loop {
+        let result = 'session: loop {
             // The loop comes round at least every 100 ms (the tick below).
             self.beat(Duration::from_secs(1));
             let now = Instant::now();
@@ -482,38 +482,25 @@ impl Uplink {
                 fetch = Some(Box::pin(self.store.peek(cursor, fetch_size)));
             }
             while let Some(next) = ready.front() {
-                let m = &next.message;
-                let payload = next.payload();
-                if let Some(why) = unpublishable(&m.topic, payload.len()) {
-                    let seq = next.seq;
-                    tracing::error!(seq, topic = %m.topic, reason = %why,
-                        "a queued reading can never be published; set aside in the queue file (table aside)");
-                    self.store.set_aside(vec![seq])?;
-                    ready.pop_front();
-                    continue;
-                }
-                if !s
-                    .win
-                    .can_submit(m.qos, wire_bytes(&m.topic, payload.len()), now)
-                    || (m.qos == 2 && s.win.qos2_in_flight() >= self.mqtt.inflight_qos2 as usize)
+                if !s.win.can_submit(next.qos, next.bytes, now)
+                    || (next.qos == 2 && s.win.qos2_in_flight() >= self.mqtt.inflight_qos2 as usize)
                     || !bucket
                         .as_mut()
                         .is_none_or(|b| b.take(std::time::Instant::now()))
                 {
                     break;
                 }
-                let bytes = wire_bytes(&m.topic, payload.len());
-                client.try_publish(m.topic.as_str(), qos(m.qos), m.retain, payload)?;
+                let next = ready.pop_front().expect("front exists");
+                client.try_publish(next.topic, qos(next.qos), next.retain, next.payload)?;
                 s.win.submit(
                     Entry::Row {
                         seq: next.seq,
-                        qos: m.qos,
+                        qos: next.qos,
                     },
-                    bytes,
+                    next.bytes,
                 );
                 // Rows go out in seq order: everything up to here may be in flight.
                 self.store.in_flight_upto(next.seq);
-                ready.pop_front();
             }
             tokio::select! {
                 _ = cancel.cancelled() => break Ok(()),
@@ -548,7 +535,20 @@ impl Uplink {
                     if let Some(last) = rows.last() {
                         cursor = last.seq;
                     }
-                    ready.extend(rows);
+                    // Each payload is rendered once, here; a row the broker could never take
+                    // is set aside instead of blocking the ones behind it.
+                    for row in rows {
+                        match Ready::new(row) {
+                            Ok(r) => ready.push_back(r),
+                            Err((seq, topic, why)) => {
+                                tracing::error!(seq, %topic, reason = %why,
+                                    "a queued reading can never be published; set aside in the queue file (table aside)");
+                                if let Err(e) = self.store.set_aside(vec![seq]) {
+                                    break 'session Err(e.into());
+                                }
+                            }
+                        }
+                    }
                 }
                 changed = committed.changed(), if drained => {
                     if changed.is_err() {
@@ -622,6 +622,36 @@ impl Uplink {
         .await;
         tracing::info!(unacknowledged_rows_kept = left, "MQTT uplink closed");
         Ok(Ended::Shutdown)
+    }
+}
+
+/// A queued row read for publishing, its payload rendered once.
+struct Ready {
+    seq: u64,
+    topic: String,
+    qos: u8,
+    retain: bool,
+    payload: Vec<u8>,
+    /// On the wire, for the window's byte budget.
+    bytes: usize,
+}
+
+impl Ready {
+    /// The row ready to publish, or why it can never be: (seq, topic, reason).
+    fn new(row: Stored) -> Result<Ready, (u64, String, String)> {
+        let payload = row.payload();
+        let m = row.message;
+        if let Some(why) = unpublishable(&m.topic, payload.len()) {
+            return Err((row.seq, m.topic, why));
+        }
+        Ok(Ready {
+            seq: row.seq,
+            bytes: wire_bytes(&m.topic, payload.len()),
+            topic: m.topic,
+            qos: m.qos,
+            retain: m.retain,
+            payload,
+        })
     }
 }
 
