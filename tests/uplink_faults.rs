@@ -130,3 +130,46 @@ async fn a_reset_in_the_middle_of_a_packet_loses_nothing() {
     let broker = fieldgate::broker::start().unwrap();
     survive(broker, Mode::ResetMidPacket, Duration::from_millis(300)).await;
 }
+
+/// Acceptance testing (#10): `connected` reset the reconnect backoff, so a broker that accepts
+/// the connection and then drops it at once was hammered at the shortest backoff forever. Only
+/// a session that delivered something resets it. The fault: a server that answers CONNECT with
+/// a CONNACK and hangs up as soon as anything else arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_that_connects_but_delivers_nothing_does_not_reset_the_backoff() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicU64::new(0));
+    let count = accepted.clone();
+    let server = tokio::spawn(async move {
+        while let Ok((mut c, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::Relaxed);
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                // CONNECT in, CONNACK (accepted) out, then the first thing sent ends it.
+                if c.read(&mut buf).await.unwrap_or(0) == 0 {
+                    return;
+                }
+                let _ = c.write_all(&[0x20, 0x02, 0x00, 0x00]).await;
+                let _ = c.read(&mut buf).await;
+            });
+        }
+    });
+    let sim = sim().await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    // Test tuning: backoff from 100 ms, doubling to 500 ms.
+    let gw = Gateway::start(dir.path(), &config(&state, addr, sim.addr, FAST));
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    gw.stop().await;
+    server.abort();
+    let n = accepted.load(Ordering::Relaxed);
+    eprintln!("{n} connections in 4 s to a broker that never acknowledges");
+    // Backing off to 500 ms (+≤25 % jitter): about eight in 4 s. Reset to 100 ms after every
+    // CONNACK it would be about thirty.
+    assert!((3..=14).contains(&n), "{n} connections in 4 s");
+}
