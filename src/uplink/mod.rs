@@ -460,20 +460,8 @@ impl Uplink {
                 }
             }
             // The gateway's own messages go before rows: a backlog must not starve them.
-            while let Some((t, body, _)) = outbox.front() {
-                if !s.win.can_submit(1, wire_bytes(t, body.len()), now) {
-                    break;
-                }
-                let (t, body, retain) = outbox.pop_front().expect("front exists");
-                s.control(&t, body, retain)?;
-            }
-            while let Some((t, body, _)) = announcing.front() {
-                if !s.win.can_submit(1, wire_bytes(t, body.len()), now) {
-                    break;
-                }
-                let (t, body, retain) = announcing.pop_front().expect("front exists");
-                s.control(&t, body, retain)?;
-            }
+            s.send_while_room(&mut outbox, now)?;
+            s.send_while_room(&mut announcing, now)?;
             // Keep the window full, in seq order, within the QoS 2 limit and the replay rate.
             // The next rows are fetched while these go out: waiting for the store thread (which
             // may be in an fsync) must not leave the window empty.
@@ -677,6 +665,23 @@ impl Session<'_> {
         self.client
             .try_publish(topic, QoS::AtLeastOnce, retain, payload)?;
         self.win.submit(Entry::Control { qos: 1 }, bytes);
+        Ok(())
+    }
+
+    /// Publishes the gateway's own messages from `queue`, oldest first, while the window has
+    /// room for them.
+    fn send_while_room(
+        &mut self,
+        queue: &mut VecDeque<Outbound>,
+        now: Instant,
+    ) -> Result<(), UplinkError> {
+        while let Some((t, body, _)) = queue.front() {
+            if !self.win.can_submit(1, wire_bytes(t, body.len()), now) {
+                break;
+            }
+            let (t, body, retain) = queue.pop_front().expect("front exists");
+            self.control(&t, body, retain)?;
+        }
         Ok(())
     }
 
