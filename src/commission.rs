@@ -2,7 +2,8 @@
 //! whose register types and word order are unknown. Formatting is pure; the read goes through
 //! the same bus links as the gateway.
 
-use crate::mapping::{DataType, Order, Point, Table, Value};
+use crate::mapping::{DataType, Order, Point, Value};
+use crate::modbus::Table;
 use std::fmt::Write;
 
 fn point(dtype: DataType, order: Order) -> Point {

@@ -11,14 +11,9 @@
 
 use serde_json::{Value as Json, json};
 
-use crate::config::{Config, PayloadFormat, PublishMode};
-use crate::mapping::{DataType, Point, Table};
-
-/// `homeassistant:` in the config.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Discovery {
-    pub prefix: String,
-}
+use crate::config::{Config, Discovery, PayloadFormat, PublishMode};
+use crate::mapping::{DataType, Point};
+use crate::modbus::Table;
 
 /// The device_class and state_class a unit implies (None where it does not make them clear).
 pub fn classes(unit: Option<&str>) -> (Option<&'static str>, Option<&'static str>) {

@@ -20,7 +20,7 @@ use tokio::time::{Instant, sleep_until, timeout_at};
 use tokio_serial::{SerialPort, SerialStream};
 use tokio_util::sync::CancellationToken;
 
-use crate::bus::modbus_rtu::SerialSettings;
+use crate::bus::serial::SerialSettings;
 use crate::bus::serial_line::{Framed, LineFramer};
 use crate::config::{Bus, Device, Transport};
 use crate::gateway::Shared;

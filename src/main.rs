@@ -262,9 +262,9 @@ fn report(r: anyhow::Result<()>) -> ExitCode {
 }
 
 async fn read(a: ReadArgs) -> anyhow::Result<()> {
-    use fieldgate::bus::modbus_rtu::{Endpoint, Parity, SerialSettings};
+    use fieldgate::bus::serial::{Endpoint, Parity, SerialSettings};
     use fieldgate::config::{Bus, Transport};
-    use fieldgate::mapping::Table;
+    use fieldgate::modbus::Table;
     let transport = if let Some(cfg) = &a.config {
         let name = a.bus.as_deref().unwrap_or_default();
         let config = Config::load(cfg).map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -322,7 +322,7 @@ async fn read(a: ReadArgs) -> anyhow::Result<()> {
             table.name()
         );
     }
-    let req = fieldgate::plan::ReadRequest {
+    let req = fieldgate::modbus::ReadRequest {
         table,
         start,
         count: a.count,

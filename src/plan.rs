@@ -6,24 +6,8 @@
 //! registers, 2000 bits). Pure functions; `config` calls them once at load and `check` prints the
 //! result.
 
-use crate::mapping::{Point, Table};
-
-/// One read request and the points it serves.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ReadRequest {
-    pub table: Table,
-    pub start: u16,
-    pub count: u16,
-    /// Indices into the device's point list.
-    pub points: Vec<usize>,
-}
-
-impl ReadRequest {
-    /// The last address read (inclusive).
-    pub fn end(&self) -> u16 {
-        self.start + (self.count - 1)
-    }
-}
+use crate::mapping::Point;
+use crate::modbus::ReadRequest;
 
 /// Plans the reads for `points[i]` for every `i` in `members`.
 ///
@@ -81,6 +65,7 @@ mod tests {
 
     use super::*;
     use crate::mapping::DataType;
+    use crate::modbus::Table;
 
     fn reg(table: Table, address: u16, dtype: DataType) -> Point {
         Point::new(&format!("{table:?}{address}"), table, address, dtype)

@@ -252,7 +252,7 @@ async fn serve_rtu(
     state: Arc<Mutex<State>>,
     char_time: Duration,
 ) {
-    use crate::bus::modbus_rtu::{crc16, with_crc};
+    use crate::modbus::{crc16, with_crc};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut buf: Vec<u8> = Vec::new();
     let mut chunk = [0u8; 256];

@@ -5,7 +5,8 @@ use std::path::Path;
 use std::process::Command;
 
 use fieldgate::config::Config;
-use fieldgate::mapping::{DataType, Order, Table};
+use fieldgate::mapping::{DataType, Order};
+use fieldgate::modbus::Table;
 
 fn check(config: &Path) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_fieldgate"))

@@ -8,28 +8,16 @@
 
 pub mod modbus_rtu;
 pub mod modbus_tcp;
+pub mod serial;
 pub mod serial_line;
 
 use std::time::Duration;
 
 use tokio_modbus::ExceptionCode;
 
-use crate::config::{Bus, Transport};
-use crate::plan::ReadRequest;
-
-/// What a write sends.
-#[derive(Debug, Clone, PartialEq)]
-pub enum WriteData {
-    Coil(bool),
-    Registers(Vec<u16>),
-}
-
-/// What a read returns.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Data {
-    Words(Vec<u16>),
-    Bits(Vec<bool>),
-}
+use self::serial::{Endpoint, SerialSettings};
+use crate::modbus::ReadRequest;
+pub use crate::modbus::{Data, WriteData};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
@@ -72,6 +60,56 @@ pub struct LineFaults {
     pub late_replies: u64,
     /// Requests sent again after a timeout or a bad frame.
     pub retries: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Bus {
+    pub name: String,
+    pub transport: Transport,
+}
+
+#[derive(Debug, Clone)]
+pub enum Transport {
+    ModbusTcp {
+        host: String,
+        port: u16,
+        timeout: Duration,
+    },
+    /// Lines of text on a serial port.
+    SerialLine {
+        settings: SerialSettings,
+        terminator: Vec<u8>,
+        max_line: usize,
+        timeout: Duration,
+    },
+    /// RTU framing on a serial port or through a TCP converter.
+    ModbusRtu {
+        endpoint: Endpoint,
+        timeout: Duration,
+        retries: u32,
+        turnaround: Duration,
+    },
+}
+
+impl Transport {
+    /// The longest one request can take: every attempt timing out, plus the drain after each.
+    pub fn worst_request_time(&self) -> Duration {
+        match self {
+            Transport::ModbusTcp { timeout, .. } => *timeout * 2,
+            Transport::SerialLine { timeout, .. } => *timeout * 2,
+            Transport::ModbusRtu {
+                timeout, retries, ..
+            } => *timeout * 3 * (retries + 1),
+        }
+    }
+
+    /// Highest unit id the transport addresses (RTU: 1..=247 per the serial line spec).
+    pub fn unit_range(&self) -> std::ops::RangeInclusive<u32> {
+        match self {
+            Transport::ModbusTcp { .. } | Transport::SerialLine { .. } => 0..=255,
+            Transport::ModbusRtu { .. } => 1..=247,
+        }
+    }
 }
 
 /// An open (or reopenable) connection to one bus.

@@ -19,84 +19,13 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, sleep_until, timeout_at};
-use tokio_modbus::ExceptionCode;
-use tokio_serial::{SerialPort, SerialPortBuilderExt, SerialStream};
+use tokio_serial::{SerialPort, SerialStream};
 
+use super::serial::Endpoint;
 use super::{BusError, Data, WriteData};
-use crate::mapping::Table;
-use crate::plan::ReadRequest;
-
-/// Serial line settings.
-#[derive(Debug, Clone, PartialEq)]
-pub struct SerialSettings {
-    pub port: String,
-    pub baud: u32,
-    pub parity: Parity,
-    pub data_bits: u8,
-    pub stop_bits: u8,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Parity {
-    None,
-    Even,
-    Odd,
-}
-
-impl SerialSettings {
-    /// Bits on the wire per character: start, data, parity, stop.
-    pub fn bits_per_char(&self) -> u32 {
-        1 + self.data_bits as u32 + u32::from(self.parity != Parity::None) + self.stop_bits as u32
-    }
-
-    /// Time one character takes on the wire.
-    pub fn char_time(&self) -> Duration {
-        Duration::from_secs_f64(self.bits_per_char() as f64 / self.baud as f64)
-    }
-
-    /// The inter-frame silence: 3.5 character times, fixed at 1.75 ms above 19200 baud.
-    pub fn t35(&self) -> Duration {
-        if self.baud > 19200 {
-            Duration::from_micros(1750)
-        } else {
-            self.char_time().mul_f64(3.5)
-        }
-    }
-
-    pub fn open(&self) -> std::io::Result<SerialStream> {
-        let parity = match self.parity {
-            Parity::None => tokio_serial::Parity::None,
-            Parity::Even => tokio_serial::Parity::Even,
-            Parity::Odd => tokio_serial::Parity::Odd,
-        };
-        let data_bits = match self.data_bits {
-            5 => tokio_serial::DataBits::Five,
-            6 => tokio_serial::DataBits::Six,
-            7 => tokio_serial::DataBits::Seven,
-            _ => tokio_serial::DataBits::Eight,
-        };
-        let stop_bits = if self.stop_bits == 2 {
-            tokio_serial::StopBits::Two
-        } else {
-            tokio_serial::StopBits::One
-        };
-        let port = tokio_serial::new(&self.port, self.baud)
-            .parity(parity)
-            .data_bits(data_bits)
-            .stop_bits(stop_bits)
-            .open_native_async()
-            .map_err(std::io::Error::from)?;
-        Ok(port)
-    }
-}
-
-/// Where the RTU frames go.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Endpoint {
-    Serial(SerialSettings),
-    Tcp { host: String, port: u16 },
-}
+use crate::modbus::{
+    ReadRequest, crc16, encode_read, exception, expected_byte_count, function_code, with_crc,
+};
 
 enum Stream {
     Serial(SerialStream),
@@ -498,54 +427,6 @@ async fn read_reply(
     }
 }
 
-/// Modbus function codes for reads (application protocol v1.1b3, §6.1–6.4).
-pub fn function_code(t: Table) -> u8 {
-    match t {
-        Table::Coil => 0x01,
-        Table::Discrete => 0x02,
-        Table::Holding => 0x03,
-        Table::Input => 0x04,
-    }
-}
-
-fn expected_byte_count(req: &ReadRequest) -> usize {
-    if req.table.is_bits() {
-        (req.count as usize).div_ceil(8)
-    } else {
-        req.count as usize * 2
-    }
-}
-
-/// CRC-16/MODBUS.
-pub fn crc16(bytes: &[u8]) -> u16 {
-    let mut crc = 0xFFFFu16;
-    for &b in bytes {
-        crc ^= b as u16;
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0xA001
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    crc
-}
-
-/// Appends the CRC, low byte first.
-pub fn with_crc(mut frame: Vec<u8>) -> Vec<u8> {
-    let crc = crc16(&frame);
-    frame.extend_from_slice(&crc.to_le_bytes());
-    frame
-}
-
-/// The 8-byte read request frame.
-pub fn encode_read(unit: u8, req: &ReadRequest) -> Vec<u8> {
-    let [ah, al] = req.start.to_be_bytes();
-    let [ch, cl] = req.count.to_be_bytes();
-    with_crc(vec![unit, function_code(req.table), ah, al, ch, cl])
-}
-
 /// Checks and decodes a complete reply frame (CRC included).
 pub fn decode_reply(unit: u8, req: &ReadRequest, frame: &[u8]) -> Result<Data, BusError> {
     if frame.len() < 5 {
@@ -586,43 +467,12 @@ pub fn decode_reply(unit: u8, req: &ReadRequest, frame: &[u8]) -> Result<Data, B
     })
 }
 
-fn exception(code: u8) -> ExceptionCode {
-    match code {
-        0x01 => ExceptionCode::IllegalFunction,
-        0x02 => ExceptionCode::IllegalDataAddress,
-        0x03 => ExceptionCode::IllegalDataValue,
-        0x04 => ExceptionCode::ServerDeviceFailure,
-        0x05 => ExceptionCode::Acknowledge,
-        0x06 => ExceptionCode::ServerDeviceBusy,
-        0x08 => ExceptionCode::MemoryParityError,
-        0x0A => ExceptionCode::GatewayPathUnavailable,
-        0x0B => ExceptionCode::GatewayTargetDevice,
-        c => ExceptionCode::Custom(c),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The simulator frames its answers with this same `crc16`, so the RTU tests alone could not
-    /// catch a wrong CRC (#17): published vectors pin it. Sources: the check value of
-    /// CRC-16/MODBUS in the CRC catalogue ("123456789" → 0x4B37), and the read-holding-registers
-    /// example of the Modbus over serial line specification (11 03 00 6B 00 03 → 76 87 on the
-    /// wire, low byte first); two common request frames as captured from devices.
-    #[test]
-    fn crc16_matches_published_modbus_vectors() {
-        assert_eq!(crc16(b"123456789"), 0x4B37);
-        for (frame, wire) in [
-            (&[0x11, 0x03, 0x00, 0x6B, 0x00, 0x03][..], [0x76, 0x87]),
-            (&[0x01, 0x03, 0x00, 0x00, 0x00, 0x01][..], [0x84, 0x0A]),
-            (&[0x01, 0x03, 0x00, 0x00, 0x00, 0x0A][..], [0xC5, 0xCD]),
-            (&[0x01, 0x04, 0x00, 0x00, 0x00, 0x01][..], [0x31, 0xCA]),
-        ] {
-            let framed = with_crc(frame.to_vec());
-            assert_eq!(&framed[frame.len()..], &wire, "{frame:02X?}");
-        }
-    }
+    use crate::bus::serial::{Parity, SerialSettings};
+    use crate::modbus::Table;
+    use tokio_modbus::ExceptionCode;
 
     fn req(table: Table, start: u16, count: u16) -> ReadRequest {
         ReadRequest {

@@ -12,8 +12,7 @@ use tokio_modbus::client::{Context, Reader};
 use tokio_modbus::prelude::{Slave, SlaveContext};
 
 use super::{BusError, Data, WriteData};
-use crate::mapping::Table;
-use crate::plan::ReadRequest;
+use crate::modbus::{ReadRequest, Table};
 use tokio_modbus::client::Writer;
 
 pub struct ModbusTcp {

@@ -24,35 +24,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-/// The Modbus table a point is read from. Addresses are 0-based protocol addresses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Table {
-    Coil,
-    Discrete,
-    Input,
-    Holding,
-}
-
-impl Table {
-    /// Bit tables carry one bit per address, register tables one 16-bit word.
-    pub fn is_bits(self) -> bool {
-        matches!(self, Table::Coil | Table::Discrete)
-    }
-
-    /// Most items one read request may ask for (Modbus application protocol v1.1b3, §6.1–6.4).
-    pub fn max_per_request(self) -> u16 {
-        if self.is_bits() { 2000 } else { 125 }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Table::Coil => "coils",
-            Table::Discrete => "discrete inputs",
-            Table::Input => "input registers",
-            Table::Holding => "holding registers",
-        }
-    }
-}
+use crate::modbus::{Table, WriteData};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -302,8 +274,7 @@ impl Point {
     /// Encodes a commanded value (a JSON number or bool, or text) for this point: range checked,
     /// inverse scale and offset, the point's type and word/byte order. Errors say why, for the
     /// `set/result` message.
-    pub fn encode(&self, v: &serde_json::Value) -> Result<crate::bus::WriteData, String> {
-        use crate::bus::WriteData;
+    pub fn encode(&self, v: &serde_json::Value) -> Result<WriteData, String> {
         if !self.writable {
             return Err(format!("point {} is not writable", self.name));
         }

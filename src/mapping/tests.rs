@@ -211,7 +211,7 @@ fn encoding_is_the_inverse_of_decoding_in_every_order() {
         ] {
             let mut p = point(dtype, order);
             p.writable = true;
-            let crate::bus::WriteData::Registers(words) = p.encode(&v).unwrap() else {
+            let crate::modbus::WriteData::Registers(words) = p.encode(&v).unwrap() else {
                 panic!()
             };
             assert_eq!(
@@ -231,7 +231,7 @@ fn encoding_applies_inverse_scale_and_refuses_what_does_not_fit() {
     p.offset = Some(-40.0);
     assert_eq!(
         p.encode(&serde_json::json!(21.5)),
-        Ok(crate::bus::WriteData::Registers(vec![615]))
+        Ok(crate::modbus::WriteData::Registers(vec![615]))
     );
     assert!(
         p.encode(&serde_json::json!(21.55))
@@ -265,7 +265,7 @@ fn encoding_applies_inverse_scale_and_refuses_what_does_not_fit() {
     c.writable = true;
     assert_eq!(
         c.encode(&serde_json::json!("on")),
-        Ok(crate::bus::WriteData::Coil(true))
+        Ok(crate::modbus::WriteData::Coil(true))
     );
     assert!(c.encode(&serde_json::json!(2)).is_err());
 }
@@ -277,7 +277,7 @@ fn commands_refuse_every_value_the_type_cannot_hold_exactly() {
     let written = |dtype: DataType, v: serde_json::Value| -> Result<Value, String> {
         let mut p = point(dtype, Order::ABCD);
         p.writable = true;
-        let crate::bus::WriteData::Registers(words) = p.encode(&v)? else {
+        let crate::modbus::WriteData::Registers(words) = p.encode(&v)? else {
             panic!()
         };
         Ok(p.decode_words(&words))

@@ -36,7 +36,8 @@ fn seqs(s: &Store) -> Vec<u64> {
 /// the raw internal JSON, without `ts` and `seq`.
 #[test]
 fn a_non_finite_float_is_published_as_null_with_ts_and_seq() {
-    use crate::mapping::{DataType, Point, Table};
+    use crate::mapping::{DataType, Point};
+    use crate::modbus::Table;
     let f32p = Point::new("p", Table::Holding, 0, DataType::F32);
     let f64p = Point::new("q", Table::Holding, 0, DataType::F64);
     let nan = f32p.decode_words(&[0xFFFF, 0xFFFF]);

@@ -1,0 +1,203 @@
+//! What `fieldgate check` prints: the summary of a valid config with its read plan, and the
+//! check of one device model file on its own.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::Config;
+use super::diagnostic::{ConfigErrors, Diagnostic};
+use super::resolve::Resolver;
+use super::source_map::Loc;
+use crate::mapping::{Delivery, Point};
+
+/// A device model file checked on its own (`fieldgate check mappings/sdm120.yaml`).
+#[derive(Debug, Clone)]
+pub struct ModelSummary {
+    pub path: PathBuf,
+    pub name: String,
+    pub description: Option<String>,
+    pub points: Vec<Point>,
+    pub line: bool,
+}
+
+impl ModelSummary {
+    pub fn summary(&self) -> String {
+        use std::fmt::Write;
+        let mut s = format!(
+            "{}: ok: model {}, {} point{}{}\n",
+            self.path.display(),
+            self.name,
+            self.points.len(),
+            plural(self.points.len()),
+            if self.line { " (serial line)" } else { "" }
+        );
+        if let Some(d) = &self.description {
+            let _ = writeln!(s, "{}", d.trim());
+        }
+        for p in &self.points {
+            let what = match &p.field {
+                Some(f) => format!("field {f}"),
+                None => format!("{} {}", p.source.table.name(), p.source.address),
+            };
+            let _ = writeln!(
+                s,
+                "  {:<24} {:<28} {:?}{}",
+                p.name,
+                what,
+                p.dtype,
+                p.unit
+                    .as_deref()
+                    .map(|u| format!(" [{u}]"))
+                    .unwrap_or_default()
+            );
+        }
+        s
+    }
+}
+
+/// Whether a YAML text is a model file (it has `model:` at the top, and no `mqtt:`).
+pub fn is_model_text(text: &str) -> bool {
+    let top = |k: &str| text.lines().any(|l| l.starts_with(&format!("{k}:")));
+    top("model") && !top("mqtt")
+}
+
+/// Validates a model file on its own.
+pub fn check_model(path: &Path) -> Result<ModelSummary, ConfigErrors> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors(vec![Diagnostic {
+            file: path.display().to_string(),
+            loc: Loc { line: 1, col: 1 },
+            path: String::new(),
+            message: format!("cannot read the file: {e}"),
+        }])
+    })?;
+    let name = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let env = |k: &str| std::env::var(k).ok();
+    let mut r = Resolver {
+        errors: Vec::new(),
+        models: HashMap::new(),
+        env: &env,
+    };
+    let result = r.model_from_text(path, &text, &name);
+    match result {
+        Some((m, description)) if r.errors.is_empty() => Ok(ModelSummary {
+            path: path.to_path_buf(),
+            name,
+            description,
+            line: m.parser.is_some(),
+            points: m
+                .points
+                .into_iter()
+                .map(|s| Point {
+                    name: s.name,
+                    source: s.source,
+                    dtype: s.dtype,
+                    order: s.order,
+                    bit: s.bit,
+                    length: s.length,
+                    scale: s.scale,
+                    offset: s.offset,
+                    unit: s.unit,
+                    every: s.every.unwrap_or(Duration::from_secs(1)),
+                    delivery: Delivery {
+                        topic: String::new(),
+                        qos: s.qos.unwrap_or(1),
+                        retain: s.retain.unwrap_or(false),
+                    },
+                    field: s.field,
+                    writable: s.writable,
+                    min: s.min,
+                    max: s.max,
+                })
+                .collect(),
+        }),
+        _ => Err(ConfigErrors(r.errors)),
+    }
+}
+
+impl Config {
+    /// What `fieldgate check` prints for a valid config.
+    pub fn summary(&self) -> String {
+        use std::fmt::Write;
+        let points: usize = self.devices.iter().map(|d| d.points.len()).sum();
+        let mut s = format!(
+            "{}: ok: {} bus{}, {} device{}, {} point{}, {} Modbus request{} per poll cycle\n",
+            self.path.display(),
+            self.buses.len(),
+            if self.buses.len() == 1 { "" } else { "es" },
+            self.devices.len(),
+            plural(self.devices.len()),
+            points,
+            plural(points),
+            self.requests_per_cycle(),
+            plural(self.requests_per_cycle()),
+        );
+        let _ = writeln!(
+            s,
+            "gateway {} → {}:{} as {}; queue in {}",
+            self.gateway.id,
+            self.mqtt.host,
+            self.mqtt.port,
+            self.mqtt.client_id,
+            self.gateway.state_dir.join("queue.db").display()
+        );
+        for d in &self.devices {
+            if let Some(line) = &d.line {
+                let how = match (&line.request, line.every) {
+                    (Some(r), every) => format!(
+                        "asks {:?} every {}",
+                        String::from_utf8_lossy(r),
+                        humantime::format_duration(every.unwrap_or(Duration::from_secs(1)))
+                    ),
+                    (None, Some(every)) => format!(
+                        "streams; latest value per point every {}",
+                        humantime::format_duration(every)
+                    ),
+                    (None, None) => "streams; every line published".to_string(),
+                };
+                let fields: Vec<String> = d
+                    .points
+                    .iter()
+                    .map(|p| format!("{} ← {}", p.name, p.field.as_deref().unwrap_or("?")))
+                    .collect();
+                let _ = writeln!(s, "device {} on serial line {}: {how}", d.name, d.bus);
+                let _ = writeln!(s, "  {}", fields.join(", "));
+                continue;
+            }
+            let _ = writeln!(s, "device {} on bus {}, unit {}:", d.name, d.bus, d.unit);
+            for g in &d.groups {
+                for r in &g.requests {
+                    let names: Vec<&str> = r
+                        .points
+                        .iter()
+                        .map(|&i| d.points[i].name.as_str())
+                        .collect();
+                    let _ = writeln!(
+                        s,
+                        "  every {:>6}  read {} {}..{} ({} {})  {}",
+                        humantime::format_duration(g.every).to_string(),
+                        r.table.name(),
+                        r.start,
+                        r.end(),
+                        r.count,
+                        if r.table.is_bits() {
+                            "bits"
+                        } else {
+                            "registers"
+                        },
+                        names.join(", ")
+                    );
+                }
+            }
+        }
+        s
+    }
+}
+
+pub(super) fn plural(n: usize) -> &'static str {
+    if n == 1 { "" } else { "s" }
+}

@@ -1,0 +1,498 @@
+//! `devices:` and the device models they name: each device's points (its own and its model's),
+//! topics, serial line parsing, and the read plan of every poll group.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::diagnostic::{Ctx, Diagnostic, parse};
+use super::points::{PointSpec, check_qos, check_template, check_topic_segment, validate_point};
+use super::raw::*;
+use super::resolve::Resolver;
+use super::{Device, Gateway, LineSpec, PollGroup};
+use crate::bus::{Bus, Transport};
+use crate::mapping::{Delivery, Point};
+use crate::plan::plan;
+use crate::topics::render_topic;
+
+/// Builds the parser of `parse: …`; errors name `path`.
+pub(super) fn build_parser(
+    ctx: &Ctx,
+    errors: &mut Vec<Diagnostic>,
+    path: &str,
+    spec: &RawParseSpec,
+) -> Option<crate::parse::Parser> {
+    use crate::parse::{NMEA_SENTENCES, Parser};
+    let spec = match spec {
+        RawParseSpec::Name(n) if n == "json" => return Some(Parser::Json),
+        RawParseSpec::Name(n) => {
+            errors.push(ctx.diag(path, format!("unknown parser `{n}`: write `parse: json` or `parse: {{ regex: … }}`, `{{ split: \",\" }}`, `{{ nmea: [GGA, RMC] }}`")));
+            return None;
+        }
+        RawParseSpec::Spec(s) => s,
+    };
+    let given = [
+        spec.regex.is_some(),
+        spec.split.is_some(),
+        spec.nmea.is_some(),
+        spec.json.is_some(),
+    ];
+    if given.iter().filter(|g| **g).count() != 1 {
+        errors.push(ctx.diag(path, "give exactly one of `regex`, `split`, `nmea`, `json`"));
+        return None;
+    }
+    if let Some(re) = &spec.regex {
+        return match Parser::regex(re) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                errors.push(ctx.diag(&format!("{path}.regex"), format!("not a valid regex: {e}")));
+                None
+            }
+        };
+    }
+    if let Some(sep) = &spec.split {
+        if sep.is_empty() {
+            errors.push(ctx.diag(&format!("{path}.split"), "the separator cannot be empty"));
+            return None;
+        }
+        return Some(Parser::Split(sep.clone()));
+    }
+    if let Some(sentences) = &spec.nmea {
+        let mut ok = !sentences.is_empty();
+        for (i, s) in sentences.iter().enumerate() {
+            if !NMEA_SENTENCES.iter().any(|(k, _)| k == s) {
+                errors.push(ctx.diag(
+                    &format!("{path}.nmea[{i}]"),
+                    format!("sentence `{s}` is not decoded (decoded: GGA, RMC)"),
+                ));
+                ok = false;
+            }
+        }
+        if sentences.is_empty() {
+            errors.push(ctx.diag(
+                &format!("{path}.nmea"),
+                "name the sentences to decode, e.g. [GGA, RMC]",
+            ));
+        }
+        return ok.then(|| Parser::Nmea(sentences.clone()));
+    }
+    if spec.json == Some(false) {
+        errors.push(ctx.diag(
+            &format!("{path}.json"),
+            "`json: false` parses nothing: remove it or write `json: true`",
+        ));
+        return None;
+    }
+    Some(Parser::Json)
+}
+
+/// What resolving a device needs from the rest of the config.
+#[derive(Clone, Copy)]
+pub(super) struct DeviceEnv<'a> {
+    pub(super) gateway: &'a Gateway,
+    /// Every bus named in the file, valid or not (so a device is not told its bus is unknown
+    /// when the bus only has an error of its own).
+    pub(super) buses: &'a BTreeMap<String, RawBus>,
+    pub(super) resolved: &'a [Bus],
+    pub(super) folders: &'a [PathBuf],
+}
+
+/// A device model, validated once per config.
+#[derive(Debug, Clone)]
+pub(super) struct ModelDef {
+    pub(super) points: Vec<PointSpec>,
+    pub(super) parser: Option<crate::parse::Parser>,
+    pub(super) request: Option<String>,
+}
+
+impl Resolver<'_> {
+    pub(super) fn resolve_device(
+        &mut self,
+        ctx: &Ctx,
+        env: &DeviceEnv,
+        name: &str,
+        d: &RawDevice,
+    ) -> Option<Device> {
+        let DeviceEnv {
+            gateway,
+            buses,
+            resolved,
+            folders,
+        } = *env;
+        let p = format!("devices.{name}");
+        let before = self.errors.len();
+        check_topic_segment(ctx, &mut self.errors, &p, name, "device name");
+        if !buses.contains_key(&d.bus) {
+            let known: Vec<&str> = buses.keys().map(String::as_str).collect();
+            self.errors.push(ctx.diag(
+                &format!("{p}.bus"),
+                format!(
+                    "unknown bus `{}` (buses defined: {})",
+                    d.bus,
+                    list_or_none(&known)
+                ),
+            ));
+        }
+        let unit = d.unit.unwrap_or(1);
+        let range = resolved
+            .iter()
+            .find(|b| b.name == d.bus)
+            .map_or(0..=255, |b| b.transport.unit_range());
+        if !range.contains(&unit) {
+            self.errors.push(ctx.diag(
+                &format!("{p}.unit"),
+                format!(
+                    "unit id {unit} is out of range {}..={} for this bus",
+                    range.start(),
+                    range.end()
+                ),
+            ));
+        }
+        let offline_after = d.offline_after.unwrap_or(3);
+        if offline_after == 0 {
+            self.errors
+                .push(ctx.diag(&format!("{p}.offline_after"), "must be at least 1"));
+        }
+        let every = d.every.unwrap_or(Duration::from_secs(1));
+        if every < Duration::from_millis(10) {
+            self.errors
+                .push(ctx.diag(&format!("{p}.every"), "must be at least 10ms"));
+        }
+        if let Some(q) = d.qos {
+            check_qos(ctx, &mut self.errors, &format!("{p}.qos"), q);
+        }
+        if let Some(t) = &d.topic {
+            check_template(ctx, &mut self.errors, &format!("{p}.topic"), t);
+        }
+
+        // Model points first, then inline points replace those of the same name.
+        let mut specs: BTreeMap<String, PointSpec> = BTreeMap::new();
+        let mut model_failed = false;
+        let mut model_parser = None;
+        let mut model_request = None;
+        if let Some(model) = &d.model {
+            match self.load_model(ctx, folders, &format!("{p}.model"), model) {
+                Some(m) => {
+                    specs.extend(m.points.into_iter().map(|s| (s.name.clone(), s)));
+                    model_parser = m.parser;
+                    model_request = m.request;
+                }
+                // Reported once, where the model is first used or in its own file.
+                None => model_failed = true,
+            }
+        }
+        for (pname, rp) in &d.points {
+            let pp = format!("{p}.points.{pname}");
+            if let Some(spec) = validate_point(ctx, &mut self.errors, &pp, pname, rp) {
+                specs.insert(pname.clone(), spec);
+            }
+        }
+        if model_failed {
+            return None;
+        }
+        let line = self.resolve_line(ctx, &p, d, resolved, &specs, model_parser, model_request);
+        if specs.is_empty() && self.errors.len() == before {
+            self.errors.push(ctx.diag(
+                &p,
+                "a device needs at least one point (from `model:` or `points:`)",
+            ));
+        }
+
+        let publish = d.publish.unwrap_or(PublishMode::Point);
+        let device_topic = d.topic.clone().unwrap_or_else(|| match publish {
+            PublishMode::Point => "fieldgate/{gateway}/{device}/{point}".into(),
+            PublishMode::Device => "fieldgate/{gateway}/{device}".into(),
+        });
+        if publish == PublishMode::Device
+            && (device_topic.contains("{point}") || device_topic.contains("{unit}"))
+        {
+            self.errors.push(ctx.diag(
+                &format!("{p}.topic"),
+                "with `publish: device` the topic is per device: {point} and {unit} cannot be used",
+            ));
+        }
+        let mut points = Vec::new();
+        let mut payload = HashMap::new();
+        for s in specs.into_values() {
+            let template = s.topic.as_deref().unwrap_or(&device_topic);
+            let topic = render_topic(
+                template,
+                &gateway.id,
+                name,
+                &s.name,
+                s.unit.as_deref().unwrap_or(""),
+            );
+            // A placeholder's value (a unit like `#/h`, a point name from a model) can put what
+            // MQTT forbids into the topic: no session could ever publish it.
+            if let Some(c) = topic.chars().find(|c| matches!(c, '+' | '#' | '\0')) {
+                self.errors.push(ctx.diag(
+                    &format!("{p}.points.{}", s.name),
+                    format!(
+                        "the topic `{template}` becomes `{}` for this point, and {c:?} cannot be in an MQTT topic; change the unit or name, or give the point a `topic:` without that placeholder",
+                        topic.escape_debug()
+                    ),
+                ));
+            }
+            payload.insert(
+                s.name.clone(),
+                s.payload.or(d.payload).unwrap_or(PayloadFormat::Json),
+            );
+            points.push(Point {
+                name: s.name,
+                source: s.source,
+                dtype: s.dtype,
+                order: s.order,
+                bit: s.bit,
+                length: s.length,
+                scale: s.scale,
+                offset: s.offset,
+                unit: s.unit,
+                every: s.every.unwrap_or(every),
+                delivery: Delivery {
+                    topic,
+                    qos: s.qos.or(d.qos).unwrap_or(1),
+                    retain: s.retain.or(d.retain).unwrap_or(false),
+                },
+                field: s.field,
+                writable: s.writable,
+                min: s.min,
+                max: s.max,
+            });
+        }
+        if self.errors.len() != before {
+            return None;
+        }
+
+        let max_registers = d.max_registers.unwrap_or(125);
+        if !(1..=125).contains(&max_registers) {
+            self.errors
+                .push(ctx.diag(&format!("{p}.max_registers"), "must be within 1..=125"));
+            return None;
+        }
+        let mut by_every: BTreeMap<Duration, Vec<usize>> = BTreeMap::new();
+        for (i, pt) in points.iter().enumerate() {
+            by_every.entry(pt.every).or_default().push(i);
+        }
+        let groups = if line.is_some() {
+            Vec::new() // line devices are not planned in Modbus requests
+        } else {
+            by_every
+                .into_iter()
+                .map(|(every, members)| PollGroup {
+                    every,
+                    requests: plan(&points, &members, d.max_gap.unwrap_or(0), max_registers),
+                })
+                .collect()
+        };
+        Some(Device {
+            name: name.to_string(),
+            bus: d.bus.clone(),
+            unit: unit as u8,
+            points,
+            groups,
+            publish,
+            payload,
+            device_delivery: Delivery {
+                topic: render_topic(&device_topic, &gateway.id, name, "", ""),
+                qos: d.qos.unwrap_or(1),
+                retain: d.retain.unwrap_or(false),
+            },
+            availability_topic: format!("fieldgate/{}/{name}/availability", gateway.id),
+            offline_after: offline_after.max(1),
+            line,
+        })
+    }
+
+    /// The serial line part of a device: its parser, request and interval, and the checks that
+    /// tie its points to what the parser produces. None for a Modbus device.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn resolve_line(
+        &mut self,
+        ctx: &Ctx,
+        p: &str,
+        d: &RawDevice,
+        resolved: &[Bus],
+        specs: &BTreeMap<String, PointSpec>,
+        model_parser: Option<crate::parse::Parser>,
+        model_request: Option<String>,
+    ) -> Option<LineSpec> {
+        let is_line = resolved
+            .iter()
+            .find(|b| b.name == d.bus)
+            .map(|b| matches!(b.transport, Transport::SerialLine { .. }));
+        let point_path = |s: &PointSpec| {
+            if s.from_model {
+                format!("{p}.model")
+            } else {
+                format!("{p}.points.{}", s.name)
+            }
+        };
+        match is_line {
+            None => None, // unknown bus: reported already
+            Some(false) => {
+                for (key, set) in [
+                    ("parse", d.parse.is_some()),
+                    ("request", d.request.is_some()),
+                ] {
+                    if set {
+                        self.errors.push(ctx.diag(
+                            &format!("{p}.{key}"),
+                            format!("`{key}` is for devices on a serial_line bus"),
+                        ));
+                    }
+                }
+                for s in specs.values().filter(|s| s.field.is_some()) {
+                    self.errors.push(ctx.diag(
+                        &point_path(s),
+                        format!("point `{}`: `field` is for devices on a serial_line bus; Modbus points use `register`, `coil` or `discrete`", s.name),
+                    ));
+                }
+                None
+            }
+            Some(true) => {
+                let parser = match &d.parse {
+                    Some(spec) => build_parser(ctx, &mut self.errors, &format!("{p}.parse"), spec),
+                    None => model_parser,
+                };
+                let Some(parser) = parser else {
+                    if d.parse.is_none() {
+                        self.errors.push(ctx.diag(
+                            p,
+                            "a serial_line device needs `parse:` (regex, split, nmea or json)",
+                        ));
+                    }
+                    return None;
+                };
+                for s in specs.values() {
+                    match &s.field {
+                        None => self.errors.push(ctx.diag(
+                            &point_path(s),
+                            format!("point `{}` of a serial_line device needs `field:` (what the parser gives it)", s.name),
+                        )),
+                        Some(f) => {
+                            if let Err(msg) = parser.knows_field(f) {
+                                let at = if s.from_model { point_path(s) } else { format!("{}.field", point_path(s)) };
+                                self.errors.push(ctx.diag(&at, msg));
+                            }
+                        }
+                    }
+                }
+                let request = d.request.clone().or(model_request).map(String::into_bytes);
+                if request.as_ref().is_some_and(|r| r.is_empty()) {
+                    self.errors
+                        .push(ctx.diag(&format!("{p}.request"), "cannot be empty"));
+                }
+                Some(LineSpec {
+                    parser,
+                    request,
+                    every: d.every,
+                })
+            }
+        }
+    }
+
+    /// Loads `model` from the first folder holding `<model>.yaml`, once per config.
+    pub(super) fn load_model(
+        &mut self,
+        ctx: &Ctx,
+        folders: &[PathBuf],
+        path: &str,
+        model: &str,
+    ) -> Option<ModelDef> {
+        if let Some(cached) = self.models.get(model) {
+            return cached.clone();
+        }
+        let file = folders
+            .iter()
+            .map(|f| f.join(format!("{model}.yaml")))
+            .find(|f| f.is_file());
+        let Some(file) = file else {
+            let searched: Vec<String> = folders.iter().map(|f| f.display().to_string()).collect();
+            self.errors.push(ctx.diag(
+                path,
+                format!(
+                    "unknown model `{model}`: no {model}.yaml in the model folders ({})",
+                    if searched.is_empty() {
+                        "none configured: add `models: [./mappings]`".to_string()
+                    } else {
+                        searched.join(", ")
+                    }
+                ),
+            ));
+            self.models.insert(model.to_string(), None);
+            return None;
+        };
+        let result = match std::fs::read_to_string(&file) {
+            Err(e) => {
+                self.errors
+                    .push(ctx.diag(path, format!("cannot read {}: {e}", file.display())));
+                None
+            }
+            Ok(text) => self.model_from_text(&file, &text, model).map(|(m, _)| m),
+        };
+        self.models.insert(model.to_string(), result.clone());
+        result
+    }
+
+    /// Validates a model file's text; `model` is the name its file gives it.
+    pub(super) fn model_from_text(
+        &mut self,
+        file: &Path,
+        text: &str,
+        model: &str,
+    ) -> Option<(ModelDef, Option<String>)> {
+        let fname = file.display().to_string();
+        let before = self.errors.len();
+        match parse::<RawModel>(&fname, text, self.env, &mut self.errors) {
+            None => None,
+            Some((raw, map)) => {
+                let mctx = Ctx {
+                    file: &fname,
+                    map: &map,
+                };
+                if raw.model != model {
+                    self.errors.push(mctx.diag(
+                        "model",
+                        format!(
+                            "the file is named {model}.yaml but says `model: {}`",
+                            raw.model
+                        ),
+                    ));
+                }
+                let mut specs = Vec::new();
+                for (pname, rp) in &raw.points {
+                    if let Some(mut s) = validate_point(
+                        &mctx,
+                        &mut self.errors,
+                        &format!("points.{pname}"),
+                        pname,
+                        rp,
+                    ) {
+                        s.from_model = true;
+                        specs.push(s);
+                    }
+                }
+                let parser = raw
+                    .parse
+                    .as_ref()
+                    .and_then(|spec| build_parser(&mctx, &mut self.errors, "parse", spec));
+                (self.errors.len() == before).then_some((
+                    ModelDef {
+                        points: specs,
+                        parser,
+                        request: raw.request.clone(),
+                    },
+                    raw.description.clone(),
+                ))
+            }
+        }
+    }
+}
+
+pub(super) fn list_or_none(items: &[&str]) -> String {
+    if items.is_empty() {
+        "none".into()
+    } else {
+        items.join(", ")
+    }
+}

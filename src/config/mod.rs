@@ -1,0 +1,223 @@
+//! Configuration: the only place that reads YAML.
+//!
+//! Loading happens in two stages, as ripgrep does with its arguments. The raw stage
+//! ([`RawConfig`], [`RawModel`]) is plain serde with `deny_unknown_fields`: it checks syntax and
+//! types. The resolved stage ([`Config`]) settles every default, loads the device models a device
+//! names, checks every reference and range, and plans the Modbus reads. Every error found along
+//! the way is collected, not just the first, and each names `file:line:column: field.path`.
+//!
+//! `${VAR}` (or `${VAR:-default}`) expands from the environment anywhere in a value; `$${` is a
+//! literal `${`. Comments are left alone.
+//!
+//! # Layout
+//!
+//! - `raw`: the serde shapes of the YAML (syntax and types only);
+//! - `env`: `${VAR}` expansion before parsing;
+//! - `diagnostic`: errors with `file:line:column`, serde errors placed on the YAML;
+//! - `resolve`: the gateway, MQTT and queue sections, and the checks across devices;
+//! - `buses`, `devices`, `points`: one section each, with the device models;
+//! - `check`: what `fieldgate check` prints;
+//! - this file: the resolved model the gateway runs, and [`Config::load`].
+
+mod buses;
+mod check;
+mod devices;
+mod diagnostic;
+mod env;
+mod points;
+mod raw;
+mod resolve;
+mod source_map;
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use crate::bus::{Bus, Transport};
+use crate::mapping::{Delivery, Point};
+use crate::modbus::ReadRequest;
+use crate::store::Limits;
+pub use check::{ModelSummary, check_model, is_model_text};
+pub use diagnostic::{ConfigErrors, Diagnostic};
+pub use env::expand_env;
+pub use raw::*;
+pub use source_map::{Loc, SourceMap};
+
+use diagnostic::{Ctx, parse};
+use resolve::Resolver;
+
+/// Exit code for a bad configuration (sysexits.h EX_CONFIG).
+pub const EX_CONFIG: i32 = 78;
+
+// ---------------------------------------------------------------------------------------------
+// Resolved stage: what the gateway runs
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub path: PathBuf,
+    pub gateway: Gateway,
+    pub mqtt: Mqtt,
+    pub queue: Queue,
+    /// Where the Prometheus endpoint listens, if enabled.
+    pub metrics: Option<std::net::SocketAddr>,
+    /// Home Assistant discovery, if enabled.
+    pub homeassistant: Option<Discovery>,
+    pub buses: Vec<Bus>,
+    pub devices: Vec<Device>,
+}
+
+/// `homeassistant:` in the config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Discovery {
+    /// Home Assistant's discovery prefix (default `homeassistant`).
+    pub prefix: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Queue {
+    pub limits: Limits,
+    /// Messages per second taken from the queue; None: as fast as the broker acknowledges.
+    pub replay_rate: Option<f64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Gateway {
+    pub id: String,
+    pub state_dir: PathBuf,
+    pub status_interval: Duration,
+    pub log_level: String,
+}
+
+impl Gateway {
+    /// The retained `online`/`offline` topic of the gateway itself.
+    pub fn status_topic(&self) -> String {
+        format!("fieldgate/{}/status", self.id)
+    }
+}
+
+/// A secret that never prints.
+#[derive(Clone, PartialEq)]
+pub struct Secret(pub String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"***\"")
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Mqtt {
+    pub host: String,
+    pub port: u16,
+    pub client_id: String,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    pub keep_alive: Duration,
+    pub inflight: u16,
+    pub inflight_qos2: u16,
+    /// TLS (mqtts://), ready to use.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// `tls.insecure_skip_verify` (logged loudly at every connect).
+    pub insecure_skip_verify: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct Device {
+    pub name: String,
+    pub bus: String,
+    pub unit: u8,
+    pub points: Vec<Point>,
+    /// Points grouped by interval, each with its read plan.
+    pub groups: Vec<PollGroup>,
+    pub publish: PublishMode,
+    pub payload: HashMap<String, PayloadFormat>,
+    /// Topic, QoS and retain of the one-message-per-poll form (`publish: device`).
+    pub device_delivery: Delivery,
+    /// Retained `online`/`offline` topic of this device.
+    pub availability_topic: String,
+    pub offline_after: u32,
+    /// Serial line devices: how their lines are read.
+    pub line: Option<LineSpec>,
+}
+
+/// How a serial line device is read.
+#[derive(Debug, Clone)]
+pub struct LineSpec {
+    pub parser: crate::parse::Parser,
+    /// Sent every `every`; the next line is the answer. None: the device streams lines.
+    pub request: Option<Vec<u8>>,
+    /// Request interval; for a streaming device, at most one message per point per `every`
+    /// (the latest value wins). None on a streaming device: every line is published.
+    pub every: Option<Duration>,
+}
+
+#[derive(Debug, Clone)]
+pub struct PollGroup {
+    pub every: Duration,
+    pub requests: Vec<ReadRequest>,
+}
+
+impl Config {
+    /// Loads and validates the config file at `path` and every model it uses.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![Diagnostic {
+                file: path.display().to_string(),
+                loc: Loc { line: 1, col: 1 },
+                path: String::new(),
+                message: format!("cannot read the file: {e}"),
+            }])
+        })?;
+        Config::from_text(path, &text)
+    }
+
+    /// Validates `text` as if read from `path` (models are looked up relative to it).
+    pub fn from_text(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
+        Config::from_text_with_env(path, text, &|k| std::env::var(k).ok())
+    }
+
+    pub fn from_text_with_env(
+        path: &Path,
+        text: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigErrors> {
+        let mut errors = Vec::new();
+        let file = path.display().to_string();
+        let base = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        let Some((raw, map)) = parse::<RawConfig>(&file, text, env, &mut errors) else {
+            return Err(ConfigErrors(errors));
+        };
+        let mut r = Resolver {
+            errors,
+            models: HashMap::new(),
+            env,
+        };
+        let ctx = Ctx {
+            file: &file,
+            map: &map,
+        };
+        let config = r.resolve(&ctx, path, &base, raw);
+        if r.errors.is_empty() {
+            Ok(config)
+        } else {
+            r.errors.sort_by(|a, b| {
+                (&a.file, a.loc.line, a.loc.col).cmp(&(&b.file, b.loc.line, b.loc.col))
+            });
+            r.errors.dedup();
+            Err(ConfigErrors(r.errors))
+        }
+    }
+
+    /// Modbus read requests one full poll cycle makes (every group of every device once).
+    pub fn requests_per_cycle(&self) -> usize {
+        self.devices
+            .iter()
+            .flat_map(|d| &d.groups)
+            .map(|g| g.requests.len())
+            .sum()
+    }
+}

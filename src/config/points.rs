@@ -1,0 +1,382 @@
+//! One point as the YAML gives it, checked field by field: its register or field, type, order,
+//! scaling, topic, QoS and command limits.
+
+use std::time::Duration;
+
+use super::diagnostic::{Ctx, Diagnostic};
+use super::raw::*;
+use crate::mapping::{DataType, Order, Source};
+use crate::modbus::Table;
+use crate::topics::template_error;
+
+/// A point as validated from YAML, before a device's defaults are applied.
+#[derive(Debug, Clone)]
+pub(super) struct PointSpec {
+    pub(super) name: String,
+    pub(super) source: Source,
+    pub(super) dtype: DataType,
+    pub(super) order: Order,
+    pub(super) bit: Option<u8>,
+    pub(super) length: u16,
+    pub(super) scale: Option<f64>,
+    pub(super) offset: Option<f64>,
+    pub(super) unit: Option<String>,
+    pub(super) every: Option<Duration>,
+    pub(super) topic: Option<String>,
+    pub(super) payload: Option<PayloadFormat>,
+    pub(super) qos: Option<u8>,
+    pub(super) retain: Option<bool>,
+    /// Serial line points: the parsed field.
+    pub(super) field: Option<String>,
+    pub(super) writable: bool,
+    pub(super) min: Option<f64>,
+    pub(super) max: Option<f64>,
+    /// Defined in the device's model (errors about it name the model).
+    pub(super) from_model: bool,
+}
+
+/// Validates one point; every problem is pushed to `errors`.
+pub(super) fn validate_point(
+    ctx: &Ctx,
+    errors: &mut Vec<Diagnostic>,
+    p: &str,
+    name: &str,
+    r: &RawPoint,
+) -> Option<PointSpec> {
+    let before = errors.len();
+    let mut err = |field: &str, msg: String| {
+        let path = if field.is_empty() {
+            p.to_string()
+        } else {
+            format!("{p}.{field}")
+        };
+        errors.push(ctx.diag(&path, msg));
+    };
+    check_topic_segment_with(&mut err, name, "point name");
+
+    if let Some(field) = &r.field {
+        // A field of a parsed text line: none of the register keys apply.
+        for (key, set) in [
+            ("writable", r.writable == Some(true)),
+            ("register", r.register.is_some()),
+            ("coil", r.coil.is_some()),
+            ("discrete", r.discrete.is_some()),
+            ("kind", r.kind.is_some()),
+            ("order", r.order.is_some()),
+            ("bit", r.bit.is_some()),
+            ("length", r.length.is_some()),
+        ] {
+            if set {
+                err(
+                    key,
+                    format!("`{key}` does not apply to a `field:` point (a field of a text line)"),
+                );
+            }
+        }
+        let dtype = r.dtype.unwrap_or(DataType::F64);
+        if !dtype.is_numeric() {
+            for (key, set) in [("scale", r.scale.is_some()), ("offset", r.offset.is_some())] {
+                if set {
+                    err(
+                        key,
+                        format!(
+                            "`{key}` applies only to numeric types, not {}",
+                            type_name(dtype)
+                        ),
+                    );
+                }
+            }
+        }
+        if let Some(t) = &r.topic
+            && let Some(msg) = template_error(t)
+        {
+            err("topic", msg);
+        }
+        if let Some(q) = r.qos
+            && q > 2
+        {
+            err("qos", format!("QoS {q} does not exist (0, 1 or 2)"));
+        }
+        if errors.len() != before {
+            return None;
+        }
+        return Some(PointSpec {
+            name: name.to_string(),
+            source: Source {
+                table: Table::Holding,
+                address: 0,
+            },
+            dtype,
+            order: Order::ABCD,
+            bit: None,
+            length: 1,
+            scale: r.scale,
+            offset: r.offset,
+            unit: r.unit.clone(),
+            every: r.every,
+            topic: r.topic.clone(),
+            payload: r.payload,
+            qos: r.qos,
+            retain: r.retain,
+            field: Some(field.as_key()),
+            from_model: false,
+            writable: false,
+            min: None,
+            max: None,
+        });
+    }
+
+    let sources = [
+        ("register", r.register),
+        ("coil", r.coil),
+        ("discrete", r.discrete),
+    ];
+    let given: Vec<&str> = sources
+        .iter()
+        .filter(|(_, v)| v.is_some())
+        .map(|(k, _)| *k)
+        .collect();
+    let (table, address) = match (given.as_slice(), r.register, r.coil, r.discrete) {
+        (["register"], Some(a), _, _) => (
+            match r.kind.unwrap_or(RegisterKind::Holding) {
+                RegisterKind::Holding => Table::Holding,
+                RegisterKind::Input => Table::Input,
+            },
+            a,
+        ),
+        (["coil"], _, Some(a), _) => (Table::Coil, a),
+        (["discrete"], _, _, Some(a)) => (Table::Discrete, a),
+        ([], ..) => {
+            err(
+                "",
+                "a point needs one of `register:`, `coil:` or `discrete:` (or `field:` on a serial_line device)".into(),
+            );
+            return None;
+        }
+        _ => {
+            err(
+                given[1],
+                format!(
+                    "give only one of `register:`, `coil:`, `discrete:` (found {})",
+                    given.join(", ")
+                ),
+            );
+            return None;
+        }
+    };
+    if table.is_bits() {
+        for (field, set) in [
+            ("kind", r.kind.is_some()),
+            ("order", r.order.is_some()),
+            ("bit", r.bit.is_some()),
+            ("length", r.length.is_some()),
+            ("scale", r.scale.is_some()),
+            ("offset", r.offset.is_some()),
+        ] {
+            if set {
+                err(
+                    field,
+                    format!(
+                        "`{field}` does not apply to a {} (a single bit)",
+                        if table == Table::Coil {
+                            "coil"
+                        } else {
+                            "discrete input"
+                        }
+                    ),
+                );
+            }
+        }
+        if let Some(t) = r.dtype.filter(|t| *t != DataType::Bool) {
+            err(
+                "type",
+                format!("a single bit is a bool, not {}", type_name(t)),
+            );
+        }
+    }
+    let dtype = match (r.dtype, r.bit, table.is_bits()) {
+        (_, _, true) => DataType::Bool,
+        (None, Some(_), _) => DataType::Bool,
+        (Some(DataType::Bool), Some(_), _) => DataType::Bool,
+        (Some(t), Some(_), _) => {
+            err("type", format!("`bit:` reads a bool, not {}", type_name(t)));
+            DataType::Bool
+        }
+        (Some(t), None, _) => t,
+        (None, None, _) => DataType::U16,
+    };
+    let bit = match r.bit {
+        Some(b) if b > 15 => {
+            err("bit", format!("bit {b} is out of range 0..=15"));
+            None
+        }
+        b => b.map(|b| b as u8),
+    };
+    let length = match (dtype, r.length) {
+        (DataType::String, None) => {
+            err(
+                "length",
+                "a string needs `length:` in registers (two characters each)".into(),
+            );
+            1
+        }
+        (DataType::String, Some(0)) => {
+            err("length", "must be at least 1".into());
+            1
+        }
+        (DataType::String, Some(l)) if l > 125 => {
+            err(
+                "length",
+                format!("{l} registers do not fit one request (at most 125)"),
+            );
+            1
+        }
+        (DataType::String, Some(l)) => l as u16,
+        (_, Some(_)) => {
+            err("length", "`length:` applies only to `type: string`".into());
+            1
+        }
+        (_, None) => 1,
+    };
+    if !dtype.is_numeric() {
+        for (field, set) in [("scale", r.scale.is_some()), ("offset", r.offset.is_some())] {
+            if set && !table.is_bits() {
+                err(
+                    field,
+                    format!(
+                        "`{field}` applies only to numeric types, not {}",
+                        type_name(dtype)
+                    ),
+                );
+            }
+        }
+    }
+    if r.scale == Some(0.0) {
+        err("scale", "a scale of 0 makes every reading 0".into());
+    }
+    let width: u32 = if table.is_bits() || bit.is_some() {
+        1
+    } else if dtype == DataType::String {
+        length as u32
+    } else {
+        dtype.registers() as u32
+    };
+    let field = given[0];
+    if address > 65535 {
+        err(
+            field,
+            format!(
+                "address {address} is past 65535 (addresses are 0-based protocol addresses; see README: 4xxxx/3xxxx numbers)"
+            ),
+        );
+    } else if address + width - 1 > 65535 {
+        err(
+            field,
+            format!("{address} + {width} registers runs past address 65535"),
+        );
+    }
+    if let Some(e) = r.every
+        && e < Duration::from_millis(10)
+    {
+        err("every", "must be at least 10ms".into());
+    }
+    if let Some(q) = r.qos
+        && q > 2
+    {
+        err("qos", format!("QoS {q} does not exist (0, 1 or 2)"));
+    }
+    if let Some(t) = &r.topic
+        && let Some(msg) = template_error(t)
+    {
+        err("topic", msg);
+    }
+    if r.writable == Some(true) {
+        if !matches!(table, Table::Coil | Table::Holding) {
+            err(
+                "writable",
+                format!(
+                    "{} cannot be written; only coils and holding registers",
+                    table.name()
+                ),
+            );
+        } else if bit.is_some() || dtype == DataType::String {
+            err("writable", "bit and string points are not writable".into());
+        }
+    } else if r.min.is_some() || r.max.is_some() {
+        err(
+            if r.min.is_some() { "min" } else { "max" },
+            "`min` and `max` limit commands: they need `writable: true`".into(),
+        );
+    }
+    if let (Some(lo), Some(hi)) = (r.min, r.max)
+        && lo > hi
+    {
+        err("min", format!("min {lo} is above max {hi}"));
+    }
+    if errors.len() != before {
+        return None;
+    }
+    Some(PointSpec {
+        name: name.to_string(),
+        source: Source {
+            table,
+            address: address as u16,
+        },
+        dtype,
+        order: r.order.unwrap_or_default(),
+        bit,
+        length,
+        scale: r.scale,
+        offset: r.offset,
+        unit: r.unit.clone(),
+        every: r.every,
+        topic: r.topic.clone(),
+        payload: r.payload,
+        qos: r.qos,
+        retain: r.retain,
+        field: None,
+        from_model: false,
+        writable: r.writable.unwrap_or(false),
+        min: r.min,
+        max: r.max,
+    })
+}
+
+pub(super) fn type_name(t: DataType) -> String {
+    format!("{t:?}").to_lowercase()
+}
+
+pub(super) fn check_qos(ctx: &Ctx, errors: &mut Vec<Diagnostic>, path: &str, q: u8) {
+    if q > 2 {
+        errors.push(ctx.diag(path, format!("QoS {q} does not exist (0, 1 or 2)")));
+    }
+}
+
+pub(super) fn check_template(ctx: &Ctx, errors: &mut Vec<Diagnostic>, path: &str, t: &str) {
+    if let Some(msg) = template_error(t) {
+        errors.push(ctx.diag(path, msg));
+    }
+}
+
+pub(super) fn check_topic_segment(
+    ctx: &Ctx,
+    errors: &mut Vec<Diagnostic>,
+    path: &str,
+    name: &str,
+    what: &str,
+) {
+    check_topic_segment_with(
+        &mut |_: &str, m: String| errors.push(ctx.diag(path, m)),
+        name,
+        what,
+    );
+}
+
+pub(super) fn check_topic_segment_with(err: &mut dyn FnMut(&str, String), name: &str, what: &str) {
+    if name.is_empty() || name.contains(['/', '+', '#', '\0']) {
+        err(
+            "",
+            format!("{what} `{name}` cannot be an MQTT topic level (no '/', '+', '#', not empty)"),
+        );
+    }
+}

@@ -1,0 +1,425 @@
+//! Resolution of the gateway, MQTT and queue sections, and the checks that span devices
+//! (unique topics). Buses, devices and points each have a file of their own.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::devices::{DeviceEnv, ModelDef};
+use super::diagnostic::{Ctx, Diagnostic};
+use super::raw::*;
+use super::{Config, Device, Gateway, Mqtt, Queue, Secret};
+use crate::store::Limits;
+
+pub(super) struct Resolver<'e> {
+    pub(super) errors: Vec<Diagnostic>,
+    /// Model name → validated points (or None if the model file had errors).
+    pub(super) models: HashMap<String, Option<ModelDef>>,
+    pub(super) env: &'e dyn Fn(&str) -> Option<String>,
+}
+
+impl Resolver<'_> {
+    pub(super) fn resolve(
+        &mut self,
+        ctx: &Ctx,
+        path: &Path,
+        base: &Path,
+        raw: RawConfig,
+    ) -> Config {
+        let id = raw.gateway.id.clone().unwrap_or_else(hostname);
+        if id.is_empty() || id.contains(['/', '+', '#', '\0']) {
+            self.errors.push(ctx.diag(
+                "gateway.id",
+                format!("`{id}` cannot be part of an MQTT topic (no '/', '+', '#', not empty)"),
+            ));
+        }
+        let state_dir = match raw.gateway.state_dir {
+            Some(d) if d.is_relative() => base.join(d),
+            Some(d) => d,
+            None => PathBuf::from("/var/lib/fieldgate"),
+        };
+        let status_interval = raw
+            .gateway
+            .status_interval
+            .unwrap_or(Duration::from_secs(60));
+        if status_interval < Duration::from_secs(1) {
+            self.errors
+                .push(ctx.diag("gateway.status_interval", "must be at least 1s"));
+        }
+        let log_level = raw
+            .gateway
+            .log_level
+            .clone()
+            .unwrap_or_else(|| "info".into());
+        if tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
+            self.errors.push(ctx.diag(
+                "gateway.log_level",
+                format!("`{log_level}` is not a log level (error, warn, info, debug, trace)"),
+            ));
+        }
+        let gateway = Gateway {
+            id,
+            state_dir,
+            status_interval,
+            log_level,
+        };
+        let mqtt = self.resolve_mqtt(ctx, base, &gateway, &raw.mqtt);
+        let queue = self.resolve_queue(ctx, &raw.queue);
+
+        let mut buses = Vec::new();
+        for (name, b) in &raw.buses {
+            if let Some(bus) = self.resolve_bus(ctx, name, b) {
+                buses.push(bus);
+            }
+        }
+
+        let folders: Vec<PathBuf> = raw
+            .models
+            .iter()
+            .map(|m| tidy_path(&base.join(m)))
+            .collect();
+        for (i, f) in folders.iter().enumerate() {
+            if !f.is_dir() {
+                self.errors.push(ctx.diag(
+                    &format!("models[{i}]"),
+                    format!("model folder {} does not exist", f.display()),
+                ));
+            }
+        }
+
+        let env = DeviceEnv {
+            gateway: &gateway,
+            buses: &raw.buses,
+            resolved: &buses,
+            folders: &folders,
+        };
+        let mut devices = Vec::new();
+        for (name, d) in &raw.devices {
+            if let Some(dev) = self.resolve_device(ctx, &env, name, d) {
+                devices.push(dev);
+            }
+        }
+        self.check_topics_unique(ctx, &devices);
+        // A streaming device owns its line: nothing else may share the port.
+        for bus in &buses {
+            let on_bus: Vec<&Device> = devices
+                .iter()
+                .filter(|d| d.bus == bus.name && d.line.is_some())
+                .collect();
+            if on_bus.len() < 2 {
+                continue;
+            }
+            for d in on_bus
+                .iter()
+                .filter(|d| d.line.as_ref().is_some_and(|l| l.request.is_none()))
+            {
+                let others: Vec<&str> = on_bus
+                    .iter()
+                    .filter(|o| o.name != d.name)
+                    .map(|o| o.name.as_str())
+                    .collect();
+                self.errors.push(ctx.diag(
+                    &format!("devices.{}", d.name),
+                    format!(
+                        "`{}` streams lines (no `request:`) on bus `{}`, which {} also use{}: devices may share a serial line only in request/response mode",
+                        d.name,
+                        bus.name,
+                        others.join(", "),
+                        if others.len() == 1 { "s" } else { "" }
+                    ),
+                ));
+            }
+        }
+        Config {
+            path: path.to_path_buf(),
+            gateway,
+            mqtt,
+            queue,
+            metrics: raw.metrics.as_ref().map(|m| m.listen),
+            homeassistant: raw.homeassistant.as_ref().filter(|h| h.discovery).map(|h| {
+                super::Discovery {
+                    prefix: h.prefix.clone().unwrap_or_else(|| "homeassistant".into()),
+                }
+            }),
+            buses,
+            devices,
+        }
+    }
+}
+
+impl Resolver<'_> {
+    pub(super) fn resolve_queue(&mut self, ctx: &Ctx, q: &RawQueue) -> Queue {
+        let d = Limits::default();
+        let max_bytes = match &q.max_bytes {
+            None => d.max_bytes,
+            Some(NumberOrText::Number(n)) => *n,
+            Some(NumberOrText::Text(t)) => parse_bytes(t).unwrap_or_else(|msg| {
+                self.errors.push(ctx.diag("queue.max_bytes", msg));
+                d.max_bytes
+            }),
+        };
+        if max_bytes < 64 * 1024 {
+            self.errors
+                .push(ctx.diag("queue.max_bytes", "must be at least 64KiB"));
+        }
+        let max_messages = q.max_messages.unwrap_or(d.max_messages);
+        if max_messages == 0 {
+            self.errors
+                .push(ctx.diag("queue.max_messages", "must be at least 1"));
+        }
+        let replay_rate = match q.replay_rate {
+            Some(r) if r < 0.0 || !r.is_finite() => {
+                self.errors.push(ctx.diag(
+                    "queue.replay_rate",
+                    "must be 0 (no limit) or a positive number of messages per second",
+                ));
+                None
+            }
+            Some(r) if r > 0.0 => Some(r),
+            _ => None,
+        };
+        Queue {
+            limits: Limits {
+                max_messages,
+                max_bytes,
+                max_age: q.max_age.unwrap_or(d.max_age),
+                when_full: q.when_full.unwrap_or(d.when_full),
+            },
+            replay_rate,
+        }
+    }
+
+    pub(super) fn resolve_mqtt(
+        &mut self,
+        ctx: &Ctx,
+        base: &Path,
+        gateway: &Gateway,
+        m: &RawMqtt,
+    ) -> Mqtt {
+        let (host, port, use_tls) = match parse_mqtt_url(&m.url) {
+            Ok(hp) => hp,
+            Err(msg) => {
+                self.errors.push(ctx.diag("mqtt.url", msg));
+                (String::new(), 0, false)
+            }
+        };
+        if m.tls.is_some() && !use_tls {
+            self.errors
+                .push(ctx.diag("mqtt.tls", "`tls:` needs an mqtts:// URL"));
+        }
+        let settings = m.tls.as_ref().map(|t| crate::tls::TlsSettings {
+            ca_file: t.ca_file.as_ref().map(|f| base.join(f)),
+            cert_file: t.cert_file.as_ref().map(|f| base.join(f)),
+            key_file: t.key_file.as_ref().map(|f| base.join(f)),
+            insecure_skip_verify: t.insecure_skip_verify.unwrap_or(false),
+        });
+        let insecure_skip_verify = settings.as_ref().is_some_and(|s| s.insecure_skip_verify);
+        let tls = if use_tls {
+            match crate::tls::client_config(&settings.unwrap_or_default()) {
+                Ok(c) => Some(c),
+                Err((field, msg)) => {
+                    let key = match field {
+                        crate::tls::Field::CaFile => "mqtt.tls.ca_file",
+                        crate::tls::Field::CertFile => "mqtt.tls.cert_file",
+                        crate::tls::Field::KeyFile => "mqtt.tls.key_file",
+                    };
+                    self.errors.push(ctx.diag(key, msg));
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let password = match (&m.password, &m.password_file) {
+            (Some(_), Some(_)) => {
+                self.errors.push(ctx.diag(
+                    "mqtt.password_file",
+                    "give either password or password_file, not both",
+                ));
+                None
+            }
+            (Some(p), None) => Some(Secret(p.clone())),
+            (None, Some(f)) => {
+                let f = base.join(f);
+                match std::fs::read_to_string(&f) {
+                    Ok(s) => Some(Secret(s.trim_end_matches(['\n', '\r']).to_string())),
+                    Err(e) => {
+                        self.errors.push(ctx.diag(
+                            "mqtt.password_file",
+                            format!("cannot read {}: {e}", f.display()),
+                        ));
+                        None
+                    }
+                }
+            }
+            (None, None) => None,
+        };
+        if password.is_some() && m.username.is_none() {
+            self.errors
+                .push(ctx.diag("mqtt.username", "a password needs a username"));
+        }
+        let keep_alive = m.keep_alive.unwrap_or(Duration::from_secs(30));
+        if keep_alive < Duration::from_secs(1) {
+            self.errors
+                .push(ctx.diag("mqtt.keep_alive", "must be at least 1s"));
+        }
+        let inflight = m.inflight.unwrap_or(500);
+        if inflight == 0 {
+            self.errors
+                .push(ctx.diag("mqtt.inflight", "must be at least 1"));
+        }
+        let inflight_qos2 = m.inflight_qos2.unwrap_or(20);
+        if inflight_qos2 == 0 {
+            self.errors
+                .push(ctx.diag("mqtt.inflight_qos2", "must be at least 1"));
+        }
+        Mqtt {
+            host,
+            port,
+            client_id: m
+                .client_id
+                .clone()
+                .unwrap_or_else(|| format!("fieldgate-{}", gateway.id)),
+            username: m.username.clone(),
+            password,
+            keep_alive,
+            inflight: inflight.max(1),
+            inflight_qos2: inflight_qos2.clamp(1, inflight.max(1)),
+            tls,
+            insecure_skip_verify,
+        }
+    }
+
+    /// Every published topic belongs to one point (or one `publish: device` device): two
+    /// owners would mix their readings, and a command on `…/set` would reach whichever was
+    /// resolved last. Both places are named.
+    pub(super) fn check_topics_unique(&mut self, ctx: &Ctx, devices: &[Device]) {
+        let mut owners: HashMap<String, String> = HashMap::new();
+        for d in devices {
+            let published: Vec<(String, String)> = match d.publish {
+                PublishMode::Point => d
+                    .points
+                    .iter()
+                    .map(|pt| {
+                        (
+                            pt.delivery.topic.clone(),
+                            format!("devices.{}.points.{}", d.name, pt.name),
+                        )
+                    })
+                    .collect(),
+                PublishMode::Device => vec![(
+                    d.device_delivery.topic.clone(),
+                    format!("devices.{}", d.name),
+                )],
+            };
+            for (topic, path) in published {
+                match owners.get(&topic) {
+                    Some(first) => {
+                        let at = ctx.map.locate(first);
+                        self.errors.push(ctx.diag(
+                            &path,
+                            format!(
+                                "publishes to `{topic}`, as {first} does ({}:{}:{}); give one of them its own `topic:`",
+                                ctx.file, at.line, at.col
+                            ),
+                        ));
+                    }
+                    None => {
+                        owners.insert(topic, path);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `mqtt://host[:port]`; `tcp://` is accepted as a synonym.
+pub(super) fn parse_mqtt_url(url: &str) -> Result<(String, u16, bool), String> {
+    let (rest, tls) = if let Some(r) = url
+        .strip_prefix("mqtt://")
+        .or_else(|| url.strip_prefix("tcp://"))
+    {
+        (r, false)
+    } else if let Some(r) = url
+        .strip_prefix("mqtts://")
+        .or_else(|| url.strip_prefix("ssl://"))
+    {
+        (r, true)
+    } else {
+        return Err(format!(
+            "`{url}` is not an MQTT URL: expected mqtt://host:port or mqtts://host:port"
+        ));
+    };
+    let rest = rest.trim_end_matches('/');
+    let (host, port) = if let Some(stripped) = rest.strip_prefix('[') {
+        // [ipv6]:port
+        let (h, p) = stripped
+            .split_once(']')
+            .ok_or_else(|| format!("`{url}`: unclosed '['"))?;
+        (h.to_string(), p.strip_prefix(':'))
+    } else {
+        match rest.rsplit_once(':') {
+            Some((h, p)) => (h.to_string(), Some(p)),
+            None => (rest.to_string(), None),
+        }
+    };
+    if host.is_empty() || host.contains(['/', '@']) {
+        return Err(format!(
+            "`{url}`: expected mqtt://host:port (credentials go in `username` and `password`)"
+        ));
+    }
+    let port = match port {
+        None if tls => 8883,
+        None => 1883,
+        Some(p) => p
+            .parse::<u16>()
+            .map_err(|_| format!("`{url}`: port `{p}` is not a number 1..=65535"))?,
+    };
+    Ok((host, port, tls))
+}
+
+/// `1048576`, `512KiB`, `64MB`, `1GiB`, `1.5GB` → bytes (KB/MB/GB are powers of 1000).
+pub(super) fn parse_bytes(t: &str) -> Result<u64, String> {
+    let t = t.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '_'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let num: f64 = num
+        .replace('_', "")
+        .parse()
+        .map_err(|_| format!("`{t}` is not a size (write e.g. 512MiB or 1GB)"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1_000,
+        "kib" => 1 << 10,
+        "m" | "mb" => 1_000_000,
+        "mib" => 1 << 20,
+        "g" | "gb" => 1_000_000_000,
+        "gib" => 1 << 30,
+        "t" | "tb" => 1_000_000_000_000,
+        "tib" => 1 << 40,
+        u => {
+            return Err(format!(
+                "unknown size unit `{u}` in `{t}` (B, KB, KiB, MB, MiB, GB, GiB)"
+            ));
+        }
+    };
+    Ok((num * mult as f64) as u64)
+}
+
+/// Drops `.` components so file names in messages read naturally (`a/./b` → `a/b`).
+pub(super) fn tidy_path(p: &Path) -> PathBuf {
+    p.components()
+        .filter(|c| !matches!(c, std::path::Component::CurDir))
+        .collect()
+}
+
+pub(super) fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "fieldgate".into())
+}

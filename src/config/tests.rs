@@ -1,0 +1,69 @@
+//! Unit tests of the pure helpers: environment expansion, sizes, MQTT URLs, topic templates.
+
+use super::resolve::{parse_bytes, parse_mqtt_url};
+use super::*;
+
+fn env(k: &str) -> Option<String> {
+    match k {
+        "PASS" => Some("s3cret".into()),
+        "ODD" => Some("a: b #c".into()),
+        _ => None,
+    }
+}
+
+#[test]
+fn env_expands_in_values_but_not_in_comments() {
+    let out = expand_env("password: ${PASS} # ${NOT_SET} stays\n", &env).unwrap();
+    assert_eq!(out, "password: s3cret # ${NOT_SET} stays\n");
+}
+
+#[test]
+fn env_defaults_and_escapes() {
+    assert_eq!(
+        expand_env("port: ${NOPE:-1883}\n", &env).unwrap(),
+        "port: 1883\n"
+    );
+    assert_eq!(expand_env("x: $${PASS}\n", &env).unwrap(), "x: ${PASS}\n");
+}
+
+#[test]
+fn env_values_yaml_would_misread_are_quoted() {
+    assert_eq!(expand_env("p: ${ODD}\n", &env).unwrap(), "p: \"a: b #c\"\n");
+    assert_eq!(
+        expand_env("p: \"x${ODD}\"\n", &env).unwrap(),
+        "p: \"xa: b #c\"\n"
+    );
+}
+
+#[test]
+fn a_missing_env_var_names_its_line_and_column() {
+    let err = expand_env("a: 1\nb: ${MISSING}\n", &env).unwrap_err();
+    assert_eq!(err, vec![(Loc { line: 2, col: 4 }, "MISSING".to_string())]);
+}
+
+#[test]
+fn sizes_take_units() {
+    assert_eq!(parse_bytes("1048576"), Ok(1 << 20));
+    assert_eq!(parse_bytes("512KiB"), Ok(512 << 10));
+    assert_eq!(parse_bytes("1GB"), Ok(1_000_000_000));
+    assert_eq!(parse_bytes("1.5 GiB"), Ok(3 << 29));
+    assert!(parse_bytes("12 parsecs").is_err());
+}
+
+#[test]
+fn mqtt_urls() {
+    let url = |u| parse_mqtt_url(u).unwrap();
+    assert_eq!(
+        url("mqtt://127.0.0.1:1883"),
+        ("127.0.0.1".into(), 1883, false)
+    );
+    assert_eq!(url("mqtt://broker"), ("broker".into(), 1883, false));
+    assert_eq!(url("mqtts://broker"), ("broker".into(), 8883, true));
+    assert_eq!(url("mqtt://[::1]:1884"), ("::1".into(), 1884, false));
+    assert!(parse_mqtt_url("http://x").is_err());
+    assert!(parse_mqtt_url("mqtt://x:99999").is_err());
+    assert!(
+        parse_mqtt_url("mqtt://user:pw@broker").is_err(),
+        "no credentials in URLs"
+    );
+}
