@@ -18,9 +18,10 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::backoff::{Backoff, Retry};
 use crate::config::{Config, Transport};
-use crate::poller::{Availability, SharedStats};
-use crate::store::{self, Store, StoreError, StoreHandle};
+use crate::state::{Availability, Shared, SharedStats};
+use crate::store::{self, Store, StoreError};
 use crate::systemd::{self, Health};
 use crate::uplink::{Tuning, Uplink};
 
@@ -30,15 +31,6 @@ pub enum GatewayError {
     Store(#[from] StoreError),
     #[error("the store thread panicked")]
     StorePanicked,
-}
-
-/// What every pipeline task shares: the queue, the figures, device availability, liveness.
-#[derive(Clone)]
-pub struct Shared {
-    pub store: StoreHandle,
-    pub stats: SharedStats,
-    pub availability: Arc<Availability>,
-    pub health: Arc<Health>,
 }
 
 /// Runs the gateway until `cancel` fires, then drains and returns.
@@ -151,14 +143,14 @@ fn start(
         let (bus, shared, cancel) = (bus.clone(), shared.clone(), cancel.clone());
         match bus.transport {
             Transport::SerialLine { .. } => {
-                tasks.spawn(crate::line::run(bus, devices, shared, cancel))
+                tasks.spawn(crate::poll::line::run(bus, devices, shared, cancel))
             }
             _ => {
                 let (tx, rx) = mpsc::channel(16);
                 for d in &devices {
                     commands.insert(d.name.clone(), tx.clone());
                 }
-                tasks.spawn(crate::poller::run(bus, devices, shared, rx, cancel))
+                tasks.spawn(crate::poll::modbus::run(bus, devices, shared, rx, cancel))
             }
         };
     }
@@ -184,7 +176,7 @@ fn start(
 async fn open_queue(config: &Config, cancel: &CancellationToken) -> Option<Store> {
     let dir = config.gateway.state_dir.clone();
     let limits = config.queue.limits;
-    let mut backoff = Duration::from_secs(1);
+    let mut retry = Retry::new(Backoff::DEVICE);
     let mut last_log: Option<std::time::Instant> = None;
     loop {
         let d = dir.clone();
@@ -212,8 +204,7 @@ async fn open_queue(config: &Config, cancel: &CancellationToken) -> Option<Store
         }
         tokio::select! {
             _ = cancel.cancelled() => return None,
-            _ = tokio::time::sleep(backoff) => {}
+            _ = tokio::time::sleep(retry.failed()) => {}
         }
-        backoff = (backoff * 2).min(Duration::from_secs(60));
     }
 }

@@ -24,22 +24,23 @@
 //! `gateway` wires these together and owns shutdown; `commission` serves `fieldgate read`. `sim` (a simulated Modbus device), `proxy`
 //! (a fault-injecting TCP proxy) and `broker` (rumqttd in-process) serve the demo and the tests.
 
+pub mod backoff;
 pub mod broker;
 pub mod bus;
 pub mod commission;
 pub mod config;
 pub mod discovery;
 pub mod gateway;
-pub mod line;
 pub mod mapping;
 pub mod message;
 pub mod metrics;
 pub mod modbus;
 pub mod parse;
 pub mod plan;
-pub mod poller;
+pub mod poll;
 pub mod proxy;
 pub mod sim;
+pub mod state;
 pub mod status;
 pub mod store;
 pub mod systemd;

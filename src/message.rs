@@ -1,6 +1,6 @@
 //! The values that flow between stages, and the rendering of MQTT payloads.
 //!
-//! `poller` turns decoded values into [`Message`]s (topic, QoS, retain, poll time, body);
+//! `poll` turns decoded values into [`Message`]s (topic, QoS, retain, poll time, body);
 //! `store` gives each one a gateway-wide `seq` and keeps it as a [`Stored`] row; `uplink`
 //! renders the final payload with [`Stored::payload`] when it publishes. Rendering is late on
 //! purpose: `seq` exists only once the row is committed, and the payload must carry it.
@@ -12,7 +12,6 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use time::macros::format_description;
 
-use crate::config::{Device, PayloadFormat, PublishMode};
 use crate::mapping::Value;
 
 /// The body of a message, before `ts` and `seq` are added.
@@ -84,49 +83,6 @@ impl Stored {
                 .expect("plain data serializes")
             }
         }
-    }
-}
-
-/// The messages one poll of `device` produces from `values` (point index, value).
-pub fn from_values(device: &Device, ts_ms: i64, values: Vec<(usize, Value)>) -> Vec<Message> {
-    if values.is_empty() {
-        return Vec::new();
-    }
-    match device.publish {
-        PublishMode::Device => {
-            let values = values
-                .into_iter()
-                .map(|(i, v)| (device.points[i].name.clone(), v))
-                .collect();
-            let d = &device.device_delivery;
-            vec![Message {
-                topic: d.topic.clone(),
-                qos: d.qos,
-                retain: d.retain,
-                ts_ms,
-                body: Body::Device { values },
-            }]
-        }
-        PublishMode::Point => values
-            .into_iter()
-            .map(|(i, value)| {
-                let p = &device.points[i];
-                let body = match device.payload.get(&p.name) {
-                    Some(PayloadFormat::Value) => Body::Bare { value },
-                    _ => Body::Point {
-                        value,
-                        unit: p.unit.clone(),
-                    },
-                };
-                Message {
-                    topic: p.delivery.topic.clone(),
-                    qos: p.delivery.qos,
-                    retain: p.delivery.retain,
-                    ts_ms,
-                    body,
-                }
-            })
-            .collect(),
     }
 }
 

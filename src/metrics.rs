@@ -15,7 +15,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::gateway::Shared;
+use crate::state::Shared;
 
 type Labels = Vec<(String, String)>;
 

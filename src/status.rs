@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
-use crate::gateway::Shared;
 use crate::message::{format_ts, now_ms};
+use crate::state::Shared;
 use crate::store::StoreError;
 
 /// The retained statistics message: uptime and the queue's figures.

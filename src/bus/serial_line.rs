@@ -1,5 +1,16 @@
-//! Framing a serial byte stream into lines: the terminator, the longest line accepted, and
-//! valid UTF-8. Pure; `line` owns the port and feeds bytes in.
+//! Serial line transport: the port of a text-sensor bus ([`LinePort`]: opened on demand,
+//! reopened with backoff, requests written, answers and streams read) and the framing of its
+//! bytes into lines ([`LineFramer`]: the terminator, the longest line accepted, valid UTF-8;
+//! pure). What the lines mean belongs to `parse`; who is asked when, to `poll::line`.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::{Instant, timeout_at};
+use tokio_serial::{SerialPort, SerialStream};
+
+use super::serial::SerialSettings;
+use crate::backoff::{Backoff, Retry};
 
 /// What the framer makes of the bytes between two terminators.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -86,6 +97,131 @@ impl LineFramer {
                 }
             }
         }
+    }
+}
+
+/// The serial port of a line bus, opened on demand, with the framer of its bytes.
+pub struct LinePort {
+    bus: String,
+    settings: SerialSettings,
+    port: Option<SerialStream>,
+    framer: LineFramer,
+    /// One streaming device owns the port: after opening it, the bytes up to the first line
+    /// ending are discarded (the sensor may be mid-line). A request/response answer is whole.
+    streaming: bool,
+    opening: Retry,
+    buf: Vec<u8>,
+}
+
+impl LinePort {
+    pub fn new(
+        bus: &str,
+        settings: SerialSettings,
+        terminator: &[u8],
+        max_line: usize,
+        streaming: bool,
+    ) -> LinePort {
+        LinePort {
+            bus: bus.to_string(),
+            settings,
+            port: None,
+            framer: LineFramer::new(terminator, max_line),
+            streaming,
+            opening: Retry::new(Backoff::DEVICE),
+            buf: vec![0; 1024],
+        }
+    }
+
+    /// Opens the port if it is closed; on failure returns how long to wait before trying again.
+    pub fn try_open(&mut self) -> Result<(), Duration> {
+        if self.port.is_some() {
+            return Ok(());
+        }
+        match self.settings.open() {
+            Ok(p) => {
+                if self.opening.succeeded() > 0 {
+                    tracing::info!(bus = %self.bus, port = %self.settings.port, "serial port open again");
+                }
+                if self.streaming {
+                    self.framer.resync();
+                } else {
+                    self.framer.clear();
+                }
+                self.port = Some(p);
+                Ok(())
+            }
+            Err(e) => {
+                let wait = self.opening.failed();
+                if self.opening.failures() == 1 {
+                    tracing::warn!(bus = %self.bus, port = %self.settings.port, error = %e,
+                        "cannot open the serial port; retrying with backoff (up to 60s)");
+                }
+                Err(wait)
+            }
+        }
+    }
+
+    fn close(&mut self, why: &str) {
+        if self.port.take().is_some() {
+            tracing::warn!(bus = %self.bus, port = %self.settings.port, why, "serial port lost; reopening");
+        }
+    }
+
+    /// Waits for bytes and appends the lines they complete to `out`. A port that reaches its
+    /// end or fails is closed (and reopened by the next [`try_open`](Self::try_open)): `Err`.
+    /// Cancel-safe: nothing is lost when the wait is abandoned.
+    pub async fn read_lines(&mut self, out: &mut Vec<Framed>) -> Result<(), ()> {
+        let Some(port) = self.port.as_mut() else {
+            return Err(());
+        };
+        match port.read(&mut self.buf).await {
+            Ok(0) => {
+                self.close("end of file");
+                Err(())
+            }
+            Err(e) => {
+                self.close(&e.to_string());
+                Err(())
+            }
+            Ok(n) => {
+                self.framer.push(&self.buf[..n], out);
+                Ok(())
+            }
+        }
+    }
+
+    /// Sends a request. Whatever waits in the input (a partial line, the kernel's queue) is
+    /// discarded first: it is not the answer to this request.
+    pub async fn send(&mut self, request: &[u8]) -> Result<(), ()> {
+        self.framer.clear();
+        let Some(port) = self.port.as_mut() else {
+            return Err(());
+        };
+        let _ = port.clear(tokio_serial::ClearBuffer::Input);
+        let sent = async {
+            port.write_all(request).await?;
+            port.flush().await
+        }
+        .await;
+        sent.map_err(|e| self.close(&e.to_string()))
+    }
+
+    /// After an unanswered request: lets a late answer arrive until `until` and drops it, so it
+    /// is never taken for the next device's answer. Returns the bytes dropped.
+    pub async fn drop_late_answer(&mut self, until: Instant) -> usize {
+        let Some(port) = self.port.as_mut() else {
+            return 0;
+        };
+        let mut late = 0;
+        while let Ok(Ok(n)) = timeout_at(until, port.read(&mut self.buf)).await {
+            if n == 0 {
+                break;
+            }
+            late += n;
+        }
+        let _ = port.clear(tokio_serial::ClearBuffer::Input);
+        self.framer.clear();
+        late
     }
 }
 

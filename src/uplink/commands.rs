@@ -85,7 +85,7 @@ impl Uplink {
             return refuse(format!("device {device} does not take commands"));
         };
         let (reply, answer) = tokio::sync::oneshot::channel();
-        let cmd = crate::poller::Command {
+        let cmd = crate::state::Command {
             device: device.clone(),
             point: *point,
             data,

@@ -33,9 +33,10 @@ use tokio_util::sync::CancellationToken;
 pub use commands::{command_topics, command_value};
 pub use window::{Entry, Surprise, Window};
 
+use crate::backoff::{Backoff, Retry};
 use crate::config::{Config, Mqtt};
-use crate::gateway::Shared;
 use crate::message::Stored;
+use crate::state::Shared;
 use crate::store::{StoreError, StoreHandle};
 
 #[derive(Debug, thiserror::Error)]
@@ -155,7 +156,7 @@ pub struct Uplink {
     /// Figures, device availability and liveness shared with the pollers.
     pub shared: Shared,
     /// Each Modbus device's bus task, for commands.
-    pub commands: HashMap<String, mpsc::Sender<crate::poller::Command>>,
+    pub commands: HashMap<String, mpsc::Sender<crate::state::Command>>,
     /// `…/set` topic → (device, point index, point).
     pub set_topics: HashMap<String, (String, usize, crate::mapping::Point)>,
     /// Home Assistant discovery: the prefix, the retained configs, and where the topics
@@ -255,7 +256,10 @@ impl Uplink {
 
     async fn run_inner(&self, cancel: &CancellationToken) {
         let cancel = cancel.clone();
-        let mut backoff = self.tuning.backoff_min;
+        let mut retry = Retry::new(Backoff::new(
+            self.tuning.backoff_min,
+            self.tuning.backoff_max,
+        ));
         // When the current outage began; None while the uplink is up (or never tried).
         let mut down_since: Option<Instant> = None;
         loop {
@@ -263,7 +267,7 @@ impl Uplink {
                 return;
             }
             let mut report = Report::default();
-            let refused: bool;
+            let mut backoff: Duration;
             // Connecting takes at most the connect timeout (10 s).
             self.beat(Duration::from_secs(10));
             let result = self.session(&cancel, &mut report, down_since).await;
@@ -275,13 +279,14 @@ impl Uplink {
                     // Only a session that delivered something proves the link works: one that
                     // connects and then fails at once must not turn into a reconnect storm.
                     if report.delivered {
-                        backoff = self.tuning.backoff_min;
+                        retry.succeeded();
                     }
+                    backoff = retry.failed();
                     // A broker that refuses us (bad credentials, not authorised) will not change
                     // its mind in a second: retry slowly, never in a hot loop.
-                    refused = matches!(e, UplinkError::Refused(_));
-                    if refused {
-                        backoff = backoff.max(self.tuning.refused_backoff);
+                    if matches!(e, UplinkError::Refused(_)) {
+                        backoff = Backoff::new(self.tuning.refused_backoff, REFUSED_BACKOFF_MAX)
+                            .after(retry.failures());
                     }
                     // Logged once per outage; the attempts in between go to debug.
                     if report.delivered || down_since.is_none() {
@@ -303,11 +308,6 @@ impl Uplink {
                 _ = cancel.cancelled() => return,
                 _ = sleep(backoff + jitter) => {}
             }
-            backoff = if refused {
-                (backoff * 2).min(REFUSED_BACKOFF_MAX)
-            } else {
-                (backoff * 2).min(self.tuning.backoff_max)
-            };
         }
     }
 

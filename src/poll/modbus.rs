@@ -1,4 +1,5 @@
-//! Polling: one task per bus decides which device is asked for what, and when.
+//! The Modbus poller: one task per Modbus bus (TCP or RTU) decides which device is asked for
+//! what, and when.
 //!
 //! The task owns its bus's [`Link`], so requests on one bus never overlap (on RS-485, strictly
 //! one at a time, with the silence between frames kept by the link). Each device's points are
@@ -14,104 +15,28 @@
 //!   those points skipped, and the request retried at a slowly growing interval (never hot).
 //!
 //! Values read are turned into messages and handed to the store, which never makes the poller
-//! wait for the uplink. Per-bus figures go to a shared [`BusStats`] for the status message.
+//! wait for the uplink. Device health and figures go through the core in [`super`].
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::collections::HashMap;
 use std::time::Duration;
 
-use serde::Serialize;
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 
-use crate::bus::{BusError, Data, Link, WriteData};
-use crate::config::{Bus, Device};
-use crate::gateway::Shared;
+use super::{DeviceHealth, Reporter};
+use crate::backoff::{Backoff, Retry};
+use crate::bus::{Bus, BusError, Data, Link};
+use crate::config::Device;
 use crate::mapping::Value;
-use crate::message::{self, now_ms};
-use crate::store::StoreHandle;
+use crate::message::now_ms;
+use crate::state::{Command, Shared};
 
-const BACKOFF_MIN: Duration = Duration::from_secs(1);
-const BACKOFF_MAX: Duration = Duration::from_secs(60);
 /// Longest pause for a request the device refuses with an exception.
 const REFUSED_MAX: Duration = Duration::from_secs(300);
 
-/// Figures of one device.
-#[derive(Debug, Default, Clone, Serialize)]
-pub struct DeviceStats {
-    pub polls: u64,
-    pub failed_polls: u64,
-    pub timeouts: u64,
-    pub exceptions: u64,
-    /// Values that read as NaN or infinite (published as null).
-    pub not_finite: u64,
-    /// None until the first poll decided it.
-    pub online: Option<bool>,
-    pub last_success_ms: Option<i64>,
-}
-
-/// Figures of one bus, as the status message reports them.
-#[derive(Debug, Default, Clone, Serialize)]
-pub struct BusStats {
-    pub requests: u64,
-    /// Lines read (serial line buses).
-    pub lines: u64,
-    /// Failed requests by kind: timeout, crc, exception, io, connect, protocol.
-    pub errors: BTreeMap<&'static str, u64>,
-    /// Share of wall time with a transaction on the wire (RTU buses).
-    pub utilisation: f64,
-    /// CRC errors, noise, late replies and retries on the line (RTU).
-    pub line: crate::bus::LineFaults,
-    pub devices: BTreeMap<String, DeviceStats>,
-}
-
-/// Every bus's figures, shared between the pollers and the uplink's status message.
-pub type SharedStats = Arc<Mutex<BTreeMap<String, BusStats>>>;
-
-/// Device availability: the pollers set it, the uplink publishes it (retained) when it changes
-/// and again on every connect. It is state, not a reading: it does not go through the queue, so
-/// it takes no `seq` and a stale `offline` is never replayed hours later.
-#[derive(Debug, Default)]
-pub struct Availability {
-    /// Topic → (online, version); the version grows with every change.
-    states: Mutex<BTreeMap<String, (bool, u64)>>,
-    changed: tokio::sync::Notify,
-}
-
-impl Availability {
-    /// Records `online` for `topic`; returns whether it changed.
-    pub fn set(&self, topic: &str, online: bool) -> bool {
-        let mut states = self.states.lock().expect("not poisoned");
-        let entry = states.entry(topic.to_string()).or_insert((!online, 0));
-        if entry.0 == online && entry.1 > 0 {
-            return false;
-        }
-        *entry = (online, entry.1 + 1);
-        drop(states);
-        self.changed.notify_one();
-        true
-    }
-
-    /// Every topic with its state and version.
-    pub fn snapshot(&self) -> Vec<(String, bool, u64)> {
-        self.states
-            .lock()
-            .expect("not poisoned")
-            .iter()
-            .map(|(t, (o, v))| (t.clone(), *o, *v))
-            .collect()
-    }
-
-    /// Resolves when something changed since the last call.
-    pub async fn changed(&self) {
-        self.changed.notified().await
-    }
-}
-
 struct DeviceState {
     device: Device,
-    /// Consecutive failed polls; 0 while healthy.
-    failures: u32,
+    health: DeviceHealth,
     /// Requests (group, request index) refused with an exception: how often, and when to retry.
     refused: HashMap<(usize, usize), (u32, Instant)>,
 }
@@ -122,19 +47,10 @@ struct Slot {
     due: Instant,
 }
 
-/// Polls every device of `bus` until `cancel` fires.
-/// A command for a point: write it, read it back. The reply carries the value read back or
-/// why it failed. Commands are never stored: they are carried out now or refused.
 /// Commands served in a row while a poll is overdue, before the poll goes first.
 const COMMANDS_PER_OVERDUE_POLL: u32 = 4;
 
-pub struct Command {
-    pub device: String,
-    pub point: usize,
-    pub data: WriteData,
-    pub reply: tokio::sync::oneshot::Sender<Result<Value, String>>,
-}
-
+/// Polls every device of `bus` until `cancel` fires.
 pub async fn run(
     bus: Bus,
     devices: Vec<Device>,
@@ -142,14 +58,7 @@ pub async fn run(
     mut commands: tokio::sync::mpsc::Receiver<Command>,
     cancel: CancellationToken,
 ) {
-    let Shared {
-        store,
-        stats,
-        availability,
-        health,
-    } = shared;
-    let task = format!("bus {}", bus.name);
-    let per_request = bus.transport.worst_request_time();
+    let report = Reporter::new(&bus, shared);
     let Some(mut link) = Link::new(&bus) else {
         tracing::error!(bus = %bus.name, "not a Modbus bus; the Modbus poller does not serve it");
         return;
@@ -169,7 +78,7 @@ pub async fn run(
         .into_iter()
         .map(|device| DeviceState {
             device,
-            failures: 0,
+            health: DeviceHealth::default(),
             refused: HashMap::new(),
         })
         .collect();
@@ -178,7 +87,7 @@ pub async fn run(
         return;
     }
     tracing::info!(bus = %bus.name, devices = states.len(), "polling started");
-    let mut bus_failures = 0u32;
+    let mut bus_retry = Retry::new(Backoff::DEVICE);
     let mut last_report = Instant::now();
     let mut commands_since_poll = 0u32;
 
@@ -190,12 +99,7 @@ pub async fn run(
         let requests = states[slots[next].device].device.groups[slots[next].group]
             .requests
             .len() as u32;
-        health.beat(
-            &task,
-            due.max(Instant::now()).into_std()
-                + per_request * requests.max(1)
-                + crate::systemd::SLACK,
-        );
+        report.beat(due, requests);
         // A command waits its turn on the bus like any request and goes before polls, but only
         // a few while a poll is overdue: a flood of commands must not starve polling.
         let may_command = commands_since_poll < COMMANDS_PER_OVERDUE_POLL || Instant::now() < due;
@@ -203,7 +107,7 @@ pub async fn run(
             biased;
             _ = cancel.cancelled() => break,
             Some(cmd) = commands.recv(), if may_command => {
-                execute(&mut link, &mut states, cmd, &store).await;
+                execute(&mut link, &mut states, cmd, &report).await;
                 commands_since_poll += 1;
                 continue;
             }
@@ -213,7 +117,7 @@ pub async fn run(
         let (d, g) = (slots[next].device, slots[next].group);
         let st = &mut states[d];
         let every = st.device.groups[g].every;
-        let outcome = poll_group(&mut link, st, g, &store, &bus.name, &stats).await;
+        let outcome = poll_group(&mut link, st, g, &report).await;
         let now = Instant::now();
         // Keep the cadence; when behind (a saturated bus, a stall), poll again as soon as the
         // bus is free instead of catching up on every missed cycle.
@@ -221,24 +125,19 @@ pub async fn run(
 
         match outcome {
             Ok(()) => {
-                bus_failures = 0;
-                if st.failures > 0 {
-                    tracing::info!(bus = %bus.name, device = %st.device.name, failed_polls = st.failures, "device answers again");
-                }
-                st.failures = 0;
-                set_online(st, true, &availability, &bus.name, &stats);
+                bus_retry.succeeded();
+                st.health.succeeded(&report, &st.device);
             }
             Err(BusError::Connect(e)) => {
                 // The port or connection itself: back off the whole bus, not one device.
-                bus_failures += 1;
-                let backoff = backoff(bus_failures);
-                if bus_failures == 1 {
+                let backoff = bus_retry.failed();
+                if bus_retry.failures() == 1 {
                     tracing::warn!(bus = %bus.name, error = %e, "cannot open the bus; retrying with backoff (up to 60s)");
                 } else {
                     tracing::debug!(bus = %bus.name, error = %e, ?backoff, "bus still unavailable");
                 }
                 for st in states.iter_mut() {
-                    fail(st, &availability, &bus.name, &stats);
+                    st.health.failed(&report, &st.device);
                 }
                 let until = now + backoff;
                 for s in slots.iter_mut() {
@@ -246,15 +145,11 @@ pub async fn run(
                 }
             }
             Err(e) => {
-                bus_failures = 0;
-                let failures = fail(st, &availability, &bus.name, &stats);
+                bus_retry.succeeded();
+                let failures = st.health.failed(&report, &st.device);
                 // One failed poll (a CRC error, one lost reply) is retried at the next cycle;
                 // a device that keeps failing is backed off.
-                let backoff = if failures >= 2 {
-                    backoff(failures - 1)
-                } else {
-                    Duration::ZERO
-                };
+                let backoff = st.health.backoff();
                 if failures == 1 {
                     tracing::warn!(bus = %bus.name, device = %st.device.name, unit = st.device.unit, error = %e, kind = e.kind(),
                         "device poll failed; backing off, the other devices keep their schedule");
@@ -268,15 +163,15 @@ pub async fn run(
             }
         }
         let elapsed = start.elapsed().as_secs_f64().max(1e-3);
-        if let Some(b) = stats.lock().expect("not poisoned").get_mut(&bus.name) {
+        report.bus_stats(|b| {
             b.utilisation = (link.busy().as_secs_f64() / elapsed).min(1.0);
             b.line = link.line_faults();
-        }
+        });
         if last_report.elapsed() >= Duration::from_secs(600) {
             last_report = Instant::now();
-            if let Some(b) = stats.lock().expect("not poisoned").get(&bus.name) {
+            report.bus_stats(|b| {
                 tracing::info!(bus = %bus.name, requests = b.requests, errors = ?b.errors, utilisation = format!("{:.1}%", b.utilisation * 100.0), "bus figures");
-            }
+            });
         }
     }
     // Commands still waiting are answered, not dropped: the one who sent them learns they
@@ -287,12 +182,12 @@ pub async fn run(
             "not carried out: the gateway is stopping or reloading; send it again".into(),
         ));
     }
-    health.forget(&task);
+    report.stopped();
     tracing::debug!(bus = %bus.name, "polling stopped");
 }
 
 /// Writes a command's value, reads the point back, publishes the value read and replies.
-async fn execute(link: &mut Link, states: &mut [DeviceState], cmd: Command, store: &StoreHandle) {
+async fn execute(link: &mut Link, states: &mut [DeviceState], cmd: Command, report: &Reporter) {
     let Some(st) = states.iter_mut().find(|s| s.device.name == cmd.device) else {
         let _ = cmd.reply.send(Err(format!("no device {}", cmd.device)));
         return;
@@ -324,76 +219,11 @@ async fn execute(link: &mut Link, states: &mut [DeviceState], cmd: Command, stor
     match &result {
         Ok(v) => {
             tracing::info!(device = %dev.name, point = %p.name, value = %v, "command written and read back");
-            if let Err(e) = store.enqueue(message::from_values(
-                dev,
-                now_ms(),
-                vec![(cmd.point, v.clone())],
-            )) {
-                tracing::error!(error = %e, "cannot hand the read-back to the store");
-            }
+            report.enqueue(dev, now_ms(), vec![(cmd.point, v.clone())]);
         }
         Err(e) => tracing::warn!(device = %dev.name, point = %p.name, error = %e, "command failed"),
     }
     let _ = cmd.reply.send(result);
-}
-
-/// Counts a failed poll; announces `offline` when the device reaches its threshold.
-fn fail(st: &mut DeviceState, availability: &Availability, bus: &str, stats: &SharedStats) -> u32 {
-    st.failures += 1;
-    with_device(stats, bus, &st.device.name, |d| d.failed_polls += 1);
-    if st.failures >= st.device.offline_after {
-        set_online(st, false, availability, bus, stats);
-    }
-    st.failures
-}
-
-/// Records the device's availability; the uplink publishes it when it changes.
-fn set_online(
-    st: &DeviceState,
-    online: bool,
-    availability: &Availability,
-    bus: &str,
-    stats: &SharedStats,
-) {
-    with_device(stats, bus, &st.device.name, |d| {
-        d.online = Some(online);
-        if online {
-            d.last_success_ms = Some(now_ms());
-        }
-    });
-    if availability.set(&st.device.availability_topic, online) && !online {
-        tracing::warn!(bus, device = %st.device.name, failed_polls = st.failures, "device is offline");
-    }
-}
-
-fn with_device<R>(
-    stats: &SharedStats,
-    bus: &str,
-    device: &str,
-    f: impl FnOnce(&mut DeviceStats) -> R,
-) -> R {
-    let mut all = stats.lock().expect("not poisoned");
-    let b = all.entry(bus.to_string()).or_default();
-    f(b.devices.entry(device.to_string()).or_default())
-}
-
-fn count_error(stats: &SharedStats, bus: &str, kind: &'static str) {
-    let mut all = stats.lock().expect("not poisoned");
-    *all.entry(bus.to_string())
-        .or_default()
-        .errors
-        .entry(kind)
-        .or_default() += 1;
-}
-
-/// Exponential backoff: 1s, 2s, 4s … capped at 60s.
-fn backoff(failures: u32) -> Duration {
-    BACKOFF_MIN
-        .saturating_mul(
-            1u32.checked_shl(failures.saturating_sub(1).min(16))
-                .unwrap_or(u32::MAX),
-        )
-        .min(BACKOFF_MAX)
 }
 
 /// Reads every request of one group, decodes the values and enqueues their messages. Values
@@ -402,15 +232,13 @@ async fn poll_group(
     link: &mut Link,
     st: &mut DeviceState,
     g: usize,
-    store: &StoreHandle,
-    bus: &str,
-    stats: &SharedStats,
+    report: &Reporter,
 ) -> Result<(), BusError> {
     let ts = now_ms();
     let dev = &st.device;
     let mut values: Vec<(usize, Value)> = Vec::new();
     let mut failure = None;
-    with_device(stats, bus, &dev.name, |d| d.polls += 1);
+    report.device(&dev.name, |d| d.polls += 1);
     for (r, req) in dev.groups[g].requests.iter().enumerate() {
         if st
             .refused
@@ -419,12 +247,7 @@ async fn poll_group(
         {
             continue;
         }
-        stats
-            .lock()
-            .expect("not poisoned")
-            .entry(bus.to_string())
-            .or_default()
-            .requests += 1;
+        report.bus_stats(|b| b.requests += 1);
         match link.read(dev.unit, req).await {
             Ok(data) => {
                 if st.refused.remove(&(g, r)).is_some() {
@@ -438,21 +261,19 @@ async fn poll_group(
                         Data::Bits(b) => p.decode_bit(b[off]),
                     };
                     if v == Value::Null {
-                        with_device(stats, bus, &dev.name, |d| d.not_finite += 1);
+                        report.device(&dev.name, |d| d.not_finite += 1);
                     }
                     values.push((i, v));
                 }
             }
             Err(BusError::Exception(code)) => {
-                count_error(stats, bus, "exception");
-                with_device(stats, bus, &dev.name, |d| d.exceptions += 1);
+                report.count_error("exception");
+                report.device(&dev.name, |d| d.exceptions += 1);
                 let every = dev.groups[g].every;
                 let entry = st.refused.entry((g, r)).or_insert((0, Instant::now()));
                 entry.0 += 1;
                 // Retry refused requests less and less often: 2, 4, 8 … intervals, at most 5 min.
-                let pause = every
-                    .saturating_mul(1 << entry.0.min(16))
-                    .min(REFUSED_MAX.max(every));
+                let pause = Backoff::new(every, REFUSED_MAX).after(entry.0 + 1);
                 entry.1 = Instant::now() + pause;
                 if entry.0 == 1 {
                     let names: Vec<&str> = req
@@ -466,44 +287,18 @@ async fn poll_group(
                 }
             }
             Err(e) => {
-                count_error(stats, bus, e.kind());
+                report.count_error(e.kind());
                 if matches!(e, BusError::Timeout(_)) {
-                    with_device(stats, bus, &dev.name, |d| d.timeouts += 1);
+                    report.device(&dev.name, |d| d.timeouts += 1);
                 }
                 failure = Some(e);
                 break;
             }
         }
     }
-    let msgs = message::from_values(dev, ts, values);
-    if let Err(e) = store.enqueue(msgs) {
-        tracing::error!(error = %e, device = %dev.name, "cannot hand readings to the store");
-    }
+    report.enqueue(dev, ts, values);
     match failure {
         Some(e) => Err(e),
         None => Ok(()),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn availability_changes_are_versioned_and_repeats_ignored() {
-        let a = Availability::default();
-        assert!(a.set("t", true));
-        assert!(!a.set("t", true));
-        assert!(a.set("t", false));
-        assert_eq!(a.snapshot(), vec![("t".to_string(), false, 2)]);
-    }
-
-    #[test]
-    fn backoff_doubles_and_caps() {
-        assert_eq!(backoff(1), Duration::from_secs(1));
-        assert_eq!(backoff(2), Duration::from_secs(2));
-        assert_eq!(backoff(4), Duration::from_secs(8));
-        assert_eq!(backoff(7), Duration::from_secs(60));
-        assert_eq!(backoff(1000), Duration::from_secs(60));
     }
 }

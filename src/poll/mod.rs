@@ -1,0 +1,187 @@
+//! Polling: one task per bus decides which device is asked for what, and when, and turns what
+//! the device answered into messages for the store.
+//!
+//! - [`modbus`]: Modbus TCP and RTU buses (poll groups, commands, refused reads);
+//! - [`line`]: serial line buses (text sensors that stream or answer a request).
+//!
+//! Both share what a bus task does besides asking: the device health kept here
+//! ([`DeviceHealth`]: failures in a row, `offline` after `offline_after`, `online` again at the
+//! first success), the figures and liveness reported through a [`Reporter`], and the messages
+//! built from a poll's values ([`messages`]). The bytes to and from devices belong to `bus`;
+//! decoding to `mapping`. Nothing here waits for the uplink: the store takes every message.
+
+pub mod line;
+pub mod modbus;
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::backoff::Backoff;
+use crate::bus::Bus;
+use crate::config::{Device, PayloadFormat, PublishMode};
+use crate::mapping::Value;
+use crate::message::{Body, Message, now_ms};
+use crate::state::{DeviceStats, Shared};
+
+/// The messages one poll of `device` produces from `values` (point index, value).
+pub fn messages(device: &Device, ts_ms: i64, values: Vec<(usize, Value)>) -> Vec<Message> {
+    if values.is_empty() {
+        return Vec::new();
+    }
+    match device.publish {
+        PublishMode::Device => {
+            let values = values
+                .into_iter()
+                .map(|(i, v)| (device.points[i].name.clone(), v))
+                .collect();
+            let d = &device.device_delivery;
+            vec![Message {
+                topic: d.topic.clone(),
+                qos: d.qos,
+                retain: d.retain,
+                ts_ms,
+                body: Body::Device { values },
+            }]
+        }
+        PublishMode::Point => values
+            .into_iter()
+            .map(|(i, value)| {
+                let p = &device.points[i];
+                let body = match device.payload.get(&p.name) {
+                    Some(PayloadFormat::Value) => Body::Bare { value },
+                    _ => Body::Point {
+                        value,
+                        unit: p.unit.clone(),
+                    },
+                };
+                Message {
+                    topic: p.delivery.topic.clone(),
+                    qos: p.delivery.qos,
+                    retain: p.delivery.retain,
+                    ts_ms,
+                    body,
+                }
+            })
+            .collect(),
+    }
+}
+
+/// What a bus task reports through: the bus's figures, device availability, liveness for the
+/// watchdog, and the store its messages go to.
+pub struct Reporter {
+    bus: String,
+    task: String,
+    shared: Shared,
+    /// The longest one request can take on this bus.
+    worst_request: Duration,
+}
+
+impl Reporter {
+    pub fn new(bus: &Bus, shared: Shared) -> Reporter {
+        Reporter {
+            bus: bus.name.clone(),
+            task: format!("bus {}", bus.name),
+            worst_request: bus.transport.worst_request_time(),
+            shared,
+        }
+    }
+
+    pub fn bus(&self) -> &str {
+        &self.bus
+    }
+
+    /// Promises the watchdog to be back by `until` plus the time `requests` requests may take.
+    pub fn beat(&self, until: Instant, requests: u32) {
+        self.shared.health.beat(
+            &self.task,
+            until.max(Instant::now()).into_std()
+                + self.worst_request * requests.max(1)
+                + crate::systemd::SLACK,
+        );
+    }
+
+    /// The task has stopped: the watchdog stops expecting it.
+    pub fn stopped(&self) {
+        self.shared.health.forget(&self.task);
+    }
+
+    /// Changes the figures of this bus.
+    pub fn bus_stats<R>(&self, f: impl FnOnce(&mut crate::state::BusStats) -> R) -> R {
+        let mut all = self.shared.stats.lock().expect("not poisoned");
+        f(all.entry(self.bus.clone()).or_default())
+    }
+
+    /// Counts one failed request or rejected line of `kind` on this bus.
+    pub fn count_error(&self, kind: &'static str) {
+        self.bus_stats(|b| *b.errors.entry(kind).or_default() += 1);
+    }
+
+    /// Changes the figures of one device of this bus.
+    pub fn device<R>(&self, name: &str, f: impl FnOnce(&mut DeviceStats) -> R) -> R {
+        self.bus_stats(|b| f(b.devices.entry(name.to_string()).or_default()))
+    }
+
+    /// Hands the messages of one poll to the store (which never makes a poller wait).
+    pub fn enqueue(&self, device: &Device, ts_ms: i64, values: Vec<(usize, Value)>) {
+        if let Err(e) = self.shared.store.enqueue(messages(device, ts_ms, values)) {
+            tracing::error!(error = %e, device = %device.name, "cannot hand readings to the store");
+        }
+    }
+
+    fn set_online(&self, device: &Device, online: bool, failures: u32) {
+        self.device(&device.name, |d| {
+            d.online = Some(online);
+            if online {
+                d.last_success_ms = Some(now_ms());
+            }
+        });
+        if self
+            .shared
+            .availability
+            .set(&device.availability_topic, online)
+            && !online
+        {
+            tracing::warn!(bus = %self.bus, device = %device.name, failed_polls = failures, "device is offline");
+        }
+    }
+}
+
+/// The health of one device: failed polls in a row and what they imply. A device is announced
+/// `offline` after `offline_after` failed polls and `online` at its first success; one failed
+/// poll is retried at the next cycle, a device that keeps failing is backed off.
+#[derive(Debug, Default)]
+pub struct DeviceHealth {
+    failures: u32,
+}
+
+impl DeviceHealth {
+    /// Records a good poll: figures, availability, and a log line if it had been failing.
+    pub fn succeeded(&mut self, r: &Reporter, device: &Device) {
+        if self.failures > 0 {
+            tracing::info!(bus = %r.bus, device = %device.name, failed_polls = self.failures, "device answers again");
+        }
+        self.failures = 0;
+        r.set_online(device, true, 0);
+    }
+
+    /// Records a failed poll; returns the failures in a row.
+    pub fn failed(&mut self, r: &Reporter, device: &Device) -> u32 {
+        self.failures += 1;
+        r.device(&device.name, |d| d.failed_polls += 1);
+        if self.failures >= device.offline_after {
+            r.set_online(device, false, self.failures);
+        }
+        self.failures
+    }
+
+    /// Failed polls in a row.
+    pub fn failures(&self) -> u32 {
+        self.failures
+    }
+
+    /// How long to wait before polling again: nothing after one failure, then doubling.
+    pub fn backoff(&self) -> Duration {
+        Backoff::DEVICE.after(self.failures.saturating_sub(1))
+    }
+}
