@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use super::diagnostic::{Ctx, Diagnostic};
 use super::raw::*;
-use super::resolve::Resolver;
+use super::resolver::Resolver;
 use crate::bus::serial::{Endpoint, Parity, SerialSettings};
 use crate::bus::{Bus, Transport};
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use super::Config;
 use super::diagnostic::{ConfigErrors, Diagnostic};
-use super::resolve::Resolver;
+use super::resolver::Resolver;
 use super::source_map::Loc;
 use crate::mapping::{Delivery, Point};
 

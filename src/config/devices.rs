@@ -8,8 +8,8 @@ use std::time::Duration;
 use super::diagnostic::{Ctx, Diagnostic, parse};
 use super::points::{PointSpec, check_qos, check_template, check_topic_segment, validate_point};
 use super::raw::*;
-use super::resolve::Resolver;
-use super::{Device, Gateway, LineSpec, PollGroup};
+use super::resolver::{DeviceEnv, ModelDef, Resolver};
+use super::{Device, LineSpec, PollGroup};
 use crate::bus::{Bus, Transport};
 use crate::mapping::{Delivery, Point};
 use crate::plan::plan;
@@ -84,25 +84,6 @@ pub(super) fn build_parser(
         return None;
     }
     Some(Parser::Json)
-}
-
-/// What resolving a device needs from the rest of the config.
-#[derive(Clone, Copy)]
-pub(super) struct DeviceEnv<'a> {
-    pub(super) gateway: &'a Gateway,
-    /// Every bus named in the file, valid or not (so a device is not told its bus is unknown
-    /// when the bus only has an error of its own).
-    pub(super) buses: &'a BTreeMap<String, RawBus>,
-    pub(super) resolved: &'a [Bus],
-    pub(super) folders: &'a [PathBuf],
-}
-
-/// A device model, validated once per config.
-#[derive(Debug, Clone)]
-pub(super) struct ModelDef {
-    pub(super) points: Vec<PointSpec>,
-    pub(super) parser: Option<crate::parse::Parser>,
-    pub(super) request: Option<String>,
 }
 
 impl Resolver<'_> {

@@ -27,6 +27,7 @@ mod env;
 mod points;
 mod raw;
 mod resolve;
+mod resolver;
 mod source_map;
 #[cfg(test)]
 mod tests;
@@ -48,7 +49,7 @@ pub use raw::*;
 pub use source_map::{Loc, SourceMap};
 
 use diagnostic::{Ctx, parse};
-use resolve::Resolver;
+use resolver::Resolver;
 
 /// Exit code for a bad configuration (sysexits.h EX_CONFIG).
 pub const EX_CONFIG: i32 = 78;

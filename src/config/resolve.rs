@@ -5,18 +5,11 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::devices::{DeviceEnv, ModelDef};
-use super::diagnostic::{Ctx, Diagnostic};
+use super::diagnostic::Ctx;
 use super::raw::*;
+use super::resolver::{DeviceEnv, Resolver};
 use super::{Config, Device, Gateway, Mqtt, Queue, Secret};
 use crate::store::Limits;
-
-pub(super) struct Resolver<'e> {
-    pub(super) errors: Vec<Diagnostic>,
-    /// Model name → validated points (or None if the model file had errors).
-    pub(super) models: HashMap<String, Option<ModelDef>>,
-    pub(super) env: &'e dyn Fn(&str) -> Option<String>,
-}
 
 impl Resolver<'_> {
     pub(super) fn resolve(

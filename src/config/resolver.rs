@@ -1,0 +1,37 @@
+//! The state of one resolution, shared by the files that resolve each section: the errors
+//! collected so far, the device models loaded (each once), the environment.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+
+use super::diagnostic::Diagnostic;
+use super::points::PointSpec;
+use super::raw::RawBus;
+use super::{Bus, Gateway};
+
+/// One resolution in progress.
+pub(super) struct Resolver<'e> {
+    pub(super) errors: Vec<Diagnostic>,
+    /// Model name → validated points (or None if the model file had errors).
+    pub(super) models: HashMap<String, Option<ModelDef>>,
+    pub(super) env: &'e dyn Fn(&str) -> Option<String>,
+}
+
+/// What resolving a device needs from the rest of the config.
+#[derive(Clone, Copy)]
+pub(super) struct DeviceEnv<'a> {
+    pub(super) gateway: &'a Gateway,
+    /// Every bus named in the file, valid or not (so a device is not told its bus is unknown
+    /// when the bus only has an error of its own).
+    pub(super) buses: &'a BTreeMap<String, RawBus>,
+    pub(super) resolved: &'a [Bus],
+    pub(super) folders: &'a [PathBuf],
+}
+
+/// A device model, validated once per config.
+#[derive(Debug, Clone)]
+pub(super) struct ModelDef {
+    pub(super) points: Vec<PointSpec>,
+    pub(super) parser: Option<crate::parse::Parser>,
+    pub(super) request: Option<String>,
+}
