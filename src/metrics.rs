@@ -16,58 +16,61 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::state::Shared;
+use crate::status::Snapshot;
 
 type Labels = Vec<(String, String)>;
 
-/// The exposition text for one snapshot (see `status::snapshot`).
-pub fn render(snapshot: &serde_json::Value) -> String {
+/// The exposition text for one snapshot.
+pub fn render(snapshot: &Snapshot) -> String {
     let mut r = Registry::with_prefix("fieldgate");
-    let n = |v: &serde_json::Value| v.as_f64().unwrap_or(0.0);
-    let u = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
     let gauge = |r: &mut Registry, name: &str, help: &str, value: f64| {
         let g: Gauge<f64, AtomicU64> = Gauge::default();
         g.set(value);
         r.register(name, help, g);
     };
-    let q = &snapshot["queue"];
+    let q = &snapshot.queue;
     gauge(
         &mut r,
         "uptime_seconds",
         "Seconds since the gateway started",
-        n(&snapshot["uptime_s"]),
+        snapshot.uptime_s as f64,
     );
     gauge(
         &mut r,
         "queue_depth",
         "Readings waiting in the queue",
-        n(&q["depth"]),
+        q.depth as f64,
     );
     gauge(
         &mut r,
         "queue_oldest_age_seconds",
         "Age of the oldest queued reading",
-        n(&q["oldest_age_s"]),
+        q.oldest_age_s.unwrap_or(0) as f64,
     );
     gauge(
         &mut r,
         "queue_bytes",
         "Bytes of queue.db in use",
-        n(&q["bytes"]),
+        q.bytes as f64,
     );
     gauge(
         &mut r,
         "queue_last_seq",
         "Highest sequence number assigned",
-        n(&q["last_seq"]),
+        q.last_seq as f64,
     );
     let acked: Counter = Counter::default();
-    acked.inc_by(u(&q["acked_total"]));
+    acked.inc_by(q.acked_total);
     r.register("acknowledged", "Readings acknowledged by the broker", acked);
     let dropped: Family<Labels, Counter> = Family::default();
-    for reason in ["oldest", "newest", "expired"] {
+    for (reason, n) in [
+        ("oldest", q.dropped.oldest),
+        ("newest", q.dropped.newest),
+        ("expired", q.dropped.expired),
+    ] {
         dropped
             .get_or_create(&vec![("reason".into(), reason.into())])
-            .inc_by(u(&q["dropped"][reason]));
+            .inc_by(n);
     }
     r.register("dropped", "Readings dropped by a queue bound", dropped);
 
@@ -76,32 +79,26 @@ pub fn render(snapshot: &serde_json::Value) -> String {
     let util: Family<Labels, Gauge<f64, AtomicU64>> = Family::default();
     let online: Family<Labels, Gauge> = Family::default();
     let last_ok: Family<Labels, Gauge> = Family::default();
-    if let Some(buses) = snapshot["buses"].as_object() {
-        for (bus, b) in buses {
-            let l = vec![("bus".to_string(), bus.clone())];
-            requests.get_or_create(&l).inc_by(u(&b["requests"]));
-            util.get_or_create(&l).set(n(&b["utilisation"]));
-            if let Some(errs) = b["errors"].as_object() {
-                for (kind, v) in errs {
-                    let mut l = l.clone();
-                    l.push(("kind".into(), kind.clone()));
-                    errors.get_or_create(&l).inc_by(u(v));
-                }
-            }
-            if let Some(devices) = b["devices"].as_object() {
-                for (d, s) in devices {
-                    let l = vec![
-                        ("bus".to_string(), bus.clone()),
-                        ("device".to_string(), d.clone()),
-                    ];
-                    online
-                        .get_or_create(&l)
-                        .set(i64::from(s["online"].as_bool() == Some(true)));
-                    last_ok
-                        .get_or_create(&l)
-                        .set(s["last_success_ms"].as_i64().unwrap_or(0) / 1000);
-                }
-            }
+    for (bus, b) in &snapshot.buses {
+        let l = vec![("bus".to_string(), bus.clone())];
+        requests.get_or_create(&l).inc_by(b.requests);
+        util.get_or_create(&l).set(b.utilisation);
+        for (kind, n) in &b.errors {
+            let mut l = l.clone();
+            l.push(("kind".into(), kind.to_string()));
+            errors.get_or_create(&l).inc_by(*n);
+        }
+        for (d, s) in &b.devices {
+            let l = vec![
+                ("bus".to_string(), bus.clone()),
+                ("device".to_string(), d.clone()),
+            ];
+            online
+                .get_or_create(&l)
+                .set(i64::from(s.online == Some(true)));
+            last_ok
+                .get_or_create(&l)
+                .set(s.last_success_ms.unwrap_or(0) / 1000);
         }
     }
     r.register("bus_requests", "Requests sent on a bus", requests);
@@ -159,7 +156,7 @@ pub async fn serve(
             let request = String::from_utf8_lossy(&buf[..n]);
             let (status, body) =
                 if request.starts_with("GET /metrics ") || request.starts_with("GET / ") {
-                    match crate::status::snapshot(&shared, started).await {
+                    match Snapshot::take(&shared, started).await {
                         Ok(s) => ("200 OK", render(&s)),
                         Err(e) => ("503 Service Unavailable", format!("{e}\n")),
                     }
@@ -182,13 +179,14 @@ mod tests {
 
     #[test]
     fn the_snapshot_becomes_prometheus_text() {
-        let s = serde_json::json!({
+        let s: Snapshot = serde_json::from_value(serde_json::json!({
             "uptime_s": 42,
             "queue": {"depth": 3, "oldest_age_s": 7, "bytes": 4096, "last_seq": 99,
                       "dropped": {"oldest": 1, "newest": 0, "expired": 2, "total": 3}, "acked_total": 96},
             "buses": {"rs485": {"requests": 10, "utilisation": 0.25, "errors": {"timeout": 2},
                                  "devices": {"meter": {"online": true, "last_success_ms": 1795665600000_i64}}}}
-        });
+        }))
+        .unwrap();
         let text = render(&s);
         for line in [
             "fieldgate_uptime_seconds 42.0",

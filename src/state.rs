@@ -8,7 +8,9 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use serde::Serialize;
+use std::borrow::Cow;
+
+use serde::{Deserialize, Serialize};
 
 use crate::mapping::Value;
 use crate::modbus::WriteData;
@@ -25,7 +27,8 @@ pub struct Shared {
 }
 
 /// Figures of one device.
-#[derive(Debug, Default, Clone, Serialize)]
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct DeviceStats {
     pub polls: u64,
     pub failed_polls: u64,
@@ -39,13 +42,14 @@ pub struct DeviceStats {
 }
 
 /// Figures of one bus, as the status message reports them.
-#[derive(Debug, Default, Clone, Serialize)]
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct BusStats {
     pub requests: u64,
     /// Lines read (serial line buses).
     pub lines: u64,
     /// Failed requests by kind: timeout, crc, exception, io, connect, protocol.
-    pub errors: BTreeMap<&'static str, u64>,
+    pub errors: BTreeMap<Cow<'static, str>, u64>,
     /// Share of wall time with a transaction on the wire (RTU buses).
     pub utilisation: f64,
     /// CRC errors, noise, late replies and retries on the line (RTU).

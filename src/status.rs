@@ -1,48 +1,104 @@
-//! The gateway's figures in one place: uptime, the queue, and every bus and device. The same
-//! snapshot goes to the retained `fieldgate/{gateway}/status/stats` message, to
-//! `{state_dir}/status.json` (read by `fieldgate status`), and to the Prometheus endpoint.
+//! The gateway's figures in one typed [`Snapshot`]: uptime, the queue, and every bus and device.
+//! The same snapshot is the retained `fieldgate/{gateway}/status/stats` message, the file
+//! `{state_dir}/status.json` (read back by `fieldgate status`), and the source of the
+//! Prometheus endpoint: one shape, written once, read with the same type everywhere.
 
-use std::path::Path;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::message::{format_ts, now_ms};
-use crate::state::Shared;
-use crate::store::StoreError;
+use crate::state::{BusStats, Shared};
+use crate::store::{Stats, StoreError};
 
-/// The retained statistics message: uptime and the queue's figures.
-pub async fn snapshot(shared: &Shared, started: Instant) -> Result<serde_json::Value, StoreError> {
-    let q = shared.store.stats().await?;
-    let now = now_ms();
-    let body = serde_json::json!({
-        "ts": format_ts(now),
-        "uptime_s": started.elapsed().as_secs(),
-        "queue": {
-            "depth": q.depth,
-            "oldest_age_s": q.oldest_ts_ms.map(|t| (now - t).max(0) / 1000),
-            "bytes": q.bytes,
-            "file_bytes": q.file_bytes,
-            "last_seq": q.last_seq,
-            "dropped": {
-                "oldest": q.dropped_oldest,
-                "newest": q.dropped_newest,
-                "expired": q.dropped_expired,
-                "set_aside": q.set_aside,
-                "clock_steps": q.clock_steps,
-                "total": q.dropped(),
-            },
-            "acked_total": q.acked_total,
-            "acked_since_start": q.acked_since_start,
-        },
-        "buses": *shared.stats.lock().expect("not poisoned"),
-    });
-    Ok(body)
+/// Everything the status views show, at one moment.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Snapshot {
+    /// When it was taken (RFC 3339, UTC).
+    pub ts: String,
+    pub uptime_s: u64,
+    pub queue: QueueFigures,
+    pub buses: BTreeMap<String, BusStats>,
 }
 
-/// The snapshot as bytes, for publishing.
-pub async fn snapshot_json(shared: &Shared, started: Instant) -> Result<Vec<u8>, StoreError> {
-    Ok(serde_json::to_vec(&snapshot(shared, started).await?).expect("json values serialize"))
+/// The queue's figures as the status views show them.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct QueueFigures {
+    pub depth: u64,
+    /// Age of the oldest queued reading; None when the queue is empty.
+    pub oldest_age_s: Option<i64>,
+    pub bytes: u64,
+    pub file_bytes: u64,
+    pub last_seq: u64,
+    pub dropped: Dropped,
+    pub acked_total: u64,
+    pub acked_since_start: u64,
+}
+
+/// Readings that left the queue without being delivered, by reason.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Dropped {
+    pub oldest: u64,
+    pub newest: u64,
+    pub expired: u64,
+    /// Not dropped: kept in the `aside` table because they can never be published.
+    pub set_aside: u64,
+    /// Not readings: times the wall clock stepped while readings were queued.
+    pub clock_steps: u64,
+    /// oldest + newest + expired.
+    pub total: u64,
+}
+
+impl QueueFigures {
+    pub fn new(q: &Stats, now_ms: i64) -> QueueFigures {
+        QueueFigures {
+            depth: q.depth,
+            oldest_age_s: q.oldest_ts_ms.map(|t| (now_ms - t).max(0) / 1000),
+            bytes: q.bytes,
+            file_bytes: q.file_bytes,
+            last_seq: q.last_seq,
+            dropped: Dropped {
+                oldest: q.dropped_oldest,
+                newest: q.dropped_newest,
+                expired: q.dropped_expired,
+                set_aside: q.set_aside,
+                clock_steps: q.clock_steps,
+                total: q.dropped(),
+            },
+            acked_total: q.acked_total,
+            acked_since_start: q.acked_since_start,
+        }
+    }
+}
+
+impl Snapshot {
+    /// Takes the snapshot of a running gateway.
+    pub async fn take(shared: &Shared, started: Instant) -> Result<Snapshot, StoreError> {
+        let q = shared.store.stats().await?;
+        let now = now_ms();
+        Ok(Snapshot {
+            ts: format_ts(now),
+            uptime_s: started.elapsed().as_secs(),
+            queue: QueueFigures::new(&q, now),
+            buses: shared.stats.lock().expect("not poisoned").clone(),
+        })
+    }
+
+    /// The snapshot as JSON bytes (the status message and `status.json`).
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("plain data serializes")
+    }
+
+    /// Reads `status.json` back.
+    pub fn from_json(bytes: &[u8]) -> serde_json::Result<Snapshot> {
+        serde_json::from_slice(bytes)
+    }
 }
 
 /// Writes `{state_dir}/status.json` every `every` (write to a temporary file, then rename, so a
@@ -50,7 +106,7 @@ pub async fn snapshot_json(shared: &Shared, started: Instant) -> Result<Vec<u8>,
 pub async fn write_periodically(
     shared: Shared,
     started: Instant,
-    dir: std::path::PathBuf,
+    dir: PathBuf,
     every: Duration,
     cancel: CancellationToken,
 ) {
@@ -60,10 +116,10 @@ pub async fn write_periodically(
             _ = cancel.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let Ok(body) = snapshot_json(&shared, started).await else {
+        let Ok(snapshot) = Snapshot::take(&shared, started).await else {
             continue;
         };
-        if let Err(e) = write_atomically(&dir.join("status.json"), &body) {
+        if let Err(e) = write_atomically(&dir.join("status.json"), &snapshot.to_json()) {
             tracing::debug!(error = %e, "cannot write status.json");
         }
     }
@@ -73,4 +129,51 @@ fn write_atomically(path: &Path, body: &[u8]) -> std::io::Result<()> {
     let tmp = path.with_extension("json.tmp");
     std::fs::write(&tmp, body)?;
     std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_snapshot_reads_back_as_written() {
+        let mut s = Snapshot {
+            ts: "2026-11-26T04:00:00.000Z".into(),
+            uptime_s: 42,
+            ..Snapshot::default()
+        };
+        s.queue.depth = 3;
+        s.queue.oldest_age_s = Some(7);
+        let mut bus = BusStats::default();
+        bus.errors.insert("timeout".into(), 2);
+        bus.devices.entry("meter".into()).or_default().online = Some(true);
+        s.buses.insert("rs485".into(), bus);
+        assert_eq!(Snapshot::from_json(&s.to_json()).unwrap(), s);
+    }
+
+    #[test]
+    fn the_status_message_keeps_its_field_names() {
+        let s = Snapshot::default();
+        let v: serde_json::Value = serde_json::from_slice(&s.to_json()).unwrap();
+        for path in [
+            "/ts",
+            "/uptime_s",
+            "/queue/depth",
+            "/queue/oldest_age_s",
+            "/queue/bytes",
+            "/queue/file_bytes",
+            "/queue/last_seq",
+            "/queue/dropped/oldest",
+            "/queue/dropped/newest",
+            "/queue/dropped/expired",
+            "/queue/dropped/set_aside",
+            "/queue/dropped/clock_steps",
+            "/queue/dropped/total",
+            "/queue/acked_total",
+            "/queue/acked_since_start",
+            "/buses",
+        ] {
+            assert!(v.pointer(path).is_some(), "{path} missing from {v}");
+        }
+    }
 }

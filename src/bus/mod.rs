@@ -51,7 +51,8 @@ impl BusError {
 }
 
 /// Line faults a link has absorbed, counted even when a retry then succeeded.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct LineFaults {
     pub crc_errors: u64,
     /// Bytes of line noise skipped before replies.

@@ -114,7 +114,7 @@ impl Reporter {
 
     /// Counts one failed request or rejected line of `kind` on this bus.
     pub fn count_error(&self, kind: &'static str) {
-        self.bus_stats(|b| *b.errors.entry(kind).or_default() += 1);
+        self.bus_stats(|b| *b.errors.entry(kind.into()).or_default() += 1);
     }
 
     /// Changes the figures of one device of this bus.

@@ -546,7 +546,9 @@ impl Uplink {
                 }
                 _ = self.shared.availability.changed() => {}
                 _ = status.tick() => {
-                    let payload = crate::status::snapshot_json(&self.shared, self.started).await?;
+                    let payload = crate::status::Snapshot::take(&self.shared, self.started)
+                        .await?
+                        .to_json();
                     let topic = self.stats_topic();
                     // One status message waiting is enough: a newer one replaces it.
                     outbox.retain(|(t, _, _)| *t != topic);

@@ -27,8 +27,8 @@ pub struct Options {
     pub cut_for: Duration,
 }
 
-const DEMO_CONFIG: &str = include_str!("../mappings/demo.yaml");
-const DEMO_MODEL: &str = include_str!("../mappings/demo-boiler.yaml");
+const DEMO_CONFIG: &str = include_str!("../../mappings/demo.yaml");
+const DEMO_MODEL: &str = include_str!("../../mappings/demo-boiler.yaml");
 
 pub async fn run(opts: Options) -> anyhow::Result<()> {
     let state = tempfile::Builder::new()
@@ -84,7 +84,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     );
 
     let cancel = CancellationToken::new();
-    tokio::spawn(crate::stop_on_signal(cancel.clone()));
+    tokio::spawn(super::run::stop_on_signal(cancel.clone()));
     let tuning = Tuning {
         backoff_max: Duration::from_secs(1),
         ..Tuning::default()
