@@ -25,6 +25,7 @@
 //! (a fault-injecting TCP proxy) and `broker` (rumqttd in-process) serve the demo and the tests.
 
 pub mod backoff;
+#[cfg(feature = "testkit")]
 pub mod broker;
 pub mod bus;
 pub mod commission;
@@ -38,7 +39,9 @@ pub mod modbus;
 pub mod parse;
 pub mod plan;
 pub mod poll;
+#[cfg(feature = "testkit")]
 pub mod proxy;
+#[cfg(feature = "testkit")]
 pub mod sim;
 pub mod state;
 pub mod status;

@@ -6,6 +6,7 @@ mod cli;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
+#[cfg(feature = "testkit")]
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
@@ -48,6 +49,7 @@ enum Command {
         #[command(subcommand)]
         command: QueueCommand,
     },
+    #[cfg(feature = "testkit")]
     /// Everything on loopback, no hardware: a simulated device, a broker, the gateway, and an
     /// uplink outage partway through.
     Demo {
@@ -175,6 +177,7 @@ fn main() -> ExitCode {
             Ok(dir) => report(cli::queue::stats(&dir, json)),
             Err(code) => code,
         },
+        #[cfg(feature = "testkit")]
         Command::Demo {
             duration,
             cut_at,
