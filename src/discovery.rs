@@ -12,7 +12,7 @@
 use serde_json::{Value as Json, json};
 
 use crate::config::{Config, Discovery, PayloadFormat, PublishMode};
-use crate::mapping::{DataType, Point};
+use crate::mapping::DataType;
 use crate::modbus::Table;
 
 /// The device_class and state_class a unit implies (None where it does not make them clear).
@@ -44,8 +44,8 @@ pub fn configs(config: &Config, d: &Discovery) -> Vec<(String, Json)> {
             "model": if dev.line.is_some() { "serial line device" } else { "Modbus device" },
             "via_device": format!("fieldgate_{gw}"),
         });
-        for p in &dev.points {
-            let (component, mut body) = entity(dev, p);
+        for (i, p) in dev.points.iter().enumerate() {
+            let (component, mut body) = entity(dev, i);
             body["name"] = json!(p.name);
             body["unique_id"] = json!(format!("fieldgate_{gw}_{}_{}", dev.name, p.name));
             body["availability"] = json!([
@@ -55,17 +55,15 @@ pub fn configs(config: &Config, d: &Discovery) -> Vec<(String, Json)> {
             body["availability_mode"] = json!("all");
             body["device"] = device_info.clone();
             body["origin"] = json!({"name": "fieldgate", "sw_version": env!("CARGO_PKG_VERSION")});
-            let topic = format!(
-                "{}/{component}/{gw}/{}_{}/config",
-                d.prefix, dev.name, p.name
-            );
+            let topic = crate::topics::ha_config(&d.prefix, component, gw, &dev.name, &p.name);
             out.push((topic, body));
         }
     }
     out
 }
 
-fn entity(dev: &crate::config::Device, p: &Point) -> (&'static str, Json) {
+fn entity(dev: &crate::config::Device, i: usize) -> (&'static str, Json) {
+    let p = &dev.points[i];
     let (state_topic, value) = match dev.publish {
         PublishMode::Device => (
             dev.device_delivery.topic.clone(),
@@ -76,10 +74,7 @@ fn entity(dev: &crate::config::Device, p: &Point) -> (&'static str, Json) {
             _ => (p.delivery.topic.clone(), "value_json.value".to_string()),
         },
     };
-    let command_topic = match dev.publish {
-        PublishMode::Point => format!("{}/set", p.delivery.topic),
-        PublishMode::Device => format!("{}/{}/set", dev.device_delivery.topic, p.name),
-    };
+    let command_topic = dev.set_topic(i);
     let is_bool = p.dtype == DataType::Bool;
     if is_bool {
         // Rendered to HA's default ON/OFF, whether the payload carries JSON true or "true".

@@ -181,8 +181,8 @@ impl Resolver<'_> {
 
         let publish = d.publish.unwrap_or(PublishMode::Point);
         let device_topic = d.topic.clone().unwrap_or_else(|| match publish {
-            PublishMode::Point => "fieldgate/{gateway}/{device}/{point}".into(),
-            PublishMode::Device => "fieldgate/{gateway}/{device}".into(),
+            PublishMode::Point => crate::topics::POINT_TEMPLATE.into(),
+            PublishMode::Device => crate::topics::DEVICE_TEMPLATE.into(),
         });
         if publish == PublishMode::Device
             && (device_topic.contains("{point}") || device_topic.contains("{unit}"))
@@ -278,7 +278,7 @@ impl Resolver<'_> {
                 qos: d.qos.unwrap_or(1),
                 retain: d.retain.unwrap_or(false),
             },
-            availability_topic: format!("fieldgate/{}/{name}/availability", gateway.id),
+            availability_topic: crate::topics::device_availability(&gateway.id, name),
             offline_after: offline_after.max(1),
             line,
         })

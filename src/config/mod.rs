@@ -96,7 +96,7 @@ pub struct Gateway {
 impl Gateway {
     /// The retained `online`/`offline` topic of the gateway itself.
     pub fn status_topic(&self) -> String {
-        format!("fieldgate/{}/status", self.id)
+        crate::topics::gateway_status(&self.id)
     }
 }
 
@@ -143,6 +143,19 @@ pub struct Device {
     pub offline_after: u32,
     /// Serial line devices: how their lines are read.
     pub line: Option<LineSpec>,
+}
+
+impl Device {
+    /// The topic on which point `i` takes commands.
+    pub fn set_topic(&self, i: usize) -> String {
+        let p = &self.points[i];
+        match self.publish {
+            PublishMode::Point => crate::topics::point_set(&p.delivery.topic),
+            PublishMode::Device => {
+                crate::topics::device_point_set(&self.device_delivery.topic, &p.name)
+            }
+        }
+    }
 }
 
 /// How a serial line device is read.

@@ -17,13 +17,7 @@ pub fn command_topics(config: &Config) -> HashMap<String, (String, usize, crate:
     let mut out = HashMap::new();
     for d in &config.devices {
         for (i, p) in d.points.iter().enumerate() {
-            let topic = match d.publish {
-                crate::config::PublishMode::Point => format!("{}/set", p.delivery.topic),
-                crate::config::PublishMode::Device => {
-                    format!("{}/{}/set", d.device_delivery.topic, p.name)
-                }
-            };
-            out.insert(topic, (d.name.clone(), i, p.clone()));
+            out.insert(d.set_topic(i), (d.name.clone(), i, p.clone()));
         }
     }
     out
@@ -65,7 +59,7 @@ impl Uplink {
             tracing::debug!(topic = %p.topic, "empty command payload ignored");
             return;
         }
-        let result_topic = format!("{}/result", p.topic);
+        let result_topic = crate::topics::command_result(&p.topic);
         let refuse = |why: String| {
             tracing::warn!(topic = %p.topic, reason = %why, "command refused; nothing written");
             let body = serde_json::json!({"ok": false, "error": why});
