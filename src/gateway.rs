@@ -154,10 +154,7 @@ fn start(
             }
         };
     }
-    let mut uplink = Uplink::new(config, shared.clone());
-    uplink.commands = commands;
-    uplink.tuning = tuning.clone();
-    uplink.started = started;
+    let uplink = Uplink::new(config, shared.clone(), tuning.clone(), started, commands);
     tasks.spawn(uplink.run(cancel.clone()));
     tasks.spawn(crate::status::write_periodically(
         shared.clone(),

@@ -38,7 +38,13 @@ pub fn command_result(set_topic: &str) -> String {
 }
 
 /// Home Assistant's discovery config topic of one entity.
-pub fn ha_config(prefix: &str, component: &str, gateway: &str, device: &str, point: &str) -> String {
+pub fn ha_config(
+    prefix: &str,
+    component: &str,
+    gateway: &str,
+    device: &str,
+    point: &str,
+) -> String {
     format!("{prefix}/{component}/{gateway}/{device}_{point}/config")
 }
 

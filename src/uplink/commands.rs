@@ -50,7 +50,11 @@ pub fn command_value(payload: &[u8]) -> Result<serde_json::Value, String> {
 impl Uplink {
     /// Handles one incoming publish on a command topic: refuses it with a result message, or
     /// hands it to the device's bus task and publishes the result when it is done.
-    pub(super) fn command(&self, p: rumqttc::Publish, results: &mpsc::Sender<super::Outbound>) {
+    pub(super) fn command(
+        &self,
+        p: rumqttc::Publish,
+        results: &mpsc::Sender<super::session::Outbound>,
+    ) {
         let Some((device, point, spec)) = self.set_topics.get(&p.topic) else {
             return;
         };
