@@ -7,9 +7,10 @@ use std::time::Duration;
 
 use super::Config;
 use super::diagnostic::{ConfigErrors, Diagnostic};
+use super::points::Defaults;
 use super::resolver::Resolver;
 use super::source_map::Loc;
-use crate::mapping::{Delivery, Point};
+use crate::mapping::Point;
 
 /// A device model file checked on its own (`fieldgate check mappings/sdm120.yaml`).
 #[derive(Debug, Clone)]
@@ -92,26 +93,15 @@ pub fn check_model(path: &Path) -> Result<ModelSummary, ConfigErrors> {
             points: m
                 .points
                 .into_iter()
-                .map(|s| Point {
-                    name: s.name,
-                    source: s.source,
-                    dtype: s.dtype,
-                    order: s.order,
-                    bit: s.bit,
-                    length: s.length,
-                    scale: s.scale,
-                    offset: s.offset,
-                    unit: s.unit,
-                    every: s.every.unwrap_or(Duration::from_secs(1)),
-                    delivery: Delivery {
-                        topic: String::new(),
-                        qos: s.qos.unwrap_or(1),
-                        retain: s.retain.unwrap_or(false),
-                    },
-                    field: s.field,
-                    writable: s.writable,
-                    min: s.min,
-                    max: s.max,
+                .map(|s| {
+                    s.into_point(
+                        String::new(),
+                        &Defaults {
+                            every: Duration::from_secs(1),
+                            qos: None,
+                            retain: None,
+                        },
+                    )
                 })
                 .collect(),
         }),

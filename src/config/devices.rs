@@ -6,12 +6,14 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::diagnostic::{Ctx, Diagnostic, parse};
-use super::points::{PointSpec, check_qos, check_template, check_topic_segment, validate_point};
+use super::points::{
+    Defaults, PointSpec, check_qos, check_template, check_topic_segment, validate_point,
+};
 use super::raw::*;
 use super::resolver::{DeviceEnv, ModelDef, Resolver};
 use super::{Device, LineSpec, PollGroup};
 use crate::bus::{Bus, Transport};
-use crate::mapping::{Delivery, Point};
+use crate::mapping::Delivery;
 use crate::plan::plan;
 use crate::topics::render_topic;
 
@@ -194,6 +196,11 @@ impl Resolver<'_> {
         }
         let mut points = Vec::new();
         let mut payload = HashMap::new();
+        let defaults = Defaults {
+            every,
+            qos: d.qos,
+            retain: d.retain,
+        };
         for s in specs.into_values() {
             let template = s.topic.as_deref().unwrap_or(&device_topic);
             let topic = render_topic(
@@ -218,27 +225,7 @@ impl Resolver<'_> {
                 s.name.clone(),
                 s.payload.or(d.payload).unwrap_or(PayloadFormat::Json),
             );
-            points.push(Point {
-                name: s.name,
-                source: s.source,
-                dtype: s.dtype,
-                order: s.order,
-                bit: s.bit,
-                length: s.length,
-                scale: s.scale,
-                offset: s.offset,
-                unit: s.unit,
-                every: s.every.unwrap_or(every),
-                delivery: Delivery {
-                    topic,
-                    qos: s.qos.or(d.qos).unwrap_or(1),
-                    retain: s.retain.or(d.retain).unwrap_or(false),
-                },
-                field: s.field,
-                writable: s.writable,
-                min: s.min,
-                max: s.max,
-            });
+            points.push(s.into_point(topic, &defaults));
         }
         if self.errors.len() != before {
             return None;

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use super::diagnostic::{Ctx, Diagnostic};
 use super::raw::*;
-use crate::mapping::{DataType, Order, Source};
+use crate::mapping::{DataType, Delivery, Order, Point, Source};
 use crate::modbus::Table;
 use crate::topics::template_error;
 
@@ -35,6 +35,40 @@ pub(super) struct PointSpec {
     pub(super) from_model: bool,
 }
 
+/// What a point takes from its device unless it says otherwise.
+pub(super) struct Defaults {
+    pub(super) every: Duration,
+    pub(super) qos: Option<u8>,
+    pub(super) retain: Option<bool>,
+}
+
+impl PointSpec {
+    /// The resolved point, published on `topic`.
+    pub(super) fn into_point(self, topic: String, defaults: &Defaults) -> Point {
+        Point {
+            name: self.name,
+            source: self.source,
+            dtype: self.dtype,
+            order: self.order,
+            bit: self.bit,
+            length: self.length,
+            scale: self.scale,
+            offset: self.offset,
+            unit: self.unit,
+            every: self.every.unwrap_or(defaults.every),
+            delivery: Delivery {
+                topic,
+                qos: self.qos.or(defaults.qos).unwrap_or(1),
+                retain: self.retain.or(defaults.retain).unwrap_or(false),
+            },
+            field: self.field,
+            writable: self.writable,
+            min: self.min,
+            max: self.max,
+        }
+    }
+}
+
 /// Validates one point; every problem is pushed to `errors`.
 pub(super) fn validate_point(
     ctx: &Ctx,
@@ -53,6 +87,15 @@ pub(super) fn validate_point(
         errors.push(ctx.diag(&path, msg));
     };
     check_topic_segment_with(&mut err, name, "point name");
+    // Where it is published: the same rules for register and field points.
+    if let Some(t) = &r.topic
+        && let Some(msg) = template_error(t)
+    {
+        err("topic", msg);
+    }
+    if let Some(msg) = r.qos.and_then(qos_error) {
+        err("qos", msg);
+    }
 
     if let Some(field) = &r.field {
         // A field of a parsed text line: none of the register keys apply.
@@ -86,16 +129,6 @@ pub(super) fn validate_point(
                     );
                 }
             }
-        }
-        if let Some(t) = &r.topic
-            && let Some(msg) = template_error(t)
-        {
-            err("topic", msg);
-        }
-        if let Some(q) = r.qos
-            && q > 2
-        {
-            err("qos", format!("QoS {q} does not exist (0, 1 or 2)"));
         }
         if errors.len() != before {
             return None;
@@ -280,16 +313,6 @@ pub(super) fn validate_point(
     {
         err("every", "must be at least 10ms".into());
     }
-    if let Some(q) = r.qos
-        && q > 2
-    {
-        err("qos", format!("QoS {q} does not exist (0, 1 or 2)"));
-    }
-    if let Some(t) = &r.topic
-        && let Some(msg) = template_error(t)
-    {
-        err("topic", msg);
-    }
     if r.writable == Some(true) {
         if !matches!(table, Table::Coil | Table::Holding) {
             err(
@@ -346,9 +369,14 @@ pub(super) fn type_name(t: DataType) -> String {
     format!("{t:?}").to_lowercase()
 }
 
+/// QoS 0, 1 or 2 only.
+fn qos_error(q: u8) -> Option<String> {
+    (q > 2).then(|| format!("QoS {q} does not exist (0, 1 or 2)"))
+}
+
 pub(super) fn check_qos(ctx: &Ctx, errors: &mut Vec<Diagnostic>, path: &str, q: u8) {
-    if q > 2 {
-        errors.push(ctx.diag(path, format!("QoS {q} does not exist (0, 1 or 2)")));
+    if let Some(msg) = qos_error(q) {
+        errors.push(ctx.diag(path, msg));
     }
 }
 
