@@ -6,10 +6,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::Config;
-use super::diagnostic::{ConfigErrors, Diagnostic};
+use super::diagnostic::ConfigErrors;
 use super::points::Defaults;
 use super::resolver::Resolver;
-use super::source_map::Loc;
 use crate::mapping::Point;
 
 /// A device model file checked on its own (`fieldgate check mappings/sdm120.yaml`).
@@ -65,14 +64,7 @@ pub fn is_model_text(text: &str) -> bool {
 
 /// Validates a model file on its own.
 pub fn check_model(path: &Path) -> Result<ModelSummary, ConfigErrors> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        ConfigErrors(vec![Diagnostic {
-            file: path.display().to_string(),
-            loc: Loc { line: 1, col: 1 },
-            path: String::new(),
-            message: format!("cannot read the file: {e}"),
-        }])
-    })?;
+    let text = ConfigErrors::read(path)?;
     let name = path
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())

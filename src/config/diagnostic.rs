@@ -35,6 +35,20 @@ impl fmt::Display for Diagnostic {
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub struct ConfigErrors(pub Vec<Diagnostic>);
 
+impl ConfigErrors {
+    /// Reads a config or model file; a file that cannot be read is one error at its line 1.
+    pub fn read(path: &std::path::Path) -> Result<String, ConfigErrors> {
+        std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![Diagnostic {
+                file: path.display().to_string(),
+                loc: Loc { line: 1, col: 1 },
+                path: String::new(),
+                message: format!("cannot read the file: {e}"),
+            }])
+        })
+    }
+}
+
 impl fmt::Display for ConfigErrors {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for (i, d) in self.0.iter().enumerate() {

@@ -178,14 +178,7 @@ pub struct PollGroup {
 impl Config {
     /// Loads and validates the config file at `path` and every model it uses.
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            ConfigErrors(vec![Diagnostic {
-                file: path.display().to_string(),
-                loc: Loc { line: 1, col: 1 },
-                path: String::new(),
-                message: format!("cannot read the file: {e}"),
-            }])
-        })?;
+        let text = ConfigErrors::read(path)?;
         Config::from_text(path, &text)
     }
 

@@ -99,23 +99,20 @@ pub(super) fn validate_point(
 
     if let Some(field) = &r.field {
         // A field of a parsed text line: none of the register keys apply.
-        for (key, set) in [
-            ("writable", r.writable == Some(true)),
-            ("register", r.register.is_some()),
-            ("coil", r.coil.is_some()),
-            ("discrete", r.discrete.is_some()),
-            ("kind", r.kind.is_some()),
-            ("order", r.order.is_some()),
-            ("bit", r.bit.is_some()),
-            ("length", r.length.is_some()),
-        ] {
-            if set {
-                err(
-                    key,
-                    format!("`{key}` does not apply to a `field:` point (a field of a text line)"),
-                );
-            }
-        }
+        not_applicable(
+            &mut err,
+            &[
+                ("writable", r.writable == Some(true)),
+                ("register", r.register.is_some()),
+                ("coil", r.coil.is_some()),
+                ("discrete", r.discrete.is_some()),
+                ("kind", r.kind.is_some()),
+                ("order", r.order.is_some()),
+                ("bit", r.bit.is_some()),
+                ("length", r.length.is_some()),
+            ],
+            "a `field:` point (a field of a text line)",
+        );
         let dtype = r.dtype.unwrap_or(DataType::F64);
         if !dtype.is_numeric() {
             for (key, set) in [("scale", r.scale.is_some()), ("offset", r.offset.is_some())] {
@@ -198,28 +195,23 @@ pub(super) fn validate_point(
         }
     };
     if table.is_bits() {
-        for (field, set) in [
-            ("kind", r.kind.is_some()),
-            ("order", r.order.is_some()),
-            ("bit", r.bit.is_some()),
-            ("length", r.length.is_some()),
-            ("scale", r.scale.is_some()),
-            ("offset", r.offset.is_some()),
-        ] {
-            if set {
-                err(
-                    field,
-                    format!(
-                        "`{field}` does not apply to a {} (a single bit)",
-                        if table == Table::Coil {
-                            "coil"
-                        } else {
-                            "discrete input"
-                        }
-                    ),
-                );
-            }
-        }
+        let what = if table == Table::Coil {
+            "a coil (a single bit)"
+        } else {
+            "a discrete input (a single bit)"
+        };
+        not_applicable(
+            &mut err,
+            &[
+                ("kind", r.kind.is_some()),
+                ("order", r.order.is_some()),
+                ("bit", r.bit.is_some()),
+                ("length", r.length.is_some()),
+                ("scale", r.scale.is_some()),
+                ("offset", r.offset.is_some()),
+            ],
+            what,
+        );
         if let Some(t) = r.dtype.filter(|t| *t != DataType::Bool) {
             err(
                 "type",
@@ -367,6 +359,13 @@ pub(super) fn validate_point(
 
 pub(super) fn type_name(t: DataType) -> String {
     format!("{t:?}").to_lowercase()
+}
+
+/// Refuses each key that is given (`true`) but means nothing for `what`.
+fn not_applicable(err: &mut impl FnMut(&str, String), keys: &[(&str, bool)], what: &str) {
+    for (key, _) in keys.iter().filter(|(_, given)| *given) {
+        err(key, format!("`{key}` does not apply to {what}"));
+    }
 }
 
 /// QoS 0, 1 or 2 only.
