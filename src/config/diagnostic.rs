@@ -104,12 +104,12 @@ pub(super) fn parse<T: serde::de::DeserializeOwned>(
     };
     let map = match SourceMap::build(&expanded) {
         Ok(m) => m,
-        Err((loc, message)) => {
+        Err(e) => {
             errors.push(Diagnostic {
                 file: file.to_string(),
-                loc,
-                path: String::new(),
-                message: format!("YAML syntax: {message}"),
+                loc: e.loc,
+                path: e.path,
+                message: format!("YAML syntax: {}", e.message),
             });
             return None;
         }

@@ -28,15 +28,41 @@ pub struct SourceMap {
 
 impl SourceMap {
     /// Indexes `text`. A syntax error returns its position and message.
-    pub fn build(text: &str) -> Result<SourceMap, (Loc, String)> {
+    /// A syntax error is returned with where the parser gave up, the path of the innermost open
+    /// mapping or sequence (empty at the top), and the message.
+    pub fn build(text: &str) -> Result<SourceMap, SyntaxError> {
         let mut walker = Walker::default();
         let mut parser = Parser::new_from_str(text);
-        parser.load(&mut walker, false).map_err(|e| {
-            (
-                loc(e.marker()),
-                e.info().to_string(), // without yaml-rust2's own position suffix
-            )
-        })?;
+        if let Err(e) = parser.load(&mut walker, false) {
+            // without yaml-rust2's own position suffix
+            let mut message = e.info().to_string();
+            // An unclosed `{` or `[` is found only where the parser gives up, often on a later
+            // line: name where it was opened too.
+            let flow = message.contains("flow mapping") || message.contains("flow sequence");
+            let (path, opened) = match walker.stack.last() {
+                Some(
+                    Frame::Mapping { path, opened, .. } | Frame::Sequence { path, opened, .. },
+                ) => (path.clone(), Some(*opened)),
+                None => (String::new(), None),
+            };
+            if flow && let (Some(frame), Some(opened)) = (walker.stack.last(), opened) {
+                message = format!(
+                    "{message}; the flow {} opened at line {}, column {} is not closed",
+                    if matches!(frame, Frame::Mapping { .. }) {
+                        "mapping `{`"
+                    } else {
+                        "sequence `[`"
+                    },
+                    opened.line,
+                    opened.col,
+                );
+            }
+            return Err(SyntaxError {
+                loc: loc(e.marker()),
+                path,
+                message,
+            });
+        }
         Ok(walker.map)
     }
 
@@ -84,6 +110,15 @@ impl SourceMap {
     }
 }
 
+/// Where and why the YAML could not be parsed.
+#[derive(Debug, Clone)]
+pub struct SyntaxError {
+    pub loc: Loc,
+    /// The innermost mapping or sequence open at the error (empty at the top level).
+    pub path: String,
+    pub message: String,
+}
+
 fn loc(m: &Marker) -> Loc {
     // yaml-rust2 counts lines from 1 and columns from 0.
     Loc {
@@ -97,10 +132,12 @@ enum Frame {
         path: String,
         key: Option<String>,
         seen: Vec<String>,
+        opened: Loc,
     },
     Sequence {
         path: String,
         index: usize,
+        opened: Loc,
     },
 }
 
@@ -122,7 +159,7 @@ impl Walker {
                 let k = key.take().expect("checked above");
                 Some(join(path, &k))
             }
-            Some(Frame::Sequence { path, index }) => {
+            Some(Frame::Sequence { path, index, .. }) => {
                 let p = format!("{path}[{index}]");
                 *index += 1;
                 Some(p)
@@ -155,7 +192,10 @@ impl MarkedEventReceiver for Walker {
                     self.map.values.insert(path, loc(&mark));
                 }
                 None => {
-                    if let Some(Frame::Mapping { path, key, seen }) = self.stack.last_mut() {
+                    if let Some(Frame::Mapping {
+                        path, key, seen, ..
+                    }) = self.stack.last_mut()
+                    {
                         let full = join(path, &text);
                         if seen.contains(&text) {
                             self.map.duplicates.push((full.clone(), loc(&mark)));
@@ -186,9 +226,14 @@ impl MarkedEventReceiver for Walker {
                                 path,
                                 key: None,
                                 seen: Vec::new(),
+                                opened: loc(&mark),
                             }
                         } else {
-                            Frame::Sequence { path, index: 0 }
+                            Frame::Sequence {
+                                path,
+                                index: 0,
+                                opened: loc(&mark),
+                            }
                         });
                     }
                     // A mapping or sequence used as a key: skip it whole; serde will reject it.
@@ -254,8 +299,24 @@ devices:
     #[test]
     fn syntax_errors_have_a_position() {
         // The flow sequence left open on line 1 breaks where `b:` appears, line 2 column 2.
-        let (loc, msg) = SourceMap::build("a: [1, 2\nb: 3\n").unwrap_err();
-        assert_eq!((loc.line, loc.col), (2, 2), "{loc:?}");
-        assert!(msg.contains("':'"), "{msg}");
+        let e = SourceMap::build("a: [1, 2\nb: 3\n").unwrap_err();
+        assert_eq!((e.loc.line, e.loc.col), (2, 2), "{e:?}");
+        assert!(e.message.contains("':'"), "{e:?}");
+    }
+
+    /// `{ coil: 5 ` left open on line 3 is found only on line 4: both lines are named (#11).
+    #[test]
+    fn an_unclosed_flow_mapping_names_where_it_opened() {
+        let e = SourceMap::build(
+            "points:\n  flow: { register: 1 }\n  pump: { coil: 5\n  x: { coil: 6 }\n",
+        )
+        .unwrap_err();
+        assert_eq!(e.loc.line, 4, "{e:?}");
+        assert_eq!(e.path, "points.pump");
+        assert!(
+            e.message
+                .ends_with("the flow mapping `{` opened at line 3, column 9 is not closed"),
+            "{e:?}"
+        );
     }
 }
