@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use fieldgate::config::Config;
 use fieldgate::mapping::Value;
 use fieldgate::message::{Body, Message, now_ms};
-use fieldgate::proxy::{FaultProxy, Link};
 use fieldgate::store::Store;
+use fieldgate::testkit::proxy::{FaultProxy, Link};
 use tokio_util::sync::CancellationToken;
 
 const WINDOW: u32 = 500;
@@ -130,7 +130,7 @@ async fn main() {
     {
         Some(bin) => {
             let mdir = tempfile::tempdir().unwrap();
-            let port = fieldgate::broker::quiet_port().unwrap();
+            let port = fieldgate::testkit::broker::quiet_port().unwrap();
             let conf = mdir.path().join("m.conf");
             std::fs::write(
                 &conf,
@@ -149,7 +149,10 @@ async fn main() {
             _mosquitto = KillOnDrop(child, mdir);
             (format!("127.0.0.1:{port}").parse().unwrap(), "mosquitto")
         }
-        None => (fieldgate::broker::start().unwrap(), "rumqttd (in process)"),
+        None => (
+            fieldgate::testkit::broker::start().unwrap(),
+            "rumqttd (in process)",
+        ),
     };
     println!("fieldgate drain over shaped links to {name}, window {WINDOW}");
     for (rtt, n) in [(0u64, 40_000u64), (50, 40_000), (300, 15_000), (800, 6_000)] {

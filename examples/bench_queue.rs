@@ -120,7 +120,7 @@ async fn main() {
     let (rate, _) = enqueue(dir.path(), n, 16);
     println!("store thread, {n} readings in batches of 16: {rate:.0} readings/s");
     let dir = tempfile::tempdir().unwrap();
-    let broker = fieldgate::broker::start().unwrap();
+    let broker = fieldgate::testkit::broker::start().unwrap();
     drain(dir.path(), n, broker, "rumqttd (in process)").await;
 
     if let Some(bin) = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]

@@ -9,14 +9,14 @@
 use std::time::{Duration, Instant};
 
 use fieldgate::config::Config;
-use fieldgate::sim::RtuBus;
+use fieldgate::testkit::sim::RtuBus;
 use tokio_util::sync::CancellationToken;
 
 const BAUD: u32 = 9600;
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let broker = fieldgate::broker::start().unwrap();
+    let broker = fieldgate::testkit::broker::start().unwrap();
     println!("Modbus RTU at {BAUD} baud 8E1, one slave answering at once, polled back to back");
     println!(
         "{:>4}  {:>12}  {:>12}  {:>6}",

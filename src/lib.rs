@@ -3,30 +3,34 @@
 //!
 //! # Layout
 //!
-//! The data flows through one module per stage:
+//! One reading, from the bus to the broker, by file:
 //!
 //! ```text
-//! config ──► plan                     (at start: validated config, read plans)
-//!   │
-//!   ▼
-//! poller ──► bus/{modbus_tcp,         (one task per Modbus bus: ask devices, get words and bits)
-//!   │          modbus_rtu}
-//! line   ──► bus/serial_line, parse   (one task per serial line bus: lines → named fields)
-//!   │   └──► mapping                  (decode words into typed values)
-//!   │   └──► message                  (values → Message: topic, QoS, retain, ts, body)
-//!   ▼
-//! store                               (SQLite queue: seq assigned, committed before publishing)
-//!   │
-//!   ▼
-//! uplink                              (rumqttc QoS 1; a row is deleted on its PUBACK)
+//! config/ ─────────────► (at start) the validated model: buses, devices, points, read plans
+//!   uses bus::Transport, mapping::Point, plan, topics
+//!
+//! poll/modbus.rs ──► bus/{modbus_tcp,modbus_rtu}.rs   words and bits from a device
+//! poll/line.rs   ──► bus/serial_line.rs, parse.rs      lines and their fields
+//!        │
+//!        ├──► mapping/          decoded into typed values (pure)
+//!        └──► poll::messages    values → message::Message (topic, QoS, ts, body)
+//!                 │
+//!                 ▼
+//!              store/           SQLite queue: seq assigned, committed before publishing
+//!                 │
+//!                 ▼
+//!              uplink/          rumqttc: session, in-flight window; deleted on PUBACK
 //! ```
 //!
-//! `gateway` wires these together and owns shutdown; `commission` serves `fieldgate read`. `sim` (a simulated Modbus device), `proxy`
-//! (a fault-injecting TCP proxy) and `broker` (rumqttd in-process) serve the demo and the tests.
+//! Below them all, free of I/O: `modbus` (tables, requests, frames, CRC), `backoff`, `topics`.
+//! `state` holds what the running tasks share (figures, availability, the queue's handle) and
+//! `status` its typed snapshot (status message, `status.json`, `/metrics` in `metrics`).
+//! `gateway` wires the tasks together and owns reload and shutdown; `discovery` renders Home
+//! Assistant configs; `commission` serves `fieldgate read`; `systemd` and `tls` are the edges to
+//! the service manager and the broker's certificates. `testkit` (feature `testkit`) holds the
+//! simulator, the fault proxy and the in-process broker of the demo and the tests.
 
 pub mod backoff;
-#[cfg(feature = "testkit")]
-pub mod broker;
 pub mod bus;
 pub mod commission;
 pub mod config;
@@ -39,14 +43,12 @@ pub mod modbus;
 pub mod parse;
 pub mod plan;
 pub mod poll;
-#[cfg(feature = "testkit")]
-pub mod proxy;
-#[cfg(feature = "testkit")]
-pub mod sim;
 pub mod state;
 pub mod status;
 pub mod store;
 pub mod systemd;
+#[cfg(feature = "testkit")]
+pub mod testkit;
 pub mod tls;
 pub mod topics;
 pub mod uplink;

@@ -1,5 +1,6 @@
-//! The `fieldgate` command: `run`, `check` and `demo`. The binary edge: errors become exit
-//! codes and messages here (`anyhow`, printed with their cause chain).
+//! The `fieldgate` command: `run`, `check`, `read`, `status`, `queue stats` and (with the test
+//! kit) `demo`, each in its file under `cli/`. The binary edge: errors become exit codes and
+//! messages here (`anyhow`, printed with their cause chain; exit 78 for a bad config).
 
 mod cli;
 

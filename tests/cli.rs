@@ -6,11 +6,11 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{Subscriber, config};
-use fieldgate::sim::Simulator;
+use fieldgate::testkit::sim::Simulator;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_publishes_offline_keeps_the_queue_and_exits_zero_within_seconds() {
-    let broker = fieldgate::broker::start().unwrap();
+    let broker = fieldgate::testkit::broker::start().unwrap();
     let sim = Simulator::start(None).await.unwrap();
     sim.with_unit(1, |b| b.set_input(7, &[152]));
     let dir = tempfile::tempdir().unwrap();

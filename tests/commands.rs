@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::{Gateway, Subscriber, config};
-use fieldgate::sim::Simulator;
+use fieldgate::testkit::sim::Simulator;
 use serde_json::json;
 
 async fn publisher(broker: std::net::SocketAddr) -> rumqttc::AsyncClient {
@@ -27,7 +27,7 @@ fn result(sub: &Subscriber, point: &str) -> Vec<serde_json::Value> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_write_read_back_and_answer_and_refusals_write_nothing() {
-    let broker = fieldgate::broker::start().unwrap();
+    let broker = fieldgate::testkit::broker::start().unwrap();
     let sim = Simulator::start(None).await.unwrap();
     sim.with_unit(1, |b| {
         b.set_holding(100, &[0x0000, 0x41A0]); // 20.0 f32, CDAB
@@ -187,9 +187,9 @@ async fn commands_write_read_back_and_answer_and_refusals_write_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_command_on_rs485_waits_its_turn_and_lands() {
     let dir = tempfile::tempdir().unwrap();
-    let bus = fieldgate::sim::RtuBus::start(dir.path(), 19200).unwrap();
+    let bus = fieldgate::testkit::sim::RtuBus::start(dir.path(), 19200).unwrap();
     bus.with_unit(4, |b| b.set_holding(0, &[0, 0, 7]));
-    let broker = fieldgate::broker::start().unwrap();
+    let broker = fieldgate::testkit::broker::start().unwrap();
     let sub = Subscriber::start(broker).await;
     let yaml = format!(
         "gateway: {{ id: gw1, state_dir: {} }}\nmqtt: {{ url: mqtt://{broker} }}\nbuses:\n  rs485:\n    modbus_rtu: {{ port: {}, baud: 19200 }}\ndevices:\n  d:\n    bus: rs485\n    unit: 4\n    every: 100ms\n    points:\n      big: {{ register: 0, type: i32, writable: true }}\n      small: {{ register: 2, writable: true }}\n",
@@ -246,7 +246,7 @@ async fn a_command_on_rs485_waits_its_turn_and_lands() {
 /// overdue polls.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_commands_does_not_starve_polling() {
-    let broker = fieldgate::broker::start().unwrap();
+    let broker = fieldgate::testkit::broker::start().unwrap();
     let sim = Simulator::start(None).await.unwrap();
     sim.with_unit(1, |b| b.set_holding(10, &[1, 2]));
     // Every request takes 20 ms: a command (write and read back) holds the bus 40 ms.
@@ -320,7 +320,7 @@ async fn a_flood_of_commands_does_not_starve_polling() {
 /// carried out, or "not carried out".
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_waiting_for_the_bus_at_a_stop_are_answered() {
-    let broker = fieldgate::broker::start().unwrap();
+    let broker = fieldgate::testkit::broker::start().unwrap();
     let sim = Simulator::start(None).await.unwrap();
     sim.with_unit(1, |b| b.set_holding(10, &[1]));
     let dir = tempfile::tempdir().unwrap();

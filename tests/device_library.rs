@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::{Gateway, Subscriber};
 use fieldgate::config::{Config, check_model, is_model_text};
-use fieldgate::sim::RtuBus;
+use fieldgate::testkit::sim::RtuBus;
 use serde_json::json;
 
 fn models() -> Vec<PathBuf> {
@@ -103,7 +103,7 @@ async fn an_xy_md02_and_an_sdm120_on_one_bus_decode_exactly() {
         put(342, 1234.5);
         b.set_input(0, &regs);
     });
-    let broker = fieldgate::broker::start().unwrap();
+    let broker = fieldgate::testkit::broker::start().unwrap();
     let sub = Subscriber::start(broker).await;
     let mappings = std::fs::canonicalize("mappings").unwrap();
     let yaml = format!(

@@ -5,7 +5,7 @@ mod common;
 use std::time::Duration;
 
 use common::{Gateway, Subscriber, config};
-use fieldgate::sim::Simulator;
+use fieldgate::testkit::sim::Simulator;
 use serde_json::json;
 
 const DEVICES: &str = "  boiler:\n    bus: plc\n    points:\n      temp: { register: 0, type: f32, unit: \"°C\" }\n      energy: { register: 2, type: u32, unit: kWh }\n      door: { discrete: 1 }\n      pump: { coil: 1, writable: true }\n      setpoint: { register: 4, type: f32, writable: true, min: 5, max: 80, unit: \"°C\" }\n      label: { register: 6, type: string, length: 2 }\n";
@@ -17,7 +17,7 @@ fn disc(sub: &Subscriber, component: &str, point: &str) -> Vec<common::Received>
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_point_is_announced_republished_for_ha_and_removed_when_it_leaves() {
-    let broker = fieldgate::broker::start().unwrap();
+    let broker = fieldgate::testkit::broker::start().unwrap();
     let sim = Simulator::start(None).await.unwrap();
     sim.with_unit(1, |b| {
         b.set_holding(0, &[0x41A0, 0, 0, 5, 0x4248, 0, 0x4142, 0x4344]);
@@ -153,9 +153,9 @@ async fn every_point_is_announced_republished_for_ha_and_removed_when_it_leaves(
 async fn repeated_home_assistant_births_during_a_backlog_are_coalesced() {
     use fieldgate::mapping::Value;
     use fieldgate::message::{Body, Message, now_ms};
-    use fieldgate::proxy::{FaultProxy, Link};
+    use fieldgate::testkit::proxy::{FaultProxy, Link};
 
-    let broker = fieldgate::broker::start().unwrap();
+    let broker = fieldgate::testkit::broker::start().unwrap();
     let sim = Simulator::start(None).await.unwrap();
     sim.with_unit(1, |b| {
         b.set_holding(0, &[0x41A0, 0, 0, 5, 0x4248, 0, 0x4142, 0x4344])

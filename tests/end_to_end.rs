@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use common::{Gateway, Mosquitto, Subscriber, assert_gapless, config};
 use fieldgate::message::now_ms;
-use fieldgate::proxy::{FaultProxy, Mode};
-use fieldgate::sim::Simulator;
 use fieldgate::store::Store;
+use fieldgate::testkit::proxy::{FaultProxy, Mode};
+use fieldgate::testkit::sim::Simulator;
 use serde_json::json;
 
 /// Registers whose decoded values were computed by hand.
@@ -130,7 +130,7 @@ async fn every_point_arrives_exactly(broker: SocketAddr) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_point_arrives_with_exact_values_ts_and_gapless_seq() {
-    let broker = fieldgate::broker::start().unwrap();
+    let broker = fieldgate::testkit::broker::start().unwrap();
     every_point_arrives_exactly(broker).await;
 }
 
@@ -203,7 +203,7 @@ async fn an_uplink_cut_loses_nothing(broker: SocketAddr) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_uplink_cut_for_seconds_loses_nothing_and_keeps_poll_times() {
-    let broker = fieldgate::broker::start().unwrap();
+    let broker = fieldgate::testkit::broker::start().unwrap();
     an_uplink_cut_loses_nothing(broker).await;
 }
 
@@ -215,7 +215,7 @@ async fn mosquitto_an_uplink_cut_for_seconds_loses_nothing_and_keeps_poll_times(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_resumes_the_queue_and_the_seq() {
-    let broker = fieldgate::broker::start().unwrap();
+    let broker = fieldgate::testkit::broker::start().unwrap();
     let sim = boiler().await;
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
@@ -252,7 +252,7 @@ async fn a_restart_resumes_the_queue_and_the_seq() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_device_does_not_stall_the_others_on_its_bus() {
-    let broker = fieldgate::broker::start().unwrap();
+    let broker = fieldgate::testkit::broker::start().unwrap();
     let sim = boiler().await;
     sim.with_unit(2, |b| b.set_holding(0, &[7]));
     sim.state.lock().unwrap().silent.push(2);
@@ -291,7 +291,7 @@ async fn a_silent_device_does_not_stall_the_others_on_its_bus() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_modbus_exception_skips_only_the_points_of_that_request() {
-    let broker = fieldgate::broker::start().unwrap();
+    let broker = fieldgate::testkit::broker::start().unwrap();
     let sim = boiler().await;
     let dir = tempfile::tempdir().unwrap();
     let sub = Subscriber::start(broker).await;
@@ -313,7 +313,7 @@ async fn a_modbus_exception_skips_only_the_points_of_that_request() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn device_mode_publishes_one_message_per_poll_and_bare_values_publish_text() {
-    let broker = fieldgate::broker::start().unwrap();
+    let broker = fieldgate::testkit::broker::start().unwrap();
     let sim = boiler().await;
     let dir = tempfile::tempdir().unwrap();
     let sub = Subscriber::start(broker).await;
@@ -389,7 +389,7 @@ async fn every_qos_level_is_delivered_and_deleted(broker: SocketAddr) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_qos_level_is_delivered_and_deleted_from_the_queue() {
-    let broker = fieldgate::broker::start().unwrap();
+    let broker = fieldgate::testkit::broker::start().unwrap();
     every_qos_level_is_delivered_and_deleted(broker).await;
 }
 
@@ -405,7 +405,7 @@ async fn mosquitto_every_qos_level_is_delivered_and_deleted_from_the_queue() {
 /// other values of a `publish: device` message.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nan_register_is_published_as_null_with_ts_and_seq_and_counted() {
-    let broker = fieldgate::broker::start().unwrap();
+    let broker = fieldgate::testkit::broker::start().unwrap();
     let sim = Simulator::start(None).await.unwrap();
     sim.with_unit(1, |b| {
         b.set_holding(0, &[0xFFFF, 0xFFFF]); // f32 NaN

@@ -5,7 +5,7 @@ mod common;
 use std::time::Duration;
 
 use common::{Gateway, Subscriber};
-use fieldgate::sim::LineSensor;
+use fieldgate::testkit::sim::LineSensor;
 use serde_json::json;
 
 fn line_config(
@@ -39,7 +39,7 @@ const WEATHER: &str = r#"  weather:
 async fn a_stream_of_good_bad_partial_and_overlong_lines_gives_exact_values_and_counts() {
     let dir = tempfile::tempdir().unwrap();
     let sensor = LineSensor::start(dir.path(), "ttyWX").unwrap();
-    let broker = fieldgate::broker::start().unwrap();
+    let broker = fieldgate::testkit::broker::start().unwrap();
     let sub = Subscriber::start(broker).await;
     let yaml = line_config(
         &dir.path().join("state"),
@@ -102,7 +102,7 @@ async fn a_stream_of_good_bad_partial_and_overlong_lines_gives_exact_values_and_
 async fn with_every_a_stream_publishes_the_latest_value_once_per_interval() {
     let dir = tempfile::tempdir().unwrap();
     let sensor = LineSensor::start(dir.path(), "ttyWX").unwrap();
-    let broker = fieldgate::broker::start().unwrap();
+    let broker = fieldgate::testkit::broker::start().unwrap();
     let sub = Subscriber::start(broker).await;
     let devices = WEATHER.replace("    bus: wx\n", "    bus: wx\n    every: 1s\n");
     let yaml = line_config(
@@ -141,7 +141,7 @@ async fn request_response_devices_share_a_line_and_a_late_answer_is_never_misatt
         "R2" => Some((Duration::from_millis(450), b"T=2.0,H=20\r\n".to_vec())),
         _ => None,
     });
-    let broker = fieldgate::broker::start().unwrap();
+    let broker = fieldgate::testkit::broker::start().unwrap();
     let sub = Subscriber::start(broker).await;
     let devices = WEATHER.replace(
         "  weather:\n    bus: wx\n",
@@ -181,7 +181,7 @@ async fn request_response_devices_share_a_line_and_a_late_answer_is_never_misatt
 async fn recorded_nmea_with_corrupted_checksums_publishes_only_the_good_sentences() {
     let dir = tempfile::tempdir().unwrap();
     let gps = LineSensor::start(dir.path(), "ttyGPS").unwrap();
-    let broker = fieldgate::broker::start().unwrap();
+    let broker = fieldgate::testkit::broker::start().unwrap();
     let sub = Subscriber::start(broker).await;
     let devices = r#"  gps:
     bus: wx
@@ -243,7 +243,7 @@ async fn recorded_nmea_with_corrupted_checksums_publishes_only_the_good_sentence
 async fn an_unplugged_line_sensor_goes_offline_and_comes_back() {
     let dir = tempfile::tempdir().unwrap();
     let mut sensor = LineSensor::start(dir.path(), "ttyWX").unwrap();
-    let broker = fieldgate::broker::start().unwrap();
+    let broker = fieldgate::testkit::broker::start().unwrap();
     let sub = Subscriber::start(broker).await;
     let devices = WEATHER.replace("    bus: wx\n", "    bus: wx\n    offline_after: 1\n");
     let yaml = line_config(

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use common::{Gateway, Subscriber};
-use fieldgate::sim::RtuBus;
+use fieldgate::testkit::sim::RtuBus;
 use serde_json::json;
 
 fn rtu_config(
@@ -34,7 +34,7 @@ async fn a_dead_slave_and_a_refusing_slave_leave_the_healthy_one_its_rate_and_ex
     bus.with_unit(2, |b| b.set_holding(0, &[1]));
     bus.state.lock().unwrap().silent.push(2); // never answers
     bus.with_unit(3, |_| {}); // answers every read with IllegalDataAddress
-    let broker = fieldgate::broker::start().unwrap();
+    let broker = fieldgate::testkit::broker::start().unwrap();
     let sub = Subscriber::start(broker).await;
     let devices = "  healthy:\n    bus: rs485\n    unit: 1\n    every: 250ms\n    points:\n      temp: { register: 0, type: f32 }\n      level: { register: 2, scale: 0.01 }\n      run: { coil: 3 }\n  dead:\n    bus: rs485\n    unit: 2\n    every: 250ms\n    points:\n      x: { register: 0 }\n  refusing:\n    bus: rs485\n    unit: 3\n    every: 250ms\n    points:\n      y: { register: 0 }\n";
     let yaml = rtu_config(
@@ -104,7 +104,7 @@ async fn late_replies_are_never_decoded_as_the_answer_to_another_request() {
     }
     // Every seventh reply comes 35 ms late, after the 20 ms timeout.
     bus.state.lock().unwrap().late_every = Some((7, Duration::from_millis(35)));
-    let broker = fieldgate::broker::start().unwrap();
+    let broker = fieldgate::testkit::broker::start().unwrap();
     let sub = Subscriber::start(broker).await;
     let mut devices = String::new();
     for unit in [1, 2] {
@@ -175,7 +175,7 @@ async fn corrupt_frames_and_line_noise_are_counted_and_never_published() {
         st.corrupt_every = Some(4);
         st.noise_every = Some((5, 6));
     }
-    let broker = fieldgate::broker::start().unwrap();
+    let broker = fieldgate::testkit::broker::start().unwrap();
     let sub = Subscriber::start(broker).await;
     let devices = "  meter:\n    bus: rs485\n    unit: 7\n    every: 50ms\n    points:\n      a: { register: 100 }\n      b: { register: 101 }\n";
     let yaml = rtu_config(
@@ -235,7 +235,7 @@ async fn an_unplugged_adapter_is_reopened_when_it_comes_back() {
     let dir = tempfile::tempdir().unwrap();
     let mut bus = RtuBus::start(dir.path(), 9600).unwrap();
     bus.with_unit(1, |b| b.set_holding(0, &[5]));
-    let broker = fieldgate::broker::start().unwrap();
+    let broker = fieldgate::testkit::broker::start().unwrap();
     let sub = Subscriber::start(broker).await;
     let devices = "  s:\n    bus: rs485\n    every: 200ms\n    offline_after: 1\n    points:\n      v: { register: 0 }\n";
     let yaml = rtu_config(

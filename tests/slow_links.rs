@@ -16,9 +16,9 @@ use std::time::{Duration, Instant};
 
 use common::{Gateway, Mosquitto, Subscriber, assert_nothing_lost};
 use fieldgate::message::now_ms;
-use fieldgate::proxy::{FaultProxy, Link, Mode};
-use fieldgate::sim::Simulator;
 use fieldgate::store::Store;
+use fieldgate::testkit::proxy::{FaultProxy, Link, Mode};
+use fieldgate::testkit::sim::Simulator;
 
 /// One device with `points` holding registers read every `every_ms`.
 fn config(

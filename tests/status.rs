@@ -6,7 +6,7 @@ use std::io::{Read, Write};
 use std::time::Duration;
 
 use common::{Gateway, Subscriber, config, free_port};
-use fieldgate::sim::Simulator;
+use fieldgate::testkit::sim::Simulator;
 
 /// The answer of `GET /metrics` on the metrics port, headers included.
 async fn metrics(port: u16) -> String {
@@ -24,7 +24,7 @@ async fn metrics(port: u16) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_command_status_message_and_metrics_report_the_same_gateway() {
-    let broker = fieldgate::broker::start().unwrap();
+    let broker = fieldgate::testkit::broker::start().unwrap();
     let sim = Simulator::start(None).await.unwrap();
     sim.with_unit(1, |b| b.set_holding(0, &[1]));
     let dir = tempfile::tempdir().unwrap();
@@ -96,7 +96,7 @@ async fn status_command_status_message_and_metrics_report_the_same_gateway() {
 /// what the queue holds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_status_views_agree_with_each_other_and_with_the_device() {
-    let broker = fieldgate::broker::start().unwrap();
+    let broker = fieldgate::testkit::broker::start().unwrap();
     let sim = Simulator::start(None).await.unwrap();
     sim.with_unit(1, |b| b.set_holding(0, &[1, 2]));
     let dir = tempfile::tempdir().unwrap();

@@ -10,8 +10,8 @@ use std::time::Duration;
 use common::{FAST, Gateway, Mosquitto, Subscriber, assert_gapless, config, fast_sim as sim};
 use fieldgate::mapping::Value;
 use fieldgate::message::{Body, Message, now_ms};
-use fieldgate::proxy::{FaultProxy, Mode};
 use fieldgate::store::{Limits, Store};
+use fieldgate::testkit::proxy::{FaultProxy, Mode};
 
 fn queue_stats(state: &Path) -> fieldgate::store::Stats {
     Store::open_read_only(state).unwrap().stats().unwrap()
@@ -85,7 +85,7 @@ fn spawn_gateway(cfg: &Path) -> Child {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_at_random_moments_during_a_large_drain_loses_nothing() {
-    let broker = fieldgate::broker::start().unwrap();
+    let broker = fieldgate::testkit::broker::start().unwrap();
     let sim = sim().await;
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
@@ -159,7 +159,7 @@ async fn kill_9_at_random_moments_during_a_large_drain_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_queue_drops_exactly_per_policy_and_the_gateway_stays_healthy() {
     for policy in ["drop_oldest", "drop_newest"] {
-        let broker = fieldgate::broker::start().unwrap();
+        let broker = fieldgate::testkit::broker::start().unwrap();
         let sim = sim().await;
         let dir = tempfile::tempdir().unwrap();
         let state = dir.path().join("state");
@@ -258,7 +258,7 @@ async fn a_full_queue_drops_exactly_per_policy_and_the_gateway_stays_healthy() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupt_queue_file_is_moved_aside_and_the_gateway_runs() {
-    let broker = fieldgate::broker::start().unwrap();
+    let broker = fieldgate::testkit::broker::start().unwrap();
     let sim = sim().await;
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
@@ -340,7 +340,7 @@ async fn an_unwritable_state_dir_at_start_is_waited_for_not_a_crash() {
     let Some(mount) = Mount::tmpfs("size=8m,ro") else {
         return;
     };
-    let broker = fieldgate::broker::start().unwrap();
+    let broker = fieldgate::testkit::broker::start().unwrap();
     let sim = sim().await;
     let dir = tempfile::tempdir().unwrap();
     let state = mount.path().join("state");
@@ -371,7 +371,7 @@ async fn a_full_disk_during_a_run_holds_readings_until_there_is_room() {
     let Some(mount) = Mount::tmpfs("size=2m") else {
         return;
     };
-    let broker = fieldgate::broker::start().unwrap();
+    let broker = fieldgate::testkit::broker::start().unwrap();
     let sim = sim().await;
     let dir = tempfile::tempdir().unwrap();
     let state = mount.path().join("state");
@@ -466,7 +466,7 @@ fn queue_stats_command_reads_a_queue_in_use() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_rate_paces_the_drain() {
-    let broker = fieldgate::broker::start().unwrap();
+    let broker = fieldgate::testkit::broker::start().unwrap();
     let sim = sim().await;
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
@@ -542,7 +542,7 @@ async fn mosquitto_publishes_the_last_will_when_the_gateway_is_killed() {
 /// forever. It is set aside, counted, and everything behind it flows on one connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_row_that_can_never_be_published_is_set_aside_not_a_head_of_line_block() {
-    let broker = fieldgate::broker::start().unwrap();
+    let broker = fieldgate::testkit::broker::start().unwrap();
     let proxy = FaultProxy::start(broker).await.unwrap();
     let sub = Subscriber::start(broker).await;
     let dir = tempfile::tempdir().unwrap();

@@ -7,7 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{Subscriber, config};
-use fieldgate::sim::Simulator;
+use fieldgate::testkit::sim::Simulator;
 
 fn spawn(cfg: &std::path::Path, env: &[(&str, String)]) -> Child {
     let mut c = Command::new(env!("CARGO_BIN_EXE_fieldgate"));
@@ -36,7 +36,7 @@ fn term(child: &mut Child) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_and_the_watchdog_are_notified() {
-    let broker = fieldgate::broker::start().unwrap();
+    let broker = fieldgate::testkit::broker::start().unwrap();
     let sim = Simulator::start(None).await.unwrap();
     sim.with_unit(1, |b| b.set_holding(0, &[1]));
     let dir = tempfile::tempdir().unwrap();
@@ -90,7 +90,7 @@ async fn readiness_and_the_watchdog_are_notified() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_a_good_config_and_refuses_a_bad_one() {
-    let broker = fieldgate::broker::start().unwrap();
+    let broker = fieldgate::testkit::broker::start().unwrap();
     let sim = Simulator::start(None).await.unwrap();
     sim.with_unit(1, |b| b.set_holding(0, &[1, 2]));
     let dir = tempfile::tempdir().unwrap();

@@ -7,9 +7,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::{Gateway, Mosquitto, Subscriber, free_port};
-use fieldgate::proxy::FaultProxy;
-use fieldgate::sim::Simulator;
 use fieldgate::store::Store;
+use fieldgate::testkit::proxy::FaultProxy;
+use fieldgate::testkit::sim::Simulator;
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
 
 /// A CA, and certificates it signed, written as PEM files into `dir`.

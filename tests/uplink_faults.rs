@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use common::{FAST, Gateway, Subscriber, assert_nothing_lost, config, fast_sim as sim};
 use fieldgate::message::now_ms;
-use fieldgate::proxy::{FaultProxy, Mode};
 use fieldgate::store::Store;
+use fieldgate::testkit::proxy::{FaultProxy, Mode};
 
 /// Runs at 40 readings/s, applies `fault` for `hold`, then lets the link recover.
 async fn survive(
@@ -104,13 +104,13 @@ async fn survive(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_connection_loses_nothing() {
-    let broker = fieldgate::broker::start().unwrap();
+    let broker = fieldgate::testkit::broker::start().unwrap();
     survive(broker, Mode::Cut, Duration::from_secs(3)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_half_open_link_is_detected_and_what_vanished_into_it_is_resent() {
-    let broker = fieldgate::broker::start().unwrap();
+    let broker = fieldgate::testkit::broker::start().unwrap();
     // keep_alive is 2s in the test config: the stall must be detected within ~2 keep-alives,
     // so 6s of stall means at least one reconnect attempt into the still-stalled link.
     let (sub, _dir, from, to) = survive(broker, Mode::Stall, Duration::from_secs(6)).await;
@@ -127,7 +127,7 @@ async fn a_half_open_link_is_detected_and_what_vanished_into_it_is_resent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reset_in_the_middle_of_a_packet_loses_nothing() {
-    let broker = fieldgate::broker::start().unwrap();
+    let broker = fieldgate::testkit::broker::start().unwrap();
     survive(broker, Mode::ResetMidPacket, Duration::from_millis(300)).await;
 }
 

@@ -13,9 +13,9 @@ use std::time::Duration;
 use anyhow::Context as _;
 use fieldgate::config::Config;
 use fieldgate::message::now_ms;
-use fieldgate::proxy::{FaultProxy, Mode};
-use fieldgate::sim::Simulator;
 use fieldgate::store::Store;
+use fieldgate::testkit::proxy::{FaultProxy, Mode};
+use fieldgate::testkit::sim::Simulator;
 use fieldgate::uplink::Tuning;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until};
@@ -38,7 +38,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let sim = Simulator::start(None).await?;
     tokio::spawn(animate(sim.clone()));
 
-    let broker_addr = fieldgate::broker::start()?;
+    let broker_addr = fieldgate::testkit::broker::start()?;
     let (msg_tx, mut msgs) = mpsc::unbounded_channel();
     subscribe(broker_addr, msg_tx)?;
     let proxy = FaultProxy::start(broker_addr).await?;

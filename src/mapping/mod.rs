@@ -2,8 +2,9 @@
 //!
 //! This module owns what a configured point *is* once the config has been validated
 //! ([`Point`], [`Source`], [`DataType`], [`Order`]) and the function that turns the registers or
-//! bits a request returned into a [`Value`] ([`Point::decode`]). It does no I/O and knows nothing
-//! of buses, queues or MQTT; `config` builds points, `poller` feeds them data.
+//! bits a request returned into a [`Value`] ([`Point::decode_words`], [`Point::decode_bit`],
+//! [`Point::decode_text`]), and back for commands ([`Point::encode`]). It does no I/O and knows
+//! nothing of buses, queues or MQTT; `config` builds points, `poll` feeds them data.
 //!
 //! Word and byte order follow the common "ABCD" notation for a 32-bit value whose big-endian
 //! bytes are A B C D:

@@ -2,7 +2,7 @@
 //! the device answered into messages for the store.
 //!
 //! - [`modbus`]: Modbus TCP and RTU buses (poll groups, commands, refused reads);
-//! - [`line`]: serial line buses (text sensors that stream or answer a request).
+//! - [`line`](mod@line): serial line buses (text sensors that stream or answer a request).
 //!
 //! Both share what a bus task does besides asking: the device health kept here
 //! ([`DeviceHealth`]: failures in a row, `offline` after `offline_after`, `online` again at the

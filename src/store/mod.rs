@@ -520,7 +520,7 @@ impl Store {
     }
 
     /// Drops rows that have been in the queue for longer than `max_age` (by the queue's own
-    /// monotonic clock, see [`Ages`]); returns how many. A range delete on the primary key: no
+    /// monotonic clock, see `ages::Ages`); returns how many. A range delete on the primary key: no
     /// table scan, whatever the depth.
     pub fn expire(&mut self, now: std::time::Instant) -> Result<u64, StoreError> {
         let Some(upto) = self.ages.expired(self.limits.max_age, now) else {

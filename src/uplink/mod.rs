@@ -20,10 +20,10 @@
 //! # Layout
 //!
 //! - this file: the reconnect loop, its backoff, and the client's options;
-//! - [`session`]: one connection, from CONNECT to DISCONNECT;
+//! - `session`: one connection, from CONNECT to DISCONNECT;
 //! - [`window`]: which publish is in flight under which packet id (pure);
-//! - [`commands`]: `…/set` topics to the devices' bus tasks and back;
-//! - [`announce`]: Home Assistant discovery configs.
+//! - `commands`: `…/set` topics to the devices' bus tasks and back;
+//! - `announce`: Home Assistant discovery configs.
 
 mod announce;
 mod commands;

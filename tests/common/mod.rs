@@ -396,7 +396,7 @@ impl Drop for Mosquitto {
 /// A free loopback port outside the ephemeral range, not handed out before in this process
 /// (so a broker restarted on it is not beaten to it by an outgoing connection).
 pub fn free_port() -> u16 {
-    fieldgate::broker::quiet_port().unwrap()
+    fieldgate::testkit::broker::quiet_port().unwrap()
 }
 
 /// Asserts that `seqs` is exactly `first..=last` with no gap.
@@ -432,8 +432,10 @@ pub fn logs() {
 pub const FAST: &str = "  boiler:\n    bus: plc\n    every: 100ms\n    points:\n      a: { register: 0 }\n      b: { register: 1 }\n      c: { coil: 0 }\n      d: { register: 2, type: u32 }\n";
 
 /// A simulator with the registers `FAST` reads.
-pub async fn fast_sim() -> fieldgate::sim::Simulator {
-    let sim = fieldgate::sim::Simulator::start(None).await.unwrap();
+pub async fn fast_sim() -> fieldgate::testkit::sim::Simulator {
+    let sim = fieldgate::testkit::sim::Simulator::start(None)
+        .await
+        .unwrap();
     sim.with_unit(1, |b| {
         b.set_holding(0, &[1, 2, 0, 3]);
         b.coils.insert(0, true);
