@@ -1,6 +1,6 @@
 //! Parsing the lines of serial text sensors into named fields: `regex` (named groups), `split`
 //! (fields by index), `json` (fields by key path) and `nmea` (NMEA 0183 sentences, checksum
-//! verified). Pure functions; `line` feeds them lines, `mapping` turns fields into values.
+//! verified). Pure functions; `poll::line` feeds them lines, `mapping` turns fields into values.
 //!
 //! NMEA 0183 facts used here (sentence layouts of GGA and RMC, the checksum as the XOR of every
 //! character between `$` and `*`, latitude as ddmm.mmmm and longitude as dddmm.mmmm): NMEA 0183

@@ -4,7 +4,7 @@
 //! request to one unit, with its own timeout, answered by register words or bits, a Modbus
 //! exception, or a transport error. A link reconnects by itself on the next request after a
 //! transport error or timeout, so a late reply is never matched to a later request. Scheduling
-//! (who is asked when) belongs to `poller`; decoding to `mapping`.
+//! (who is asked when) belongs to `poll`; decoding to `mapping`.
 
 pub mod modbus_rtu;
 pub mod modbus_tcp;
@@ -120,7 +120,7 @@ pub enum Link {
 }
 
 impl Link {
-    /// The link of a Modbus bus; None for a serial line bus (served by `line`).
+    /// The link of a Modbus bus; None for a serial line bus (served by `poll::line`).
     pub fn new(bus: &Bus) -> Option<Link> {
         Some(match &bus.transport {
             Transport::ModbusTcp {
