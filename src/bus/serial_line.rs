@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::{Instant, timeout_at};
 use tokio_serial::{SerialPort, SerialStream};
 
@@ -100,11 +100,30 @@ impl LineFramer {
     }
 }
 
+/// A byte stream a line bus can run on: a serial port, or in tests any stream.
+pub trait LineIo: AsyncRead + AsyncWrite + Unpin + Send {
+    /// Discards what the kernel holds for us (serial: `tcflush(TCIFLUSH)`).
+    fn clear_input(&mut self) {}
+}
+
+impl LineIo for SerialStream {
+    fn clear_input(&mut self) {
+        let _ = self.clear(tokio_serial::ClearBuffer::Input);
+    }
+}
+
+impl LineIo for tokio::io::DuplexStream {}
+
+/// Opens the stream of a line bus; a failure is retried with backoff.
+type Opener = Box<dyn FnMut() -> std::io::Result<Box<dyn LineIo>> + Send>;
+
 /// The serial port of a line bus, opened on demand, with the framer of its bytes.
 pub struct LinePort {
     bus: String,
-    settings: SerialSettings,
-    port: Option<SerialStream>,
+    /// The port's name, for the log.
+    name: String,
+    open: Opener,
+    port: Option<Box<dyn LineIo>>,
     framer: LineFramer,
     /// One streaming device owns the port: after opening it, the bytes up to the first line
     /// ending are discarded (the sensor may be mid-line). A request/response answer is whole.
@@ -121,9 +140,30 @@ impl LinePort {
         max_line: usize,
         streaming: bool,
     ) -> LinePort {
+        let name = settings.port.clone();
+        LinePort::with_opener(
+            bus,
+            &name,
+            Box::new(move || Ok(Box::new(settings.open()?) as Box<dyn LineIo>)),
+            terminator,
+            max_line,
+            streaming,
+        )
+    }
+
+    /// A line bus on whatever `open` returns (tests: one end of an in-memory pipe).
+    pub fn with_opener(
+        bus: &str,
+        name: &str,
+        open: Opener,
+        terminator: &[u8],
+        max_line: usize,
+        streaming: bool,
+    ) -> LinePort {
         LinePort {
             bus: bus.to_string(),
-            settings,
+            name: name.to_string(),
+            open,
             port: None,
             framer: LineFramer::new(terminator, max_line),
             streaming,
@@ -137,10 +177,10 @@ impl LinePort {
         if self.port.is_some() {
             return Ok(());
         }
-        match self.settings.open() {
+        match (self.open)() {
             Ok(p) => {
                 if self.opening.succeeded() > 0 {
-                    tracing::info!(bus = %self.bus, port = %self.settings.port, "serial port open again");
+                    tracing::info!(bus = %self.bus, port = %self.name, "serial port open again");
                 }
                 if self.streaming {
                     self.framer.resync();
@@ -153,7 +193,7 @@ impl LinePort {
             Err(e) => {
                 let wait = self.opening.failed();
                 if self.opening.failures() == 1 {
-                    tracing::warn!(bus = %self.bus, port = %self.settings.port, error = %e,
+                    tracing::warn!(bus = %self.bus, port = %self.name, error = %e,
                         "cannot open the serial port; retrying with backoff (up to 60s)");
                 }
                 Err(wait)
@@ -163,7 +203,7 @@ impl LinePort {
 
     fn close(&mut self, why: &str) {
         if self.port.take().is_some() {
-            tracing::warn!(bus = %self.bus, port = %self.settings.port, why, "serial port lost; reopening");
+            tracing::warn!(bus = %self.bus, port = %self.name, why, "serial port lost; reopening");
         }
     }
 
@@ -197,7 +237,7 @@ impl LinePort {
         let Some(port) = self.port.as_mut() else {
             return Err(());
         };
-        let _ = port.clear(tokio_serial::ClearBuffer::Input);
+        port.clear_input();
         let sent = async {
             port.write_all(request).await?;
             port.flush().await
@@ -219,7 +259,7 @@ impl LinePort {
             }
             late += n;
         }
-        let _ = port.clear(tokio_serial::ClearBuffer::Input);
+        port.clear_input();
         self.framer.clear();
         late
     }
@@ -228,6 +268,75 @@ impl LinePort {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A line bus over an in-memory pipe; the other end plays the device.
+    fn piped(streaming: bool) -> (LinePort, tokio::io::DuplexStream) {
+        let (ours, device) = tokio::io::duplex(4096);
+        let mut ours = Some(ours);
+        let open: Opener = Box::new(move || {
+            ours.take()
+                .map(|s| Box::new(s) as Box<dyn LineIo>)
+                .ok_or_else(|| std::io::Error::other("already taken"))
+        });
+        let port = LinePort::with_opener("test", "pipe", open, b"\r\n", 80, streaming);
+        (port, device)
+    }
+
+    #[tokio::test]
+    async fn a_request_goes_out_and_its_answer_comes_back_as_a_line() {
+        let (mut port, mut device) = piped(false);
+        port.try_open().unwrap();
+        port.send(b"READ?\r\n").await.unwrap();
+        let mut asked = [0u8; 7];
+        device.read_exact(&mut asked).await.unwrap();
+        assert_eq!(&asked, b"READ?\r\n");
+        device.write_all(b"21.5;48\r\n").await.unwrap();
+        let mut out = Vec::new();
+        while out.is_empty() {
+            port.read_lines(&mut out).await.unwrap();
+        }
+        assert_eq!(out, vec![Framed::Line("21.5;48".into())]);
+    }
+
+    #[tokio::test]
+    async fn a_stream_opened_mid_line_starts_at_the_next_whole_line() {
+        let (mut port, mut device) = piped(true);
+        port.try_open().unwrap();
+        device.write_all(b"5;48\r\n22.0;47\r\n").await.unwrap();
+        let mut out = Vec::new();
+        while out.is_empty() {
+            port.read_lines(&mut out).await.unwrap();
+        }
+        assert_eq!(out, vec![Framed::Line("22.0;47".into())]);
+    }
+
+    #[tokio::test]
+    async fn a_late_answer_is_dropped_not_taken_for_the_next_one() {
+        let (mut port, mut device) = piped(false);
+        port.try_open().unwrap();
+        device.write_all(b"late\r\nmore").await.unwrap();
+        let dropped = port
+            .drop_late_answer(Instant::now() + Duration::from_millis(50))
+            .await;
+        assert_eq!(dropped, 10);
+        device.write_all(b"fresh\r\n").await.unwrap();
+        let mut out = Vec::new();
+        while out.is_empty() {
+            port.read_lines(&mut out).await.unwrap();
+        }
+        assert_eq!(out, vec![Framed::Line("fresh".into())]);
+    }
+
+    #[tokio::test]
+    async fn a_port_that_ends_is_closed_and_reopened_with_backoff() {
+        let (mut port, device) = piped(false);
+        port.try_open().unwrap();
+        drop(device);
+        let mut out = Vec::new();
+        assert!(port.read_lines(&mut out).await.is_err());
+        assert_eq!(port.try_open(), Err(Duration::from_secs(1)));
+        assert_eq!(port.try_open(), Err(Duration::from_secs(2)));
+    }
 
     /// Acceptance testing (#10): a streaming port opened in the middle of a line framed its
     /// tail as a line of its own. After `resync` the tail is discarded, silently.
