@@ -43,6 +43,31 @@ pub(super) struct Defaults {
 }
 
 impl PointSpec {
+    /// What every point takes from its YAML as given; the rest as for the simplest point.
+    fn new(name: &str, r: &RawPoint, source: Source, dtype: DataType) -> PointSpec {
+        PointSpec {
+            name: name.to_string(),
+            source,
+            dtype,
+            order: Order::ABCD,
+            bit: None,
+            length: 1,
+            scale: r.scale,
+            offset: r.offset,
+            unit: r.unit.clone(),
+            every: r.every,
+            topic: r.topic.clone(),
+            payload: r.payload,
+            qos: r.qos,
+            retain: r.retain,
+            field: None,
+            from_model: false,
+            writable: false,
+            min: None,
+            max: None,
+        }
+    }
+
     /// The resolved point, published on `topic`.
     pub(super) fn into_point(self, topic: String, defaults: &Defaults) -> Point {
         Point {
@@ -131,28 +156,17 @@ pub(super) fn validate_point(
             return None;
         }
         return Some(PointSpec {
-            name: name.to_string(),
-            source: Source {
-                table: Table::Holding,
-                address: 0,
-            },
-            dtype,
-            order: Order::ABCD,
-            bit: None,
-            length: 1,
-            scale: r.scale,
-            offset: r.offset,
-            unit: r.unit.clone(),
-            every: r.every,
-            topic: r.topic.clone(),
-            payload: r.payload,
-            qos: r.qos,
-            retain: r.retain,
             field: Some(field.as_key()),
-            from_model: false,
-            writable: false,
-            min: None,
-            max: None,
+            // Not read from registers: the source is never used.
+            ..PointSpec::new(
+                name,
+                r,
+                Source {
+                    table: Table::Holding,
+                    address: 0,
+                },
+                dtype,
+            )
         });
     }
 
@@ -332,28 +346,21 @@ pub(super) fn validate_point(
         return None;
     }
     Some(PointSpec {
-        name: name.to_string(),
-        source: Source {
-            table,
-            address: address as u16,
-        },
-        dtype,
         order: r.order.unwrap_or_default(),
         bit,
         length,
-        scale: r.scale,
-        offset: r.offset,
-        unit: r.unit.clone(),
-        every: r.every,
-        topic: r.topic.clone(),
-        payload: r.payload,
-        qos: r.qos,
-        retain: r.retain,
-        field: None,
-        from_model: false,
         writable: r.writable.unwrap_or(false),
         min: r.min,
         max: r.max,
+        ..PointSpec::new(
+            name,
+            r,
+            Source {
+                table,
+                address: address as u16,
+            },
+            dtype,
+        )
     })
 }
 
