@@ -92,6 +92,7 @@ pub fn describe_words(start: u16, words: &[u16]) -> String {
 /// Coils or discrete inputs, one per line.
 pub fn describe_bits(start: u16, bits: &[bool]) -> String {
     let mut s = String::new();
+    let _ = writeln!(s, "{:>7}  value", "address");
     for (i, b) in bits.iter().enumerate() {
         let _ = writeln!(s, "{:>7}  {}", start as usize + i, u8::from(*b));
     }
@@ -123,6 +124,9 @@ mod tests {
 
     #[test]
     fn bits_list_one_per_address() {
-        assert_eq!(describe_bits(5, &[true, false]), "      5  1\n      6  0\n");
+        assert_eq!(
+            describe_bits(5, &[true, false]),
+            "address  value\n      5  1\n      6  0\n"
+        );
     }
 }

@@ -29,7 +29,7 @@ enum Command {
     /// Poll the configured devices and publish to the broker until SIGTERM or Ctrl-C.
     Run { config: PathBuf },
     /// Validate a config and every device model it uses and print the read plan; or validate
-    /// one device model file (`fieldgate check mappings/sdm120.yaml`).
+    /// one device model file (`fieldgate check mappings/eastron-sdm120.yaml`).
     Check { config: PathBuf },
     /// Commissioning: read registers or bits once and print every interpretation
     /// (u16, i16, u32, i32, f32, f64 … in all four word/byte orders).
@@ -71,13 +71,9 @@ enum QueueCommand {
     /// Depth, oldest age, bytes, dropped and acknowledged counts.
     Stats {
         /// The gateway's config (its gateway.state_dir is read).
-        #[arg(
-            long,
-            conflicts_with = "state_dir",
-            required_unless_present = "state_dir"
-        )]
+        #[arg(long, conflicts_with = "state_dir")]
         config: Option<PathBuf>,
-        /// Or the state directory itself.
+        /// Or the state directory itself (default /var/lib/fieldgate).
         #[arg(long)]
         state_dir: Option<PathBuf>,
         /// Print JSON instead of text.
@@ -146,6 +142,9 @@ fn main() -> ExitCode {
         Command::Check { config } => match load(&config) {
             Ok(c) => {
                 print!("{}", c.summary());
+                for w in &c.warnings {
+                    eprintln!("warning: {w}");
+                }
                 ExitCode::SUCCESS
             }
             Err(code) => code,

@@ -94,9 +94,7 @@ async fn read_over_modbus_tcp_and_from_a_config_bus() {
         .args([
             "read",
             "--host",
-            "127.0.0.1",
-            "--tcp-port",
-            &port,
+            &format!("127.0.0.1:{port}"),
             "--unit",
             "4",
             "--holding",
@@ -118,6 +116,31 @@ async fn read_over_modbus_tcp_and_from_a_config_bus() {
         "{text}"
     );
     assert!(text.contains("     10  ABCD  f32="), "{text}");
+
+    // The separate --tcp-port works as well, and a TCP port given to --port (the serial port)
+    // is refused with the right spelling (#18).
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_fieldgate"))
+        .args(["read", "--host", "127.0.0.1", "--tcp-port", &port])
+        .args(["--unit", "4", "--holding", "10", "--count", "2"])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("     10  0x534E   21326    21326  SN"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_fieldgate"))
+        .args(["read", "--port", &port, "--unit", "4", "--holding", "10"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("--port names a serial port (e.g. /dev/ttyUSB0); for Modbus TCP write --host HOST:{port}")),
+        "{err}"
+    );
 
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("c.yaml");

@@ -161,6 +161,64 @@ fn run_refuses_a_bad_config_before_touching_anything() {
 
 #[test]
 fn shipped_mappings_pass_check() {
-    let (code, stdout, stderr) = check(Path::new("mappings/demo.yaml"));
+    let (code, stdout, stderr) = check(Path::new("examples/demo.yaml"));
     assert_eq!(code, 0, "{stdout}{stderr}");
+}
+
+/// The README's example config, copied to a fresh folder as a newcomer would, passes `check`
+/// (#18: its `models: [./mappings]` failed although no device uses a model). The folder that
+/// does not exist is a warning naming the resolved path.
+#[test]
+fn the_readme_example_config_checks_in_an_empty_folder() {
+    let readme = std::fs::read_to_string("README.md").unwrap();
+    let example = readme
+        .split("```yaml\n")
+        .skip(1)
+        .filter_map(|b| b.split_once("\n```").map(|(y, _)| y))
+        .find(|y| y.starts_with("gateway:"))
+        .expect("the README has an example config");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.yaml");
+    std::fs::write(&path, format!("{example}\n")).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_fieldgate"))
+        .arg("check")
+        .arg(&path)
+        .env("MQTT_PASSWORD", "secret")
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    assert!(stdout.contains("ok: 1 bus, 1 device, 3 points"), "{stdout}");
+    let missing = dir.path().join("mappings");
+    assert!(
+        stderr.contains(&format!("warning: {}:", path.display()))
+            && stderr.contains(&format!(
+                "model folder {} does not exist",
+                missing.display()
+            )),
+        "{stderr}"
+    );
+}
+
+/// A model named with its file name, `.yaml` and all, is the same model (#18).
+#[test]
+fn a_model_is_found_with_or_without_yaml() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.yaml");
+    std::fs::write(
+        &path,
+        "mqtt: { url: mqtt://127.0.0.1 }\nmodels: [../mappings]\nbuses:\n  rs485:\n    modbus_rtu: { port: /dev/ttyUSB0 }\ndevices:\n  a:\n    bus: rs485\n    unit: 1\n    model: eastron-sdm120\n  b:\n    bus: rs485\n    unit: 2\n    model: eastron-sdm120.yaml\n",
+    )
+    .unwrap();
+    let cwd_models = std::fs::canonicalize("mappings").unwrap();
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("../mappings", &cwd_models.display().to_string());
+    std::fs::write(&path, text).unwrap();
+    let (code, stdout, stderr) = check(&path);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(stdout.contains("2 devices"), "{stdout}");
 }

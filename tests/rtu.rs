@@ -307,7 +307,7 @@ async fn read_prints_every_interpretation_of_an_unknown_meter() {
         .unwrap();
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
-        "      0  1\n      1  0\n"
+        "address  value\n      0  1\n      1  0\n"
     );
     // A unit that does not answer: a clear error, exit 1.
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_fieldgate"))

@@ -1,7 +1,7 @@
 //! `fieldgate demo`: the whole product on loopback, with no hardware.
 //!
 //! A simulated boiler (Modbus TCP), an in-process MQTT broker (rumqttd), a fault proxy between
-//! the gateway and the broker, and the gateway itself running `mappings/demo.yaml`. It prints
+//! the gateway and the broker, and the gateway itself running `examples/demo.yaml`. It prints
 //! what a subscriber receives; partway through it cuts the uplink, and the readings queued
 //! during the outage arrive afterwards with their original timestamps and gapless `seq`.
 
@@ -27,7 +27,7 @@ pub struct Options {
     pub cut_for: Duration,
 }
 
-const DEMO_CONFIG: &str = include_str!("../../mappings/demo.yaml");
+const DEMO_CONFIG: &str = include_str!("../../examples/demo.yaml");
 const DEMO_MODEL: &str = include_str!("../../mappings/demo-boiler.yaml");
 
 pub async fn run(opts: Options) -> anyhow::Result<()> {
@@ -45,15 +45,17 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
 
     // Prefer the file next to the binary's source tree so edits show; fall back to the copy
     // built in, so an installed binary can run the demo anywhere.
-    let path = Path::new("mappings/demo.yaml");
+    let path = Path::new("examples/demo.yaml");
     let (path, text) = match std::fs::read_to_string(path) {
         Ok(t) => (path.to_path_buf(), t),
         Err(_) => {
-            // The built-in copies, with the model beside the config as in mappings/.
-            let dir = state.path().join("mappings");
-            std::fs::create_dir_all(&dir)?;
-            std::fs::write(dir.join("demo-boiler.yaml"), DEMO_MODEL)?;
-            (dir.join("demo.yaml"), DEMO_CONFIG.to_string())
+            // The built-in copies, laid out as in the source tree.
+            let models = state.path().join("mappings");
+            let examples = state.path().join("examples");
+            std::fs::create_dir_all(&models)?;
+            std::fs::create_dir_all(&examples)?;
+            std::fs::write(models.join("demo-boiler.yaml"), DEMO_MODEL)?;
+            (examples.join("demo.yaml"), DEMO_CONFIG.to_string())
         }
     };
     let sim_port = sim.addr.port().to_string();

@@ -19,7 +19,7 @@ pub struct ReadArgs {
     /// The bus name in the config.
     #[arg(long)]
     bus: Option<String>,
-    /// Or a serial port (Modbus RTU), e.g. /dev/ttyUSB0.
+    /// Or a serial port (Modbus RTU), e.g. /dev/ttyUSB0. (A TCP port goes with --host.)
     #[arg(long)]
     port: Option<String>,
     #[arg(long, default_value_t = 9600)]
@@ -30,9 +30,10 @@ pub struct ReadArgs {
     data_bits: u8,
     #[arg(long, default_value_t = 1)]
     stop_bits: u8,
-    /// Or a Modbus TCP host.
-    #[arg(long)]
+    /// Or a Modbus TCP device or converter: HOST, HOST:PORT or [IPv6]:PORT (default port 502).
+    #[arg(long, value_name = "HOST[:PORT]")]
     host: Option<String>,
+    /// The TCP port, when --host gives none.
     #[arg(long, default_value_t = 502)]
     tcp_port: u16,
     /// With --host: RTU frames over TCP (an RS-485-to-Ethernet converter).
@@ -60,6 +61,29 @@ pub struct ReadArgs {
     timeout: Duration,
 }
 
+/// `HOST`, `HOST:PORT`, `[V6]:PORT` or a bare IPv6 address; the port defaults to `default`.
+pub fn host_and_port(host: &str, default: u16) -> anyhow::Result<(String, u16)> {
+    let port = |p: &str| {
+        p.parse::<u16>()
+            .map_err(|_| anyhow::anyhow!("`{host}`: `{p}` is not a TCP port (1..=65535)"))
+    };
+    if let Some(rest) = host.strip_prefix('[') {
+        let (h, after) = rest
+            .split_once(']')
+            .ok_or_else(|| anyhow::anyhow!("`{host}`: unclosed '['"))?;
+        return match after.strip_prefix(':') {
+            Some(p) => Ok((h.to_string(), port(p)?)),
+            None if after.is_empty() => Ok((h.to_string(), default)),
+            None => anyhow::bail!("`{host}`: expected [ADDRESS]:PORT"),
+        };
+    }
+    match host.split_once(':') {
+        // One colon: host:port. More: an IPv6 address without a port.
+        Some((h, p)) if !p.contains(':') => Ok((h.to_string(), port(p)?)),
+        _ => Ok((host.to_string(), default)),
+    }
+}
+
 pub async fn read(a: ReadArgs) -> anyhow::Result<()> {
     let transport = if let Some(cfg) = &a.config {
         let name = a.bus.as_deref().unwrap_or_default();
@@ -68,6 +92,11 @@ pub async fn read(a: ReadArgs) -> anyhow::Result<()> {
         bus.ok_or_else(|| anyhow::anyhow!("no bus `{name}` in {}", cfg.display()))?
             .transport
     } else if let Some(port) = &a.port {
+        if port.parse::<u16>().is_ok() {
+            anyhow::bail!(
+                "--port names a serial port (e.g. /dev/ttyUSB0); for Modbus TCP write --host HOST:{port}"
+            );
+        }
         Transport::ModbusRtu {
             endpoint: Endpoint::Serial(SerialSettings {
                 port: port.clone(),
@@ -85,13 +114,10 @@ pub async fn read(a: ReadArgs) -> anyhow::Result<()> {
             turnaround: Duration::ZERO,
         }
     } else {
-        let host = a.host.clone().unwrap_or_default();
+        let (host, port) = host_and_port(a.host.as_deref().unwrap_or_default(), a.tcp_port)?;
         if a.rtu_over_tcp {
             Transport::ModbusRtu {
-                endpoint: Endpoint::Tcp {
-                    host,
-                    port: a.tcp_port,
-                },
+                endpoint: Endpoint::Tcp { host, port },
                 timeout: a.timeout,
                 retries: 0,
                 turnaround: Duration::ZERO,
@@ -99,7 +125,7 @@ pub async fn read(a: ReadArgs) -> anyhow::Result<()> {
         } else {
             Transport::ModbusTcp {
                 host,
-                port: a.tcp_port,
+                port,
                 timeout: a.timeout,
             }
         }
@@ -142,4 +168,22 @@ pub async fn read(a: ReadArgs) -> anyhow::Result<()> {
         ),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::host_and_port;
+
+    #[test]
+    fn a_host_takes_its_port_with_it() {
+        let ok = |h: &str| host_and_port(h, 502).unwrap();
+        assert_eq!(ok("10.0.0.7"), ("10.0.0.7".into(), 502));
+        assert_eq!(ok("10.0.0.7:4001"), ("10.0.0.7".into(), 4001));
+        assert_eq!(ok("converter.local:4001"), ("converter.local".into(), 4001));
+        assert_eq!(ok("[fe80::1]:4001"), ("fe80::1".into(), 4001));
+        assert_eq!(ok("[fe80::1]"), ("fe80::1".into(), 502));
+        assert_eq!(ok("fe80::1"), ("fe80::1".into(), 502));
+        assert!(host_and_port("10.0.0.7:http", 502).is_err());
+        assert!(host_and_port("[fe80::1:4001", 502).is_err());
+    }
 }

@@ -7,6 +7,9 @@ use fieldgate::config::Config;
 use tokio_util::sync::CancellationToken;
 
 pub async fn run(path: PathBuf, config: Config) -> anyhow::Result<()> {
+    for w in &config.warnings {
+        tracing::warn!("{w}");
+    }
     let cancel = CancellationToken::new();
     tokio::spawn(stop_on_signal(cancel.clone()));
     let (reload_tx, reloads) = tokio::sync::mpsc::channel(1);

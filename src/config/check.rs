@@ -1,7 +1,6 @@
 //! What `fieldgate check` prints: the summary of a valid config with its read plan, and the
 //! check of one device model file on its own.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -11,7 +10,7 @@ use super::points::Defaults;
 use super::resolver::Resolver;
 use crate::mapping::Point;
 
-/// A device model file checked on its own (`fieldgate check mappings/sdm120.yaml`).
+/// A device model file checked on its own (`fieldgate check mappings/eastron-sdm120.yaml`).
 #[derive(Debug, Clone)]
 pub struct ModelSummary {
     pub path: PathBuf,
@@ -70,11 +69,7 @@ pub fn check_model(path: &Path) -> Result<ModelSummary, ConfigErrors> {
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();
     let env = |k: &str| std::env::var(k).ok();
-    let mut r = Resolver {
-        errors: Vec::new(),
-        models: HashMap::new(),
-        env: &env,
-    };
+    let mut r = Resolver::new(&env);
     let result = r.model_from_text(path, &text, &name);
     match result {
         Some((m, description)) if r.errors.is_empty() => Ok(ModelSummary {

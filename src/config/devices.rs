@@ -367,6 +367,11 @@ impl Resolver<'_> {
         path: &str,
         model: &str,
     ) -> Option<ModelDef> {
+        // `eastron-sdm120` and `eastron-sdm120.yaml` name the same model.
+        let model = model
+            .strip_suffix(".yaml")
+            .or_else(|| model.strip_suffix(".yml"))
+            .unwrap_or(model);
         if let Some(cached) = self.models.get(model) {
             return cached.clone();
         }
@@ -375,18 +380,29 @@ impl Resolver<'_> {
             .map(|f| f.join(format!("{model}.yaml")))
             .find(|f| f.is_file());
         let Some(file) = file else {
-            let searched: Vec<String> = folders.iter().map(|f| f.display().to_string()).collect();
-            self.errors.push(ctx.diag(
-                path,
+            let message = if folders.is_empty() {
                 format!(
-                    "unknown model `{model}`: no {model}.yaml in the model folders ({})",
-                    if searched.is_empty() {
-                        "none configured: add `models: [./mappings]`".to_string()
+                    "unknown model `{model}`: no model folders are configured (add `models: [/usr/share/fieldgate/mappings]`)"
+                )
+            } else {
+                let searched: Vec<String> =
+                    folders.iter().map(|f| f.display().to_string()).collect();
+                let known = available_models(folders);
+                let hint = match closest(model, &known) {
+                    Some(m) => format!("; did you mean `{m}`?"),
+                    None => String::new(),
+                };
+                format!(
+                    "unknown model `{model}`: no {model}.yaml in {}{hint} (available: {})",
+                    searched.join(", "),
+                    if known.is_empty() {
+                        "none".to_string()
                     } else {
-                        searched.join(", ")
+                        known.join(", ")
                     }
-                ),
-            ));
+                )
+            };
+            self.errors.push(ctx.diag(path, message));
             self.models.insert(model.to_string(), None);
             return None;
         };
@@ -462,5 +478,72 @@ pub(super) fn list_or_none(items: &[&str]) -> String {
         "none".into()
     } else {
         items.join(", ")
+    }
+}
+
+/// The models in `folders`: every `*.yaml` that is a device model (not a whole config), by name.
+fn available_models(folders: &[PathBuf]) -> Vec<String> {
+    let mut names: Vec<String> = folders
+        .iter()
+        .filter_map(|f| std::fs::read_dir(f).ok())
+        .flatten()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .filter(|p| std::fs::read_to_string(p).is_ok_and(|t| super::check::is_model_text(&t)))
+        .filter_map(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// The known name a mistyped one most likely meant: one that contains it or is contained in it
+/// (`sdm120` → `eastron-sdm120`), else the nearest by edit distance, if near.
+fn closest<'a>(wanted: &str, known: &'a [String]) -> Option<&'a str> {
+    let w = wanted.to_lowercase();
+    if let Some(k) = known
+        .iter()
+        .find(|k| k.to_lowercase().contains(&w) || w.contains(&k.to_lowercase()))
+    {
+        return Some(k);
+    }
+    known
+        .iter()
+        .map(|k| (edit_distance(&w, &k.to_lowercase()), k))
+        .filter(|(d, k)| *d <= 2.max(k.len() / 4))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, k)| k.as_str())
+}
+
+/// Levenshtein distance between two short names.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_short_or_mistyped_model_name_finds_the_shipped_one() {
+        let known: Vec<String> = ["abb-b23", "eastron-sdm120", "eastron-sdm630", "xy-md02"]
+            .map(String::from)
+            .to_vec();
+        assert_eq!(closest("sdm120", &known), Some("eastron-sdm120"));
+        assert_eq!(closest("eastron-sdm12O", &known), Some("eastron-sdm120"));
+        assert_eq!(closest("xymd02", &known), Some("xy-md02"));
+        assert_eq!(closest("growatt", &known), None);
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
     }
 }

@@ -69,6 +69,8 @@ pub struct Config {
     pub homeassistant: Option<Discovery>,
     pub buses: Vec<Bus>,
     pub devices: Vec<Device>,
+    /// What works but is probably not meant: `check` prints these, `run` logs them.
+    pub warnings: Vec<Diagnostic>,
 }
 
 /// `homeassistant:` in the config.
@@ -198,11 +200,8 @@ impl Config {
         let Some((raw, map)) = parse::<RawConfig>(&file, text, env, &mut errors) else {
             return Err(ConfigErrors(errors));
         };
-        let mut r = Resolver {
-            errors,
-            models: HashMap::new(),
-            env,
-        };
+        let mut r = Resolver::new(env);
+        r.errors = errors;
         let ctx = Ctx {
             file: &file,
             map: &map,

@@ -71,12 +71,23 @@ impl Resolver<'_> {
             .iter()
             .map(|m| tidy_path(&base.join(m)))
             .collect();
+        // A missing folder matters only to a device that names a model.
+        let uses_models = raw.devices.values().any(|d| d.model.is_some());
         for (i, f) in folders.iter().enumerate() {
             if !f.is_dir() {
-                self.errors.push(ctx.diag(
+                let d = ctx.diag(
                     &format!("models[{i}]"),
-                    format!("model folder {} does not exist", f.display()),
-                ));
+                    format!(
+                        "model folder {} does not exist (`{}` is relative to the config file's folder)",
+                        std::path::absolute(f).unwrap_or_else(|_| f.clone()).display(),
+                        raw.models[i]
+                    ),
+                );
+                if uses_models {
+                    self.errors.push(d);
+                } else {
+                    self.warnings.push(d);
+                }
             }
         }
 
@@ -136,6 +147,7 @@ impl Resolver<'_> {
             }),
             buses,
             devices,
+            warnings: std::mem::take(&mut self.warnings),
         }
     }
 }

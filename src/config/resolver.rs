@@ -12,6 +12,8 @@ use super::{Bus, Gateway};
 /// One resolution in progress.
 pub(super) struct Resolver<'e> {
     pub(super) errors: Vec<Diagnostic>,
+    /// What works but is probably not meant (printed by `check`, logged at start).
+    pub(super) warnings: Vec<Diagnostic>,
     /// Model name → validated points (or None if the model file had errors).
     pub(super) models: HashMap<String, Option<ModelDef>>,
     pub(super) env: &'e dyn Fn(&str) -> Option<String>,
@@ -34,4 +36,15 @@ pub(super) struct ModelDef {
     pub(super) points: Vec<PointSpec>,
     pub(super) parser: Option<crate::parse::Parser>,
     pub(super) request: Option<String>,
+}
+
+impl<'e> Resolver<'e> {
+    pub(super) fn new(env: &'e dyn Fn(&str) -> Option<String>) -> Resolver<'e> {
+        Resolver {
+            errors: Vec::new(),
+            warnings: Vec::new(),
+            models: HashMap::new(),
+            env,
+        }
+    }
 }

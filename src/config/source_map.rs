@@ -57,8 +57,26 @@ impl SourceMap {
                     opened.col,
                 );
             }
+            let mut at = loc(e.marker());
+            // YAML indents with spaces only. The parser notices a tab where it breaks the
+            // structure, which can be after it: point at the first indenting tab instead.
+            if message.contains("tab") {
+                let indenting_tab = text.lines().enumerate().find_map(|(i, l)| {
+                    let indent = &l[..l.len() - l.trim_start().len()];
+                    indent.find('\t').map(|c| Loc {
+                        line: i + 1,
+                        col: indent[..c].chars().count() + 1,
+                    })
+                });
+                if let Some(tab) = indenting_tab.filter(|t| t.line <= at.line) {
+                    at = tab;
+                    message = format!(
+                        "{message}: a tab in the indentation; YAML indents with spaces only, replace it with spaces"
+                    );
+                }
+            }
             return Err(SyntaxError {
-                loc: loc(e.marker()),
+                loc: at,
                 path,
                 message,
             });
@@ -302,6 +320,15 @@ devices:
         let e = SourceMap::build("a: [1, 2\nb: 3\n").unwrap_err();
         assert_eq!((e.loc.line, e.loc.col), (2, 2), "{e:?}");
         assert!(e.message.contains("':'"), "{e:?}");
+    }
+
+    /// A tab in the indentation is named at its own line, with what to do (#18).
+    #[test]
+    fn a_tab_in_the_indentation_says_use_spaces_where_it_is() {
+        let e = SourceMap::build("devices:\n  boiler:\n    points:\n\t  pump: { coil: 5 }\n")
+            .unwrap_err();
+        assert_eq!((e.loc.line, e.loc.col), (4, 1), "{e:?}");
+        assert!(e.message.contains("YAML indents with spaces only"), "{e:?}");
     }
 
     /// `{ coil: 5 ` left open on line 3 is found only on line 4: both lines are named (#11).

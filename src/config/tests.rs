@@ -24,6 +24,11 @@ fn env_defaults_and_escapes() {
         "port: 1883\n"
     );
     assert_eq!(expand_env("x: $${PASS}\n", &env).unwrap(), "x: ${PASS}\n");
+    // Only `$${` is an escape: other dollars stay as written (documented, #18).
+    assert_eq!(
+        expand_env("p: pa$$word cost$ $x\n", &env).unwrap(),
+        "p: pa$$word cost$ $x\n"
+    );
 }
 
 #[test]
