@@ -9,6 +9,8 @@
 //!
 //! Reload: a new, already validated config replaces the running pollers and uplink (one
 //! "generation" stops, the next starts) while the store thread and the queue stay as they are.
+//! A reload is not an outage: the old uplink disconnects cleanly without publishing `offline`,
+//! and the new one says `online` again as it connects.
 //! Settings that need the queue reopened (`state_dir`, `queue:`) take effect at the next start.
 
 use std::sync::Arc;
@@ -82,7 +84,7 @@ pub async fn run_reloadable(
 
     loop {
         let generation = cancel.child_token();
-        let tasks = start(&config, &tuning, &shared, started, &generation);
+        let tasks = start(&config, &tuning, &shared, started, &generation, &cancel);
         systemd::ready();
         let next = tokio::select! {
             _ = cancel.cancelled() => None,
@@ -127,6 +129,7 @@ fn start(
     shared: &Shared,
     started: std::time::Instant,
     cancel: &CancellationToken,
+    gateway_stop: &CancellationToken,
 ) -> TaskTracker {
     let tasks = TaskTracker::new();
     let mut commands = std::collections::HashMap::new();
@@ -154,7 +157,14 @@ fn start(
             }
         };
     }
-    let uplink = Uplink::new(config, shared.clone(), tuning.clone(), started, commands);
+    let uplink = Uplink::new(
+        config,
+        shared.clone(),
+        tuning.clone(),
+        started,
+        commands,
+        gateway_stop.clone(),
+    );
     tasks.spawn(uplink.run(cancel.clone()));
     tasks.spawn(crate::status::write_periodically(
         shared.clone(),

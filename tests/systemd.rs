@@ -153,6 +153,78 @@ async fn sighup_reloads_a_good_config_and_refuses_a_bad_one() {
     common::assert_gapless(sub.by_seq().keys().copied());
 }
 
+/// A reload is not an outage (#18): a subscriber watching the gateway's and the devices'
+/// availability sees no `offline` across two `systemctl reload`s; the stop afterwards does
+/// publish it (so the test can see one). Red when the uplink says `offline` at a reload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_publishes_no_offline() {
+    // mosquitto: rumqttd keys Last Wills by client id, so a quick reconnect under the same id
+    // fires the *new* connection's Will when the old one closes, DISCONNECT or not.
+    let Some(mosquitto) = common::Mosquitto::start() else {
+        return;
+    };
+    let broker = mosquitto.addr;
+    let sim = Simulator::start(None).await.unwrap();
+    sim.with_unit(1, |b| b.set_holding(0, &[1, 2]));
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let cfg = dir.path().join("config.yaml");
+    let one = "  a:\n    bus: plc\n    every: 100ms\n    points:\n      p: { register: 0 }\n";
+    let two = format!(
+        "{one}  b:\n    bus: plc\n    every: 100ms\n    points:\n      q: {{ register: 1 }}\n"
+    );
+    std::fs::write(&cfg, config(&state, broker, sim.addr, one)).unwrap();
+    let sub = Subscriber::start(broker).await;
+    let mut child = spawn(&cfg, &[]);
+    sub.wait_for(Duration::from_secs(10), "device a online", |g| {
+        g.iter()
+            .any(|r| r.topic == "fieldgate/gw1/a/availability" && r.payload == "online")
+    })
+    .await;
+    for round in 0..2 {
+        let cfg_text = if round == 0 { &two } else { one };
+        std::fs::write(&cfg, config(&state, broker, sim.addr, cfg_text)).unwrap();
+        let onlines = sub
+            .payloads("fieldgate/gw1/status")
+            .iter()
+            .filter(|p| *p == "online")
+            .count();
+        Command::new("kill")
+            .arg("-HUP")
+            .arg(child.id().to_string())
+            .status()
+            .unwrap();
+        // The new uplink has connected once it said `online` again.
+        sub.wait_for(Duration::from_secs(10), "online after the reload", |g| {
+            g.iter()
+                .filter(|r| r.topic == "fieldgate/gw1/status" && r.payload == "online")
+                .count()
+                > onlines
+        })
+        .await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let offline = |sub: &Subscriber| {
+        sub.all()
+            .iter()
+            .filter(|r| r.payload == "offline")
+            .map(|r| r.topic.clone())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        offline(&sub),
+        Vec::<String>::new(),
+        "offline published across a reload"
+    );
+    let stderr = term(&mut child);
+    sub.wait_for(Duration::from_secs(5), "offline at the stop", |g| {
+        g.iter()
+            .any(|r| r.topic == "fieldgate/gw1/status" && r.payload == "offline")
+    })
+    .await;
+    assert!(stderr.contains("configuration reloaded"), "{stderr}");
+}
+
 #[test]
 fn the_unit_file_passes_systemd_analyze_verify() {
     let Ok(out) = Command::new("systemd-analyze").arg("--version").output() else {

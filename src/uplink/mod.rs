@@ -125,6 +125,9 @@ pub struct Uplink {
     /// Commands handed to a bus task and not yet answered: waited for at shutdown, so their
     /// results go out before `offline`.
     pending_commands: tokio_util::task::TaskTracker,
+    /// The gateway's own stop. When the uplink is stopped without it, the gateway is reloading:
+    /// no `offline` is published, the next uplink says `online` again at once.
+    gateway_stop: CancellationToken,
 }
 
 /// What a session achieved before it ended, for the reconnect policy.
@@ -137,13 +140,15 @@ struct Report {
 
 impl Uplink {
     /// The uplink of `config`. `commands` reaches each Modbus device's bus task; `started` is
-    /// when the gateway started (for its uptime).
+    /// when the gateway started (for its uptime); `gateway_stop` fires when the gateway stops,
+    /// as opposed to reloading.
     pub fn new(
         config: &Config,
         shared: Shared,
         tuning: Tuning,
         started: std::time::Instant,
         commands: HashMap<String, mpsc::Sender<Command>>,
+        gateway_stop: CancellationToken,
     ) -> Uplink {
         Uplink {
             mqtt: config.mqtt.clone(),
@@ -159,6 +164,7 @@ impl Uplink {
             set_topics: command_topics(config),
             pending_commands: tokio_util::task::TaskTracker::new(),
             discovery: Announcements::new(config),
+            gateway_stop,
         }
     }
 

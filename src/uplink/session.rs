@@ -388,7 +388,7 @@ impl Uplink {
         Ok(())
     }
 
-    /// Shutdown: waits briefly for what is in flight, says offline, disconnects. Command results
+    /// Shutdown: waits briefly for what is in flight, says offline (not on a reload), disconnects. Command results
     /// go out first: a command handed to a bus task gets its answer (the bus task answers the
     /// ones it did not carry out as it stops).
     async fn close(
@@ -408,8 +408,14 @@ impl Uplink {
             }
         }
         let deadline = Instant::now() + self.tuning.drain_timeout;
-        // If the publish cannot even be handed over, there is nothing to wait for.
-        let _ = s.control(&self.status_topic, b"offline".to_vec(), true);
+        // A reload is not an outage: the next uplink connects at once and says `online`, so no
+        // `offline` in between (Home Assistant entities would blink unavailable). A clean
+        // DISCONNECT keeps the broker from publishing the Will.
+        let stopping = self.gateway_stop.is_cancelled();
+        if stopping {
+            // If the publish cannot even be handed over, there is nothing to wait for.
+            let _ = s.control(&self.status_topic, b"offline".to_vec(), true);
+        }
         while !s.win.is_empty() {
             match timeout(
                 deadline.saturating_duration_since(Instant::now()),
@@ -432,7 +438,11 @@ impl Uplink {
             }
         })
         .await;
-        tracing::info!(unacknowledged_rows_kept = left, "MQTT uplink closed");
+        tracing::info!(
+            unacknowledged_rows_kept = left,
+            reloading = !stopping,
+            "MQTT uplink closed"
+        );
         Ok(())
     }
 }
