@@ -63,11 +63,21 @@ pub type SharedStats = Arc<Mutex<BTreeMap<String, BusStats>>>;
 /// Device availability: the pollers set it, the uplink publishes it (retained) when it changes
 /// and again on every connect. It is state, not a reading: it does not go through the queue, so
 /// it takes no `seq` and a stale `offline` is never replayed hours later.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Availability {
     /// Topic → (online, version); the version grows with every change.
     states: Mutex<BTreeMap<String, (bool, u64)>>,
-    changed: tokio::sync::Notify,
+    /// Counts changes; every watcher (the uplink, the status file) sees each one.
+    changes: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for Availability {
+    fn default() -> Self {
+        Availability {
+            states: Mutex::default(),
+            changes: tokio::sync::watch::channel(0).0,
+        }
+    }
 }
 
 impl Availability {
@@ -80,7 +90,7 @@ impl Availability {
         }
         *entry = (online, entry.1 + 1);
         drop(states);
-        self.changed.notify_one();
+        self.changes.send_modify(|n| *n += 1);
         true
     }
 
@@ -94,9 +104,9 @@ impl Availability {
             .collect()
     }
 
-    /// Resolves when something changed since the last call.
-    pub async fn changed(&self) {
-        self.changed.notified().await
+    /// A watch that wakes at every change (`changed().await`).
+    pub fn watch(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 }
 

@@ -101,8 +101,8 @@ impl Snapshot {
     }
 }
 
-/// Writes `{state_dir}/status.json` every `every` (write to a temporary file, then rename, so a
-/// reader never sees half a file).
+/// Writes `{state_dir}/status.json` at start, every `every` and whenever a device's
+/// availability changes (to a temporary file, then renamed, so a reader never sees half a file).
 pub async fn write_periodically(
     shared: Shared,
     started: Instant,
@@ -111,10 +111,14 @@ pub async fn write_periodically(
     cancel: CancellationToken,
 ) {
     let mut tick = tokio::time::interval(every);
+    let mut availability = shared.availability.watch();
     loop {
+        // At start, every `every`, and at once when a device goes online or offline: the first
+        // poll's result shows within moments, not after a whole interval.
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tick.tick() => {}
+            _ = availability.changed() => {}
         }
         let Ok(snapshot) = Snapshot::take(&shared, started).await else {
             continue;

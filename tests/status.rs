@@ -165,3 +165,55 @@ async fn the_status_views_agree_with_each_other_and_with_the_device() {
         "`fieldgate status` disagrees:\n{text}"
     );
 }
+
+/// `fieldgate status` is right from the first poll (#18): with the default one-minute
+/// `status_interval`, the file is written again as soon as a device's availability changes,
+/// so it does not read `unknown, last success never` while data flows. Red when the status
+/// file is written only on its interval.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_the_first_poll_without_waiting_for_the_interval() {
+    let broker = fieldgate::testkit::broker::start().unwrap();
+    // The device answers only a moment after the gateway started (and wrote its first status).
+    let modbus: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let yaml = config(
+        &state,
+        broker,
+        modbus,
+        "  meter:\n    bus: plc\n    every: 200ms\n    points:\n      p: { register: 0 }\n",
+    );
+    assert!(
+        !yaml.contains("status_interval"),
+        "the default (60s) applies"
+    );
+    let sub = Subscriber::start(broker).await;
+    let gw = Gateway::start(dir.path(), &yaml);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let sim = Simulator::start(Some(modbus)).await.unwrap();
+    sim.with_unit(1, |b| b.set_holding(0, &[1]));
+    sub.wait_for(Duration::from_secs(10), "a reading", |g| {
+        g.iter().any(|r| r.topic == "fieldgate/gw1/meter/p")
+    })
+    .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let text = loop {
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_fieldgate"))
+            .args(["status", "--state-dir"])
+            .arg(&state)
+            .output()
+            .await
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if text.contains("online") || std::time::Instant::now() > deadline {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    gw.stop().await;
+    assert!(
+        text.contains("meter          online   last success 20"),
+        "{text}"
+    );
+    assert!(!text.contains("null"), "{text}");
+}

@@ -238,6 +238,7 @@ impl Uplink {
         cancel: &CancellationToken,
     ) -> Result<(), UplinkError> {
         let mut committed = self.store.committed();
+        let mut availability = self.shared.availability.watch();
         let batch = (self.mqtt.inflight as usize).max(64);
         let mut rows = Rows {
             cursor: 0,
@@ -296,7 +297,7 @@ impl Uplink {
                     }
                     rows.drained = false;
                 }
-                _ = self.shared.availability.changed() => {}
+                _ = availability.changed() => {}
                 _ = status.tick() => {
                     let payload = crate::status::Snapshot::take(&self.shared, self.started)
                         .await?
