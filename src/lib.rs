@@ -35,6 +35,7 @@ pub mod bus;
 pub mod commission;
 pub mod config;
 pub mod discovery;
+pub mod files;
 pub mod gateway;
 pub mod mapping;
 pub mod message;

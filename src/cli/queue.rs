@@ -7,6 +7,22 @@ use std::time::Duration;
 use anyhow::Context as _;
 
 pub fn stats(dir: &Path, json: bool) -> anyhow::Result<()> {
+    // SQLite says only "unable to open database file": say what is wrong, and what to do.
+    let file = dir.join("queue.db");
+    if let Err(e) = std::fs::File::open(&file) {
+        match e.kind() {
+            std::io::ErrorKind::PermissionDenied => anyhow::bail!(
+                "cannot read {}: {}",
+                file.display(),
+                fieldgate::files::permission_hint(&file)
+            ),
+            std::io::ErrorKind::NotFound => anyhow::bail!(
+                "no queue in {}: the gateway creates queue.db when it first runs with this state_dir",
+                dir.display()
+            ),
+            _ => {}
+        }
+    }
     let store = fieldgate::store::Store::open_read_only(dir)
         .with_context(|| format!("no readable queue in {}", dir.display()))?;
     let s = store.stats()?;

@@ -9,8 +9,21 @@ use fieldgate::status::Snapshot;
 /// `fieldgate status`: the figures a running gateway last wrote.
 pub fn show(dir: &Path, json: bool) -> anyhow::Result<()> {
     let path = dir.join("status.json");
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("no status in {} (is the gateway running?)", path.display()))?;
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => anyhow::bail!(
+            "cannot read {}: {}",
+            path.display(),
+            fieldgate::files::permission_hint(&path)
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && dir.is_dir() => anyhow::bail!(
+            "no status in {}: the gateway writes it at start; is it running? (`systemctl status fieldgate`)",
+            dir.display()
+        ),
+        Err(e) => {
+            return Err(e).with_context(|| format!("cannot read {}", path.display()));
+        }
+    };
     let age = std::fs::metadata(&path)?
         .modified()?
         .elapsed()

@@ -43,7 +43,13 @@ impl ConfigErrors {
                 file: path.display().to_string(),
                 loc: Loc { line: 1, col: 1 },
                 path: String::new(),
-                message: format!("cannot read the file: {e}"),
+                message: match e.kind() {
+                    std::io::ErrorKind::PermissionDenied => format!(
+                        "cannot read the file: {}",
+                        crate::files::permission_hint(path)
+                    ),
+                    _ => format!("cannot read the file: {e}"),
+                },
             }])
         })
     }

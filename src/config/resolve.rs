@@ -235,6 +235,32 @@ impl Resolver<'_> {
         } else {
             None
         };
+        // Files the service reads as its own user: a key or password left `0600 root` passes a
+        // `check` run with sudo and then fails in the service.
+        let service_files = [
+            ("mqtt.password_file", m.password_file.as_ref()),
+            (
+                "mqtt.tls.ca_file",
+                m.tls.as_ref().and_then(|t| t.ca_file.as_ref()),
+            ),
+            (
+                "mqtt.tls.cert_file",
+                m.tls.as_ref().and_then(|t| t.cert_file.as_ref()),
+            ),
+            (
+                "mqtt.tls.key_file",
+                m.tls.as_ref().and_then(|t| t.key_file.as_ref()),
+            ),
+        ];
+        if let Some(user) = crate::files::user(&crate::files::service_user_name()) {
+            for (key, file) in service_files {
+                if let Some(why) =
+                    file.and_then(|f| crate::files::unreadable_by(&base.join(f), &user))
+                {
+                    self.warnings.push(ctx.diag(key, why));
+                }
+            }
+        }
         let password = match (&m.password, &m.password_file) {
             (Some(_), Some(_)) => {
                 self.errors.push(ctx.diag(
@@ -249,9 +275,15 @@ impl Resolver<'_> {
                 match std::fs::read_to_string(&f) {
                     Ok(s) => Some(Secret(s.trim_end_matches(['\n', '\r']).to_string())),
                     Err(e) => {
+                        let why = match e.kind() {
+                            std::io::ErrorKind::PermissionDenied => {
+                                crate::files::permission_hint(&f)
+                            }
+                            _ => e.to_string(),
+                        };
                         self.errors.push(ctx.diag(
                             "mqtt.password_file",
-                            format!("cannot read {}: {e}", f.display()),
+                            format!("cannot read {}: {why}", f.display()),
                         ));
                         None
                     }
