@@ -48,8 +48,9 @@ async fn a_stream_of_good_bad_partial_and_overlong_lines_gives_exact_values_and_
         ", max_line: 64",
         WEATHER,
     );
+    let before = common::descriptors_on(&sensor.path);
     let gw = Gateway::start(dir.path(), &yaml);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    common::port_opened(&sensor.path, before).await;
     // The port opened while the sensor was in the middle of a line: its tail is discarded, not
     // published and not counted (with `regex` searched and no resync this was humidity 39).
     sensor.write("1.5,H=39\r\n");
@@ -112,8 +113,9 @@ async fn with_every_a_stream_publishes_the_latest_value_once_per_interval() {
         "",
         &devices,
     );
+    let before = common::descriptors_on(&sensor.path);
     let gw = Gateway::start(dir.path(), &yaml);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    common::port_opened(&sensor.path, before).await;
     for t in 1..=5 {
         sensor.write(format!("T={t}.0,H=50\r\n"));
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -196,8 +198,9 @@ async fn recorded_nmea_with_corrupted_checksums_publishes_only_the_good_sentence
       date:       { field: date, type: string }
 "#;
     let yaml = line_config(&dir.path().join("state"), broker, &gps.path, "", devices);
+    let before = common::descriptors_on(&gps.path);
     let gw = Gateway::start(dir.path(), &yaml);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    common::port_opened(&gps.path, before).await;
     for s in [
         "038,E,1,08,0.9,545.4,M,46.9,M,,*47", // the tail of a sentence under way at open
         "$GPGGA,123519,4807.038,N,01131.000,E,1,08,0.9,545.4,M,46.9,M,,*47",
@@ -253,8 +256,9 @@ async fn an_unplugged_line_sensor_goes_offline_and_comes_back() {
         "",
         &devices,
     );
+    let before = common::descriptors_on(&sensor.path);
     let gw = Gateway::start(dir.path(), &yaml);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    common::port_opened(&sensor.path, before).await;
     sensor.write("=0\r\n"); // mid-line at open: discarded
     sensor.write("T=1.0,H=1\r\n");
     sub.wait_for(Duration::from_secs(5), "online", |g| {

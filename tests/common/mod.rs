@@ -466,3 +466,30 @@ pub fn assert_nothing_lost(state: &Path, sub: &Subscriber) -> usize {
     assert_gapless(got.keys().copied().chain(queued));
     last as usize
 }
+
+/// Descriptors this process holds on the device behind `path` (a pty's symlink).
+pub fn descriptors_on(path: &Path) -> usize {
+    let Ok(target) = std::fs::canonicalize(path) else {
+        return 0;
+    };
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|l| *l == target)
+        .count()
+}
+
+/// Waits (at most 5 s) until the in-process gateway has opened the port behind `path`: this
+/// process holds more descriptors on it than `before` (the simulator's own). Replaces a fixed
+/// sleep before writing to a streaming sensor (#17).
+pub async fn port_opened(path: &Path, before: usize) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while descriptors_on(path) <= before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the gateway did not open {} within 5 s",
+            path.display()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
