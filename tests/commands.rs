@@ -12,7 +12,20 @@ use serde_json::json;
 async fn publisher(broker: std::net::SocketAddr) -> rumqttc::AsyncClient {
     let o = rumqttc::MqttOptions::new("test-commander", broker.ip().to_string(), broker.port());
     let (client, mut el) = rumqttc::AsyncClient::new(o, 100);
-    tokio::spawn(async move { while el.poll().await.is_ok() {} });
+    // Returned once connected (bounded), so a test needs no sleep before publishing.
+    let (connected, ready) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let mut connected = Some(connected);
+        while let Ok(ev) = el.poll().await {
+            if matches!(ev, rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) {
+                connected.take().map(|c| c.send(()));
+            }
+        }
+    });
+    tokio::time::timeout(std::time::Duration::from_secs(5), ready)
+        .await
+        .expect("the test publisher connects within 5 s")
+        .unwrap();
     client
 }
 
@@ -202,7 +215,6 @@ async fn a_command_on_rs485_waits_its_turn_and_lands() {
     })
     .await;
     let client = publisher(broker).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
     client
         .publish(
             "fieldgate/gw1/d/big/set",
