@@ -38,6 +38,8 @@ pub struct QueueFigures {
     pub dropped: Dropped,
     pub acked_total: u64,
     pub acked_since_start: u64,
+    /// Durable commits (fsyncs) of the queue since the gateway started.
+    pub commits: u64,
 }
 
 /// Readings that left the queue without being delivered, by reason.
@@ -73,6 +75,7 @@ impl QueueFigures {
             },
             acked_total: q.acked_total,
             acked_since_start: q.acked_since_start,
+            commits: q.commits,
         }
     }
 }

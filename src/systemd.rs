@@ -22,10 +22,14 @@ pub struct Health {
 impl Health {
     /// `task` is alive and will report again before `until`.
     pub fn beat(&self, task: &str, until: Instant) {
-        self.tasks
-            .lock()
-            .expect("not poisoned")
-            .insert(task.to_string(), until);
+        let mut tasks = self.tasks.lock().expect("not poisoned");
+        // Called in hot loops: no allocation once the task is known.
+        match tasks.get_mut(task) {
+            Some(t) => *t = until,
+            None => {
+                tasks.insert(task.to_string(), until);
+            }
+        }
     }
 
     /// `task` ended on purpose (a reload or a shutdown): stop watching it.

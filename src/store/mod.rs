@@ -175,6 +175,8 @@ pub struct Stats {
     pub acked_total: u64,
     /// Acknowledged since the gateway that writes this file started.
     pub acked_since_start: u64,
+    /// Durable commits (each one an fsync of the WAL) since this file was opened here.
+    pub commits: u64,
 }
 
 impl Stats {
@@ -209,6 +211,8 @@ pub struct Store {
     clock: Option<(i64, std::time::Instant)>,
     /// Rows up to this seq may be in flight at the uplink: `drop_oldest` spares them.
     pub in_flight_upto: u64,
+    /// Durable commits since open (see [`Stats::commits`]).
+    commits: u64,
 }
 
 /// A wall clock that moved this much more (or less) than the monotonic clock between two
@@ -346,6 +350,7 @@ impl Store {
             ages,
             clock: None,
             in_flight_upto: 0,
+            commits: 0,
         })
     }
 
@@ -431,6 +436,7 @@ impl Store {
         }
         let last_seq = read_last_seq(&tx)?;
         tx.commit()?;
+        self.commits += 1;
         self.depth = depth;
         self.last_seq = last_seq;
         self.ages.committed(last_seq, mono);
@@ -494,6 +500,7 @@ impl Store {
         }
         meta_add(&tx, "acked_total", n)?;
         tx.commit()?;
+        self.commits += 1;
         self.depth -= n.min(self.depth);
         Ok(n)
     }
@@ -567,6 +574,7 @@ impl Store {
             clock_steps: meta_get(c, "clock_steps")? as u64,
             acked_total: acked,
             acked_since_start: acked.saturating_sub(meta_get(c, "acked_at_start")? as u64),
+            commits: self.commits,
         })
     }
 

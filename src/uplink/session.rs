@@ -252,11 +252,21 @@ impl Uplink {
         let mut bucket = self.replay_rate.map(TokenBucket::new);
         let mut status = tokio::time::interval(self.status_interval);
         status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Device availability to publish: everything known on connect, then on each change.
+        let mut availability_due = true;
+        let mut beaten = Instant::now();
+        self.beat(Duration::from_secs(1));
         loop {
-            // The loop comes round at least every 100 ms (the tick below).
-            self.beat(Duration::from_secs(1));
             let now = Instant::now();
-            self.send_availability(s, now)?;
+            // The loop comes round at least every 100 ms (the tick below); promising the
+            // watchdog once per 100 ms is enough, not once per acknowledgement.
+            if now.saturating_duration_since(beaten) >= Duration::from_millis(100) {
+                self.beat(Duration::from_secs(1));
+                beaten = now;
+            }
+            if availability_due {
+                availability_due = !self.send_availability(s, now)?;
+            }
             // The gateway's own messages go before rows: a backlog must not starve them.
             s.send_outbox(now)?;
             // The next rows are fetched while these go out: waiting for the store thread (which
@@ -297,7 +307,7 @@ impl Uplink {
                     }
                     rows.drained = false;
                 }
-                _ = availability.changed() => {}
+                _ = availability.changed() => availability_due = true,
                 _ = status.tick() => {
                     let payload = crate::status::Snapshot::take(&self.shared, self.started)
                         .await?
@@ -322,18 +332,23 @@ impl Uplink {
         }
     }
 
-    /// Device availability: everything known on connect, then every change.
-    fn send_availability(&self, s: &mut Session<'_>, now: Instant) -> Result<(), UplinkError> {
+    /// Publishes the device availability not yet published; Ok(true) when all of it went out
+    /// (Ok(false): the window was full, try again on the next pass).
+    fn send_availability(&self, s: &mut Session<'_>, now: Instant) -> Result<bool, UplinkError> {
+        let mut all = true;
         for (topic, online, version) in self.shared.availability.snapshot() {
             let body: &[u8] = if online { b"online" } else { b"offline" };
-            if s.announced.get(&topic) != Some(&version)
-                && s.win.can_submit(1, wire_bytes(&topic, body.len()), now)
-            {
+            if s.announced.get(&topic) == Some(&version) {
+                continue;
+            }
+            if s.win.can_submit(1, wire_bytes(&topic, body.len()), now) {
                 s.control(&topic, body.to_vec(), true)?;
                 s.announced.insert(topic, version);
+            } else {
+                all = false;
             }
         }
-        Ok(())
+        Ok(all)
     }
 
     /// Keeps the window full of rows, in seq order, within the QoS 2 limit and the replay rate.

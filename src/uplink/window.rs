@@ -106,6 +106,8 @@ pub struct Window {
     bytes: usize,
     /// Acknowledged bytes of the last [`RATE_SPAN`], oldest first.
     delivered: VecDeque<(Instant, usize)>,
+    /// Sum of the bytes in `delivered`.
+    delivered_bytes: usize,
     started: Instant,
     /// The last acknowledgement (or the start).
     progress: Instant,
@@ -127,6 +129,7 @@ impl Window {
             awaiting: HashMap::new(),
             bytes: 0,
             delivered: VecDeque::new(),
+            delivered_bytes: 0,
             started: now,
             progress: now,
             min_rtt: None,
@@ -187,13 +190,15 @@ impl Window {
             .saturating_duration_since(self.started)
             .min(RATE_SPAN)
             .max(Duration::from_millis(50));
-        let bytes: usize = self
+        // A running sum, less the few oldest entries that aged out since the last ack: this is
+        // asked before every publish, so no walk over seconds of acknowledgements.
+        let stale: usize = self
             .delivered
             .iter()
-            .filter(|(t, _)| now.saturating_duration_since(*t) <= RATE_SPAN)
+            .take_while(|(t, _)| now.saturating_duration_since(*t) > RATE_SPAN)
             .map(|(_, b)| b)
             .sum();
-        bytes as f64 / span.as_secs_f64()
+        (self.delivered_bytes - stale) as f64 / span.as_secs_f64()
     }
 
     /// Most bytes to have in flight now.
@@ -277,9 +282,11 @@ impl Window {
             .front()
             .is_some_and(|(t, _)| now.saturating_duration_since(*t) > RATE_SPAN)
         {
-            self.delivered.pop_front();
+            let (_, b) = self.delivered.pop_front().expect("front exists");
+            self.delivered_bytes -= b;
         }
         self.delivered.push_back((now, a.bytes));
+        self.delivered_bytes += a.bytes;
         a.entry.seq()
     }
 

@@ -1,0 +1,229 @@
+//! CPU, memory and fsyncs per reading on the peer workload (#16):
+//! `cargo build --release && cargo run --release --example bench_cpu [UNITS] [SECONDS]`.
+//!
+//! UNITS Modbus TCP simulators (default 10), each a device of 20 holding registers polled every
+//! second, one JSON message per register (QoS 1): 20 × UNITS messages/s to mosquitto (it must be
+//! installed). The gateway is the release binary (`target/release/fieldgate run`), a process of
+//! its own, measured from /proc: CPU (user + system) per 1 000 messages, RSS at the start and
+//! the end of the window, and the queue's commits (each one fsync at synchronous=FULL) per
+//! second from the store's own count. A subscriber times each reading from its poll time (`ts`)
+//! to its arrival: p50 and p99.
+
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use fieldgate::message::now_ms;
+use fieldgate::testkit::sim::Simulator;
+
+/// (user + system CPU in ms, RSS in KiB) of a process.
+fn usage(pid: u32) -> (f64, u64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    let hz = 100.0; // USER_HZ on Linux
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    (ticks * 1000.0 / hz, rss)
+}
+
+fn mosquitto() -> (std::process::Child, SocketAddr, tempfile::TempDir) {
+    let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .expect("mosquitto is installed (apt-get install mosquitto)");
+    let dir = tempfile::tempdir().unwrap();
+    let port = fieldgate::testkit::broker::quiet_port().unwrap();
+    let conf = dir.path().join("m.conf");
+    std::fs::write(
+        &conf,
+        format!("listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\n"),
+    )
+    .unwrap();
+    let child = Command::new(bin)
+        .arg("-c")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    for _ in 0..200 {
+        if std::net::TcpStream::connect(addr).is_ok() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    (child, addr, dir)
+}
+
+/// Poll-to-arrival latencies in ms, and the count, of what a subscriber receives.
+fn subscribe(broker: SocketAddr, lat: Arc<Mutex<Vec<i64>>>) {
+    let mut o = rumqttc::MqttOptions::new("bench-sub", broker.ip().to_string(), broker.port());
+    o.set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut el) = rumqttc::AsyncClient::new(o, 100);
+    tokio::spawn(async move {
+        client
+            .subscribe("fieldgate/bench/+/+", rumqttc::QoS::AtMostOnce)
+            .await
+            .unwrap();
+        while let Ok(ev) = el.poll().await {
+            if let rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) = ev {
+                let now = now_ms();
+                let v: serde_json::Value = match serde_json::from_slice(&p.payload) {
+                    Ok(v) => v,
+                    Err(_) => continue,
+                };
+                if let Some(ts) = v["ts"].as_str()
+                    && let Ok(t) = time::OffsetDateTime::parse(
+                        ts,
+                        &time::format_description::well_known::Rfc3339,
+                    )
+                {
+                    let ms = (t.unix_timestamp_nanos() / 1_000_000) as i64;
+                    lat.lock().unwrap().push(now - ms);
+                }
+            }
+        }
+    });
+}
+
+fn commits(state: &std::path::Path) -> u64 {
+    std::fs::read(state.join("status.json"))
+        .ok()
+        .and_then(|b| fieldgate::status::Snapshot::from_json(&b).ok())
+        .map(|s| s.queue.commits)
+        .unwrap_or(0)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let mut args = std::env::args().skip(1);
+    let units: usize = args.next().map(|a| a.parse().unwrap()).unwrap_or(10);
+    let seconds: u64 = args.next().map(|a| a.parse().unwrap()).unwrap_or(60);
+    // FIELDGATE_BIN: another build (e.g. one with symbols for perf).
+    let bin = std::env::var("FIELDGATE_BIN").unwrap_or_else(|_| "target/release/fieldgate".into());
+    let bin = std::path::Path::new(&bin);
+    assert!(bin.exists(), "build it first: cargo build --release");
+
+    let (mut broker, broker_addr, _bdir) = mosquitto();
+    let mut sims = Vec::new();
+    for u in 0..units {
+        let sim = Simulator::start(None).await.unwrap();
+        sim.with_unit(1, |b| {
+            b.set_holding(
+                0,
+                &(0..20).map(|i| (u * 100 + i) as u16).collect::<Vec<_>>(),
+            )
+        });
+        sims.push(sim);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let mut yaml = format!(
+        "gateway: {{ id: bench, state_dir: {}, status_interval: 1s }}\nmqtt: {{ url: mqtt://{broker_addr} }}\nbuses:\n",
+        state.display()
+    );
+    for (u, sim) in sims.iter().enumerate() {
+        yaml += &format!(
+            "  plc{u}:\n    modbus_tcp: {{ host: 127.0.0.1, port: {} }}\n",
+            sim.addr.port()
+        );
+    }
+    yaml += "devices:\n";
+    for u in 0..units {
+        yaml += &format!("  unit{u}:\n    bus: plc{u}\n    every: 1s\n    points:\n");
+        for r in 0..20 {
+            yaml += &format!("      r{r}: {{ register: {r} }}\n");
+        }
+    }
+    let cfg = dir.path().join("config.yaml");
+    std::fs::write(&cfg, yaml).unwrap();
+
+    let lat = Arc::new(Mutex::new(Vec::new()));
+    subscribe(broker_addr, lat.clone());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut gw = Command::new(bin)
+        .arg("run")
+        .arg(&cfg)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = gw.id();
+    // Warm up: connected, every device polled a few times.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    lat.lock().unwrap().clear();
+    let (cpu0, rss0) = usage(pid);
+    let commits0 = commits(&state);
+    let t0 = Instant::now();
+    // BENCH_ATTACH: a profiler to attach for the window, e.g.
+    // `perf record -g -o /tmp/perf.data -p {pid} -- sleep {secs}` or
+    // `timeout -s INT {secs} strace -c -f -o /tmp/strace.txt -p {pid}`.
+    let attached = std::env::var("BENCH_ATTACH").ok().map(|cmd| {
+        let cmd = cmd
+            .replace("{pid}", &pid.to_string())
+            .replace("{secs}", &seconds.to_string());
+        Command::new("sh")
+            .args(["-c", &cmd])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    });
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    let (cpu1, rss1) = usage(pid);
+    let commits1 = commits(&state);
+    let wall = t0.elapsed().as_secs_f64();
+    let mut l = std::mem::take(&mut *lat.lock().unwrap());
+    if let Some(mut a) = attached {
+        let _ = a.wait();
+    }
+    let _ = Command::new("kill").arg(pid.to_string()).status();
+    let _ = gw.wait();
+    let _ = broker.kill();
+
+    l.sort_unstable();
+    let n = l.len().max(1);
+    let pct = |p: f64| {
+        l.get(((n as f64 * p) as usize).min(n - 1))
+            .copied()
+            .unwrap_or(0)
+    };
+    let msgs = l.len() as f64;
+    println!(
+        "{units} units × 20 registers every 1 s, QoS 1, mosquitto; {wall:.0} s measured after 5 s warm-up"
+    );
+    println!(
+        "messages received:        {:.0} ({:.0}/s)",
+        msgs,
+        msgs / wall
+    );
+    println!(
+        "CPU per 1 000 messages:   {:.1} ms  ({:.1} % of one core)",
+        (cpu1 - cpu0) / msgs * 1000.0,
+        (cpu1 - cpu0) / wall / 10.0
+    );
+    println!("RSS:                      {rss0} KiB at start, {rss1} KiB at end");
+    println!(
+        "queue commits (fsyncs)/s: {:.1}",
+        (commits1 - commits0) as f64 / wall
+    );
+    println!(
+        "poll → subscriber:        p50 {} ms, p99 {} ms, max {} ms",
+        pct(0.50),
+        pct(0.99),
+        l.last().copied().unwrap_or(0)
+    );
+}
