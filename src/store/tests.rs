@@ -406,3 +406,83 @@ async fn committed_tells_the_uplink_about_new_rows() {
     assert_eq!(*c.borrow(), 2);
     assert_eq!(h.peek(0, 10).await.unwrap().len(), 2);
 }
+
+/// #16: acknowledgement deletes are not fsynced on their own; the next durable commit (a
+/// reading's append) carries them, and only durable commits are counted as such.
+#[test]
+fn acknowledgement_deletes_ride_on_the_next_durable_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Store::open(dir.path()).unwrap();
+    s.append(&msgs(1..=10)).unwrap();
+    let durable = s.stats().unwrap().commits;
+    assert_eq!(s.ack(&[1, 2, 3]).unwrap(), 3);
+    assert_eq!(s.undurable_acks(), 3);
+    assert_eq!(
+        s.stats().unwrap().commits,
+        durable,
+        "an ack commit is not an fsync"
+    );
+    assert_eq!(
+        seqs(&s),
+        (4..=10).collect::<Vec<_>>(),
+        "deleted all the same"
+    );
+    s.append(&msgs(11..=11)).unwrap();
+    assert_eq!(
+        s.undurable_acks(),
+        0,
+        "the append's fsync covers the deletes before it"
+    );
+    assert_eq!(s.stats().unwrap().commits, durable + 1);
+    s.ack(&[4]).unwrap();
+    s.sync_acks().unwrap();
+    assert_eq!(s.undurable_acks(), 0);
+    assert_eq!(s.stats().unwrap().commits, durable + 2);
+    s.sync_acks().unwrap();
+    assert_eq!(
+        s.stats().unwrap().commits,
+        durable + 2,
+        "nothing to sync: no fsync"
+    );
+    // The connection is back at FULL for what follows.
+    let sync: i64 = s
+        .conn
+        .query_row("PRAGMA synchronous", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(sync, 2, "synchronous = FULL");
+}
+
+/// #16, the bound: with no reading coming to carry them, the store thread makes the deletes
+/// durable within ACKS_DURABLE_WITHIN, so a power cut re-sends at most two seconds of
+/// acknowledged rows.
+#[tokio::test]
+async fn idle_acknowledgement_deletes_are_made_durable_within_the_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let (h, join) = spawn(Store::open(dir.path()).unwrap()).unwrap();
+    h.enqueue(msgs(1..=5)).unwrap();
+    let mut committed = h.committed();
+    committed.wait_for(|s| *s >= 5).await.unwrap();
+    let before = h.stats().await.unwrap().commits;
+    let t = std::time::Instant::now();
+    h.ack(vec![1, 2, 3, 4, 5]).unwrap();
+    loop {
+        let s = h.stats().await.unwrap();
+        if s.commits > before {
+            assert_eq!(s.depth, 0);
+            break;
+        }
+        assert!(
+            t.elapsed() < ACKS_DURABLE_WITHIN + std::time::Duration::from_millis(500),
+            "deletes still not durable after {:?}",
+            t.elapsed()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(
+        t.elapsed() >= std::time::Duration::from_millis(500),
+        "not fsynced at once: {:?}",
+        t.elapsed()
+    );
+    drop(h);
+    join.join().unwrap();
+}

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tokio::sync::{oneshot, watch};
 
-use super::{MAX_HELD, Stats, Store, StoreError};
+use super::{ACKS_DURABLE_WITHIN, GATHER, MAX_HELD, Stats, Store, StoreError};
 use crate::message::{Message, Stored};
 
 enum Cmd {
@@ -137,6 +137,8 @@ struct Worker {
     last_expiry: std::time::Instant,
     /// When the file was last replaced after corruption (within the hour).
     repairs: Vec<std::time::Instant>,
+    /// Since when acknowledgement deletes wait to be made durable.
+    acks_since: Option<std::time::Instant>,
 }
 
 /// Most corrupt-file replacements an hour.
@@ -163,6 +165,7 @@ impl Worker {
             // start count their age from the start.
             last_expiry: std::time::Instant::now(),
             repairs: Vec::new(),
+            acks_since: None,
         }
     }
 
@@ -173,8 +176,14 @@ impl Worker {
             if !open && (!pending || self.failing) {
                 break;
             }
-            // Wake at least once a second for retries and expiry.
-            let first = match rx.recv_timeout(Duration::from_secs(1)) {
+            // Wake at least once a second for retries and expiry; sooner while acknowledgement
+            // deletes wait to be made durable.
+            let wait = if self.store.undurable_acks() > 0 {
+                Duration::from_millis(200)
+            } else {
+                Duration::from_secs(1)
+            };
+            let first = match rx.recv_timeout(wait) {
                 Ok(c) => Some(c),
                 Err(mpsc::RecvTimeoutError::Timeout) => None,
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
@@ -182,11 +191,25 @@ impl Worker {
                     None
                 }
             };
+            // Group commit: readings from buses polled on the same tick arrive within
+            // moments of each other; gathering them costs one fsync instead of one each.
+            let mut cmds: Vec<Cmd> = first.into_iter().collect();
+            let gather_until = matches!(cmds.first(), Some(Cmd::Enqueue(_)))
+                .then(|| std::time::Instant::now() + GATHER);
+            loop {
+                let next = match gather_until {
+                    Some(until) => rx
+                        .recv_timeout(until.saturating_duration_since(std::time::Instant::now()))
+                        .ok(),
+                    None => rx.try_recv().ok(),
+                };
+                match next {
+                    Some(c) => cmds.push(c),
+                    None => break,
+                }
+            }
             let mut queries = Vec::new();
-            for c in first
-                .into_iter()
-                .chain(std::iter::from_fn(|| rx.try_recv().ok()))
-            {
+            for c in cmds {
                 match c {
                     Cmd::Enqueue(m) => self.unsaved.extend(m),
                     Cmd::Ack(s) => self.unacked.extend(s),
@@ -195,6 +218,7 @@ impl Worker {
             }
             self.save();
             self.delete_acked();
+            self.sync_acks();
             if self.last_expiry.elapsed() >= Duration::from_secs(60) {
                 self.last_expiry = std::time::Instant::now();
                 match self.retried(|s| s.expire(std::time::Instant::now())) {
@@ -328,6 +352,24 @@ impl Worker {
             tracing::error!(error = %e, held = self.unsaved.len(), file = %self.store.path().display(),
                 "cannot write to the queue; holding readings in memory and retrying every second");
             self.failing = true;
+        }
+    }
+
+    /// Makes acknowledgement deletes durable once they have waited [`ACKS_DURABLE_WITHIN`]
+    /// without a durable commit (a reading's append) carrying them.
+    fn sync_acks(&mut self) {
+        if self.store.undurable_acks() == 0 {
+            self.acks_since = None;
+            return;
+        }
+        let since = *self.acks_since.get_or_insert_with(std::time::Instant::now);
+        if since.elapsed() >= ACKS_DURABLE_WITHIN.saturating_sub(Duration::from_millis(250)) {
+            match self.retried(|s| s.sync_acks()) {
+                Ok(()) => self.acks_since = None,
+                Err(e) => {
+                    tracing::debug!(error = %e, "queue: cannot sync acknowledgement deletes yet")
+                }
+            }
         }
     }
 
