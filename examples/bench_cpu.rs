@@ -38,33 +38,15 @@ fn usage(pid: u32) -> (f64, u64) {
 }
 
 fn mosquitto() -> (std::process::Child, SocketAddr, tempfile::TempDir) {
-    let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
-        .into_iter()
-        .find(|p| std::path::Path::new(p).exists())
-        .expect("mosquitto is installed (apt-get install mosquitto)");
     let dir = tempfile::tempdir().unwrap();
     let port = fieldgate::testkit::broker::quiet_port().unwrap();
-    let conf = dir.path().join("m.conf");
-    std::fs::write(
-        &conf,
-        format!("listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\n"),
+    let child = fieldgate::testkit::broker::spawn_mosquitto(
+        &dir.path().join("m.conf"),
+        &format!("listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\n"),
+        port,
     )
-    .unwrap();
-    let child = Command::new(bin)
-        .arg("-c")
-        .arg(&conf)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    for _ in 0..200 {
-        if std::net::TcpStream::connect(addr).is_ok() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(25));
-    }
-    (child, addr, dir)
+    .expect("mosquitto is installed (apt-get install mosquitto)");
+    (child, format!("127.0.0.1:{port}").parse().unwrap(), dir)
 }
 
 /// Poll-to-arrival latencies in ms, and the count, of what a subscriber receives.

@@ -126,12 +126,16 @@ fn check_warns_when_the_service_user_cannot_read_a_file_it_needs() {
         ),
     )
     .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_fieldgate"))
-        .arg("check")
-        .arg(&cfg)
-        .env("FIELDGATE_SERVICE_USER", "nobody")
-        .output()
-        .unwrap();
+    // `check` as root, for a service that runs as `nobody`.
+    let check = || {
+        Command::new(env!("CARGO_BIN_EXE_fieldgate"))
+            .arg("check")
+            .arg(&cfg)
+            .env("FIELDGATE_SERVICE_USER", "nobody")
+            .output()
+            .unwrap()
+    };
+    let out = check();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{err}");
     if !is_root() {
@@ -148,13 +152,7 @@ fn check_warns_when_the_service_user_cannot_read_a_file_it_needs() {
         )),
         "{err}"
     );
-    // Readable by the group: no warning.
+    // Readable by the service's user: no warning.
     std::fs::set_permissions(&pass, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_fieldgate"))
-        .arg("check")
-        .arg(&cfg)
-        .env("FIELDGATE_SERVICE_USER", "nobody")
-        .output()
-        .unwrap();
-    assert!(!String::from_utf8_lossy(&out.stderr).contains("warning"));
+    assert!(!String::from_utf8_lossy(&check().stderr).contains("warning"));
 }

@@ -88,18 +88,23 @@ async fn readiness_and_the_watchdog_are_notified() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sighup_reloads_a_good_config_and_refuses_a_bad_one() {
-    let broker = fieldgate::testkit::broker::start().unwrap();
+/// A device with two registers, and two configs: device `a`, then `a` and `b`.
+async fn reload_setup() -> (Simulator, tempfile::TempDir, &'static str, String) {
     let sim = Simulator::start(None).await.unwrap();
     sim.with_unit(1, |b| b.set_holding(0, &[1, 2]));
-    let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
-    let cfg = dir.path().join("config.yaml");
     let one = "  a:\n    bus: plc\n    every: 100ms\n    points:\n      p: { register: 0 }\n";
     let two = format!(
         "{one}  b:\n    bus: plc\n    every: 100ms\n    points:\n      q: {{ register: 1 }}\n"
     );
+    (sim, tempfile::tempdir().unwrap(), one, two)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_a_good_config_and_refuses_a_bad_one() {
+    let broker = fieldgate::testkit::broker::start().unwrap();
+    let (sim, dir, one, two) = reload_setup().await;
+    let state = dir.path().join("state");
+    let cfg = dir.path().join("config.yaml");
     std::fs::write(&cfg, config(&state, broker, sim.addr, one)).unwrap();
     let sub = Subscriber::start(broker).await;
     let mut child = spawn(&cfg, &[]);
@@ -164,15 +169,9 @@ async fn a_reload_publishes_no_offline() {
         return;
     };
     let broker = mosquitto.addr;
-    let sim = Simulator::start(None).await.unwrap();
-    sim.with_unit(1, |b| b.set_holding(0, &[1, 2]));
-    let dir = tempfile::tempdir().unwrap();
+    let (sim, dir, one, two) = reload_setup().await;
     let state = dir.path().join("state");
     let cfg = dir.path().join("config.yaml");
-    let one = "  a:\n    bus: plc\n    every: 100ms\n    points:\n      p: { register: 0 }\n";
-    let two = format!(
-        "{one}  b:\n    bus: plc\n    every: 100ms\n    points:\n      q: {{ register: 1 }}\n"
-    );
     std::fs::write(&cfg, config(&state, broker, sim.addr, one)).unwrap();
     let sub = Subscriber::start(broker).await;
     let mut child = spawn(&cfg, &[]);

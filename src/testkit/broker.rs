@@ -101,3 +101,45 @@ fn broker_config(addr: SocketAddr) -> rumqttd::Config {
         ..Default::default()
     }
 }
+
+/// Where Debian (and a local build) install mosquitto; None when it is not installed.
+pub fn mosquitto_bin() -> Option<&'static str> {
+    [
+        "/usr/sbin/mosquitto",
+        "/usr/bin/mosquitto",
+        "/usr/local/sbin/mosquitto",
+    ]
+    .into_iter()
+    .find(|p| std::path::Path::new(p).exists())
+}
+
+/// Starts mosquitto with `conf` (written to `conf_file`) and waits, at most 5 s, until
+/// `127.0.0.1:port` accepts connections. For the tests and the benchmarks; mosquitto must be
+/// installed.
+pub fn spawn_mosquitto(
+    conf_file: &std::path::Path,
+    conf: &str,
+    port: u16,
+) -> std::io::Result<std::process::Child> {
+    let bin = mosquitto_bin().ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "mosquitto is not installed (apt-get install mosquitto)",
+        )
+    })?;
+    std::fs::write(conf_file, conf)?;
+    let child = std::process::Command::new(bin)
+        .arg("-c")
+        .arg(conf_file)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    for _ in 0..200 {
+        if std::net::TcpStream::connect(addr).is_ok() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    }
+    Ok(child)
+}

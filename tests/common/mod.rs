@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -250,22 +250,14 @@ impl Mosquitto {
     /// Starts mosquitto, or returns None (test skipped) when it is not installed — unless
     /// `FIELDGATE_REQUIRE_MOSQUITTO=1`, as `.ci/run` sets, which turns a skip into a failure.
     pub fn start() -> Option<Mosquitto> {
-        let bin = [
-            "/usr/sbin/mosquitto",
-            "/usr/bin/mosquitto",
-            "/usr/local/sbin/mosquitto",
-        ]
-        .into_iter()
-        .find(|p| Path::new(p).exists());
-        let Some(bin) = bin else {
+        if mosquitto_bin().is_none() {
             if std::env::var("FIELDGATE_REQUIRE_MOSQUITTO").as_deref() == Ok("1") {
                 panic!("mosquitto is required (FIELDGATE_REQUIRE_MOSQUITTO=1) but not installed");
             }
             eprintln!("SKIPPED: mosquitto is not installed (apt-get install mosquitto)");
             return None;
-        };
+        }
         Some(Mosquitto::launch(
-            bin,
             tempfile::tempdir().unwrap(),
             free_port(),
             false,
@@ -277,41 +269,28 @@ impl Mosquitto {
     pub fn start_persistent() -> Option<Mosquitto> {
         let m = Mosquitto::start()?;
         let (dir, port) = m.stop();
-        Some(Mosquitto::launch(mosquitto_bin().unwrap(), dir, port, true))
+        Some(Mosquitto::launch(dir, port, true))
     }
 
     /// A mosquitto with a plain anonymous listener (`addr`, for test subscribers) and `extra`
     /// configuration (more listeners; `per_listener_settings true` is set). Files written by
     /// the test stay readable because it runs as the invoking user (`user root` under root).
     pub fn start_custom(dir: tempfile::TempDir, extra: &str) -> Option<Mosquitto> {
-        let Some(bin) = mosquitto_bin() else {
+        if mosquitto_bin().is_none() {
             if std::env::var("FIELDGATE_REQUIRE_MOSQUITTO").as_deref() == Ok("1") {
                 panic!("mosquitto is required (FIELDGATE_REQUIRE_MOSQUITTO=1) but not installed");
             }
             eprintln!("SKIPPED: mosquitto is not installed (apt-get install mosquitto)");
             return None;
-        };
-        let port = free_port();
-        let conf = dir.path().join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!("per_listener_settings true\nuser root\nlistener {port} 127.0.0.1\nallow_anonymous true\n{extra}"),
-        )
-        .unwrap();
-        let child = Command::new(bin)
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        for _ in 0..200 {
-            if std::net::TcpStream::connect(addr).is_ok() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(25));
         }
+        let port = free_port();
+        let child = fieldgate::testkit::broker::spawn_mosquitto(
+            &dir.path().join("mosquitto.conf"),
+            &format!("per_listener_settings true\nuser root\nlistener {port} 127.0.0.1\nallow_anonymous true\n{extra}"),
+            port,
+        )
+        .expect("mosquitto starts");
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         std::thread::sleep(Duration::from_millis(100)); // the other listeners
         Some(Mosquitto {
             addr,
@@ -325,7 +304,7 @@ impl Mosquitto {
     pub fn restart(self) -> Mosquitto {
         let persistent = self.persistent;
         let (dir, port) = self.stop();
-        Mosquitto::launch(mosquitto_bin().unwrap(), dir, port, persistent)
+        Mosquitto::launch(dir, port, persistent)
     }
 
     fn stop(mut self) -> (tempfile::TempDir, u16) {
@@ -338,8 +317,7 @@ impl Mosquitto {
         (dir, self.addr.port())
     }
 
-    fn launch(bin: &str, dir: tempfile::TempDir, port: u16, persistent: bool) -> Mosquitto {
-        let conf = dir.path().join("mosquitto.conf");
+    fn launch(dir: tempfile::TempDir, port: u16, persistent: bool) -> Mosquitto {
         let persistence = if persistent {
             format!(
                 "persistence true\npersistence_location {}/\nautosave_interval 1\n",
@@ -348,25 +326,13 @@ impl Mosquitto {
         } else {
             "persistence false\n".to_string()
         };
-        std::fs::write(
-            &conf,
-            format!("listener {port} 127.0.0.1\nallow_anonymous true\n{persistence}max_queued_messages 0\n"),
+        let child = fieldgate::testkit::broker::spawn_mosquitto(
+            &dir.path().join("mosquitto.conf"),
+            &format!("listener {port} 127.0.0.1\nallow_anonymous true\n{persistence}max_queued_messages 0\n"),
+            port,
         )
-        .unwrap();
-        let child = Command::new(bin)
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("mosquitto starts");
+        .expect("mosquitto starts");
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        for _ in 0..200 {
-            if std::net::TcpStream::connect(addr).is_ok() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(25));
-        }
         Mosquitto {
             addr,
             child,
@@ -377,13 +343,7 @@ impl Mosquitto {
 }
 
 fn mosquitto_bin() -> Option<&'static str> {
-    [
-        "/usr/sbin/mosquitto",
-        "/usr/bin/mosquitto",
-        "/usr/local/sbin/mosquitto",
-    ]
-    .into_iter()
-    .find(|p| Path::new(p).exists())
+    fieldgate::testkit::broker::mosquitto_bin()
 }
 
 impl Drop for Mosquitto {
