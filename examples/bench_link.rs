@@ -11,7 +11,6 @@
 //! shows what the machine itself manages (CPU-bound: gateway, proxy and broker share it).
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use fieldgate::config::Config;
@@ -124,28 +123,18 @@ async fn drain(broker: SocketAddr, link: Link, n: u64, label: &str) {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let _mosquitto;
-    let (broker, name) = match ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())
-    {
-        Some(bin) => {
+    let (broker, name) = match fieldgate::testkit::broker::mosquitto_bin() {
+        Some(_) => {
             let mdir = tempfile::tempdir().unwrap();
             let port = fieldgate::testkit::broker::quiet_port().unwrap();
-            let conf = mdir.path().join("m.conf");
-            std::fs::write(
-                &conf,
+            let child = fieldgate::testkit::broker::spawn_mosquitto(
+                &mdir.path().join("m.conf"),
                 // Without it mosquitto's small PUBACKs wait for Nagle: 68 % instead of 81 % of
                 // window/RTT at 50 ms (measured); the README recommends it for brokers.
-                format!("listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\n"),
+                &format!("listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\n"),
+                port,
             )
             .unwrap();
-            let child = std::process::Command::new(bin)
-                .arg("-c")
-                .arg(&conf)
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .unwrap();
-            std::thread::sleep(Duration::from_millis(300));
             _mosquitto = KillOnDrop(child, mdir);
             (format!("127.0.0.1:{port}").parse().unwrap(), "mosquitto")
         }

@@ -123,29 +123,15 @@ async fn main() {
     let broker = fieldgate::testkit::broker::start().unwrap();
     drain(dir.path(), n, broker, "rumqttd (in process)").await;
 
-    if let Some(bin) = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())
-    {
+    if fieldgate::testkit::broker::mosquitto_bin().is_some() {
         let mdir = tempfile::tempdir().unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let conf = mdir.path().join("m.conf");
-        std::fs::write(
-            &conf,
-            format!("listener {port} 127.0.0.1\nallow_anonymous true\n"),
+        let port = fieldgate::testkit::broker::quiet_port().unwrap();
+        let mut child = fieldgate::testkit::broker::spawn_mosquitto(
+            &mdir.path().join("m.conf"),
+            &format!("listener {port} 127.0.0.1\nallow_anonymous true\n"),
+            port,
         )
         .unwrap();
-        let mut child = std::process::Command::new(bin)
-            .arg("-c")
-            .arg(&conf)
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        std::thread::sleep(Duration::from_millis(300));
         let dir = tempfile::tempdir().unwrap();
         drain(
             dir.path(),
