@@ -485,34 +485,43 @@ async fn connected(events: &mut Events, cancel: &CancellationToken) -> Result<bo
     }
 }
 
+/// Publishes a message of the gateway's own (QoS 1) and counts it in the window.
+fn control(
+    client: &AsyncClient,
+    win: &mut Window,
+    topic: &str,
+    payload: Vec<u8>,
+    retain: bool,
+) -> Result<(), UplinkError> {
+    let bytes = wire_bytes(topic, payload.len());
+    client.try_publish(topic, QoS::AtLeastOnce, retain, payload)?;
+    win.submit(Entry::Control { qos: 1 }, bytes);
+    Ok(())
+}
+
 impl Session<'_> {
     /// Publishes a message of the gateway's own (QoS 1) and counts it in the window.
     fn control(&mut self, topic: &str, payload: Vec<u8>, retain: bool) -> Result<(), UplinkError> {
-        let bytes = wire_bytes(topic, payload.len());
-        self.client
-            .try_publish(topic, QoS::AtLeastOnce, retain, payload)?;
-        self.win.submit(Entry::Control { qos: 1 }, bytes);
-        Ok(())
+        control(self.client, &mut self.win, topic, payload, retain)
     }
 
     /// Publishes the outbox, then the Home Assistant configs, oldest first, while the window
     /// has room for them.
     fn send_outbox(&mut self, now: Instant) -> Result<(), UplinkError> {
-        for announcing in [false, true] {
-            loop {
-                let queue = if announcing {
-                    &mut self.announcing
-                } else {
-                    &mut self.outbox
-                };
-                let Some((t, body, _)) = queue.front() else {
-                    break;
-                };
-                if !self.win.can_submit(1, wire_bytes(t, body.len()), now) {
+        let Session {
+            client,
+            win,
+            outbox,
+            announcing,
+            ..
+        } = self;
+        for queue in [outbox, announcing] {
+            while let Some((t, body, _)) = queue.front() {
+                if !win.can_submit(1, wire_bytes(t, body.len()), now) {
                     return Ok(());
                 }
                 let (t, body, retain) = queue.pop_front().expect("front exists");
-                self.control(&t, body, retain)?;
+                control(client, win, &t, body, retain)?;
             }
         }
         Ok(())
