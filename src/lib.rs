@@ -32,7 +32,9 @@
 
 pub mod backoff;
 pub mod bus;
+pub mod change;
 pub mod commission;
+pub mod compute;
 pub mod config;
 pub mod discovery;
 pub mod files;

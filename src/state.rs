@@ -36,6 +36,8 @@ pub struct DeviceStats {
     pub exceptions: u64,
     /// Values that read as NaN or infinite (published as null).
     pub not_finite: u64,
+    /// Values read but not published: unchanged within their deadband (`on_change`).
+    pub unchanged: u64,
     /// None until the first poll decided it.
     pub online: Option<bool>,
     pub last_success_ms: Option<i64>,

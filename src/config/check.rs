@@ -80,16 +80,7 @@ pub fn check_model(path: &Path) -> Result<ModelSummary, ConfigErrors> {
             points: m
                 .points
                 .into_iter()
-                .map(|s| {
-                    s.into_point(
-                        String::new(),
-                        &Defaults {
-                            every: Duration::from_secs(1),
-                            qos: None,
-                            retain: None,
-                        },
-                    )
-                })
+                .map(|s| s.into_point(String::new(), &Defaults::plain()))
                 .collect(),
         }),
         _ => Err(ConfigErrors(r.errors)),
@@ -139,10 +130,12 @@ impl Config {
                 let fields: Vec<String> = d
                     .points
                     .iter()
+                    .filter(|p| !p.computed)
                     .map(|p| format!("{} ← {}", p.name, p.field.as_deref().unwrap_or("?")))
                     .collect();
                 let _ = writeln!(s, "device {} on serial line {}: {how}", d.name, d.bus);
                 let _ = writeln!(s, "  {}", fields.join(", "));
+                device_extras(&mut s, d);
                 continue;
             }
             let _ = writeln!(s, "device {} on bus {}, unit {}:", d.name, d.bus, d.unit);
@@ -161,17 +154,70 @@ impl Config {
                         r.start,
                         r.end(),
                         r.count,
-                        if r.table.is_bits() {
-                            "bits"
-                        } else {
-                            "registers"
+                        match (r.table.is_bits(), r.count) {
+                            (true, 1) => "bit",
+                            (true, _) => "bits",
+                            (false, 1) => "register",
+                            (false, _) => "registers",
                         },
                         names.join(", ")
                     );
                 }
             }
+            device_extras(&mut s, d);
         }
         s
+    }
+}
+
+/// The computed points of a device and which points are reported by exception.
+fn device_extras(s: &mut String, d: &super::Device) {
+    use std::fmt::Write;
+    for c in &d.computed {
+        let p = &d.points[c.point];
+        let _ = writeln!(
+            s,
+            "  computed {} = {}  ({})",
+            p.name,
+            c.expr.source,
+            super::points::type_name(p.dtype)
+        );
+    }
+    let by_exception: Vec<String> = d
+        .points
+        .iter()
+        .filter(|p| p.reporting.on_change)
+        .map(|p| {
+            let r = &p.reporting;
+            let mut how = Vec::new();
+            match r.deadband {
+                Some(crate::mapping::Deadband::Absolute(x)) => how.push(format!("±{x}")),
+                Some(crate::mapping::Deadband::Percent(x)) => how.push(format!("±{x}%")),
+                None => {}
+            }
+            if let Some(h) = r.heartbeat {
+                how.push(format!("heartbeat {}", humantime::format_duration(h)));
+            }
+            if how.is_empty() {
+                p.name.clone()
+            } else {
+                format!("{} ({})", p.name, how.join(", "))
+            }
+        })
+        .collect();
+    if !by_exception.is_empty() {
+        let whole = if d.whole_device_on_change {
+            "; a change sends the whole device"
+        } else {
+            ""
+        };
+        let _ = writeln!(
+            s,
+            "  on change{whole}: {} of {} points: {}",
+            by_exception.len(),
+            d.points.len(),
+            by_exception.join(", ")
+        );
     }
 }
 

@@ -5,14 +5,17 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use super::computed::{self, Unbound};
 use super::diagnostic::{Ctx, Diagnostic, parse};
 use super::points::{
-    Defaults, PointSpec, check_qos, check_template, check_topic_segment, validate_point,
+    Defaults, PointSpec, check_qos, check_template, check_topic_segment, heartbeat_error,
+    parse_deadband, validate_point,
 };
 use super::raw::*;
 use super::resolver::{DeviceEnv, ModelDef, Resolver};
 use super::{Device, LineSpec, PollGroup};
 use crate::bus::{Bus, Transport};
+use crate::compute::Expr;
 use crate::mapping::Delivery;
 use crate::plan::plan;
 use crate::topics::render_topic;
@@ -194,14 +197,78 @@ impl Resolver<'_> {
                 "with `publish: device` the topic is per device: {point} and {unit} cannot be used",
             ));
         }
+        // Report by exception: the device's settings, and points that set a deadband or a
+        // heartbeat that nothing would use.
+        let device_on_change = d.on_change.map(|o| !matches!(o, RawOnChange::Flag(false)));
+        let deadband = d.deadband.as_ref().and_then(|db| match parse_deadband(db) {
+            Ok(db) => Some(db),
+            Err(msg) => {
+                self.errors.push(ctx.diag(&format!("{p}.deadband"), msg));
+                None
+            }
+        });
+        if let Some(msg) = d.heartbeat.and_then(heartbeat_error) {
+            self.errors.push(ctx.diag(&format!("{p}.heartbeat"), msg));
+        }
+        let any_on_change = specs
+            .values()
+            .any(|s| s.on_change.or(device_on_change).unwrap_or(false));
+        for (key, set) in [
+            ("deadband", d.deadband.is_some()),
+            ("heartbeat", d.heartbeat.is_some()),
+        ] {
+            if set && !any_on_change {
+                self.errors.push(ctx.diag(
+                    &format!("{p}.{key}"),
+                    format!(
+                        "`{key}` applies to points reported by exception: add `on_change: true`"
+                    ),
+                ));
+            }
+        }
+        for s in specs.values().filter(|s| !s.from_model) {
+            if s.on_change.or(device_on_change).unwrap_or(false) {
+                continue;
+            }
+            for (key, set) in [
+                ("deadband", s.deadband.is_some()),
+                ("heartbeat", s.heartbeat.is_some()),
+            ] {
+                if set {
+                    self.errors.push(ctx.diag(
+                        &format!("{p}.points.{}.{key}", s.name),
+                        format!("`{key}` applies to points reported by exception: add `on_change: true` here or on the device"),
+                    ));
+                }
+            }
+        }
+
         let mut points = Vec::new();
         let mut payload = HashMap::new();
+        let mut unbound = Vec::new();
         let defaults = Defaults {
             every,
             qos: d.qos,
             retain: d.retain,
+            on_change: device_on_change,
+            deadband,
+            heartbeat: d.heartbeat,
         };
-        for s in specs.into_values() {
+        for mut s in specs.into_values() {
+            if let Some(expr) = s.expr.take() {
+                unbound.push(Unbound {
+                    point: points.len(),
+                    expr,
+                    path: if s.from_model {
+                        format!("{p}.model")
+                    } else {
+                        format!("{p}.points.{}.expr", s.name)
+                    },
+                    from_model: s.from_model,
+                    dtype_given: s.dtype_given,
+                });
+                // Marked computed below, once bound (`into_point` sees no expression now).
+            }
             let template = s.topic.as_deref().unwrap_or(&device_topic);
             let topic = render_topic(
                 template,
@@ -227,6 +294,13 @@ impl Resolver<'_> {
             );
             points.push(s.into_point(topic, &defaults));
         }
+        for u in &unbound {
+            points[u.point].computed = true;
+        }
+        if self.errors.len() != before {
+            return None;
+        }
+        let computed = computed::bind(ctx, &mut self.errors, &mut points, unbound, line.is_none());
         if self.errors.len() != before {
             return None;
         }
@@ -238,7 +312,7 @@ impl Resolver<'_> {
             return None;
         }
         let mut by_every: BTreeMap<Duration, Vec<usize>> = BTreeMap::new();
-        for (i, pt) in points.iter().enumerate() {
+        for (i, pt) in points.iter().enumerate().filter(|(_, p)| !p.computed) {
             by_every.entry(pt.every).or_default().push(i);
         }
         let groups = if line.is_some() {
@@ -268,6 +342,8 @@ impl Resolver<'_> {
             availability_topic: crate::topics::device_availability(&gateway.id, name),
             offline_after: offline_after.max(1),
             line,
+            computed,
+            whole_device_on_change: d.on_change == Some(RawOnChange::Mode(OnChangeMode::Device)),
         })
     }
 
@@ -331,7 +407,7 @@ impl Resolver<'_> {
                     }
                     return None;
                 };
-                for s in specs.values() {
+                for s in specs.values().filter(|s| s.expr.is_none()) {
                     match &s.field {
                         None => self.errors.push(ctx.diag(
                             &point_path(s),
@@ -456,6 +532,15 @@ impl Resolver<'_> {
                         specs.push(s);
                     }
                 }
+                let names: Vec<String> = raw.points.keys().cloned().collect();
+                let exprs: Vec<(String, String, &Expr)> = specs
+                    .iter()
+                    .filter_map(|s| {
+                        let e = s.expr.as_ref()?;
+                        Some((s.name.clone(), format!("points.{}.expr", s.name), e))
+                    })
+                    .collect();
+                computed::check_names(&mctx, &mut self.errors, &names, &exprs);
                 let parser = raw
                     .parse
                     .as_ref()
@@ -499,7 +584,7 @@ fn available_models(folders: &[PathBuf]) -> Vec<String> {
 
 /// The known name a mistyped one most likely meant: one that contains it or is contained in it
 /// (`sdm120` → `eastron-sdm120`), else the nearest by edit distance, if near.
-fn closest<'a>(wanted: &str, known: &'a [String]) -> Option<&'a str> {
+pub(super) fn closest<'a>(wanted: &str, known: &'a [String]) -> Option<&'a str> {
     let w = wanted.to_lowercase();
     if let Some(k) = known
         .iter()

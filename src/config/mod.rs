@@ -16,11 +16,13 @@
 //! - `diagnostic`: errors with `file:line:column`, serde errors placed on the YAML;
 //! - `resolve`: the gateway, MQTT and queue sections, and the checks across devices;
 //! - `buses`, `devices`, `points`: one section each, with the device models;
+//! - `computed`: the computed points of a device (names, kinds, cycles, intervals);
 //! - `check`: what `fieldgate check` prints;
 //! - this file: the resolved model the gateway runs, and [`Config::load`].
 
 mod buses;
 mod check;
+mod computed;
 mod devices;
 mod diagnostic;
 mod env;
@@ -43,6 +45,7 @@ use crate::mapping::{Delivery, Point};
 use crate::modbus::ReadRequest;
 use crate::store::Limits;
 pub use check::{ModelSummary, check_model, is_model_text};
+pub use computed::Computed;
 pub use diagnostic::{ConfigErrors, Diagnostic};
 pub use env::expand_env;
 pub use raw::*;
@@ -145,6 +148,10 @@ pub struct Device {
     pub offline_after: u32,
     /// Serial line devices: how their lines are read.
     pub line: Option<LineSpec>,
+    /// Computed points (`expr:`), each after the computed points it reads.
+    pub computed: Vec<Computed>,
+    /// `on_change: device`: a device message carries every point when any is due.
+    pub whole_device_on_change: bool,
 }
 
 impl Device {

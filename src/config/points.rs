@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use super::diagnostic::{Ctx, Diagnostic};
 use super::raw::*;
-use crate::mapping::{DataType, Delivery, Order, Point, Source};
+use crate::compute::Expr;
+use crate::mapping::{DataType, Deadband, Delivery, Order, Point, Reporting, Source};
 use crate::modbus::Table;
 use crate::topics::template_error;
 
@@ -33,6 +34,13 @@ pub(super) struct PointSpec {
     pub(super) max: Option<f64>,
     /// Defined in the device's model (errors about it name the model).
     pub(super) from_model: bool,
+    /// A computed point's expression (names bound when the device is resolved).
+    pub(super) expr: Option<Expr>,
+    /// `type:` was given (a computed point without it takes its expression's kind).
+    pub(super) dtype_given: bool,
+    pub(super) on_change: Option<bool>,
+    pub(super) deadband: Option<Deadband>,
+    pub(super) heartbeat: Option<Duration>,
 }
 
 /// What a point takes from its device unless it says otherwise.
@@ -40,6 +48,24 @@ pub(super) struct Defaults {
     pub(super) every: Duration,
     pub(super) qos: Option<u8>,
     pub(super) retain: Option<bool>,
+    /// The device's report-by-exception settings (`on_change: device` counts as on).
+    pub(super) on_change: Option<bool>,
+    pub(super) deadband: Option<Deadband>,
+    pub(super) heartbeat: Option<Duration>,
+}
+
+impl Defaults {
+    /// A point's defaults when nothing is said: every second, QoS 1, published at every poll.
+    pub(super) fn plain() -> Defaults {
+        Defaults {
+            every: Duration::from_secs(1),
+            qos: None,
+            retain: None,
+            on_change: None,
+            deadband: None,
+            heartbeat: None,
+        }
+    }
 }
 
 impl PointSpec {
@@ -65,6 +91,11 @@ impl PointSpec {
             writable: false,
             min: None,
             max: None,
+            expr: None,
+            dtype_given: r.dtype.is_some(),
+            on_change: r.on_change,
+            deadband: None,
+            heartbeat: r.heartbeat,
         }
     }
 
@@ -90,6 +121,15 @@ impl PointSpec {
             writable: self.writable,
             min: self.min,
             max: self.max,
+            reporting: Reporting {
+                on_change: self.on_change.or(defaults.on_change).unwrap_or(false),
+                // A device's deadband is for its numbers; bools and text change or do not.
+                deadband: self
+                    .deadband
+                    .or(defaults.deadband.filter(|_| self.dtype.is_numeric())),
+                heartbeat: self.heartbeat.or(defaults.heartbeat),
+            },
+            computed: self.expr.is_some(),
         }
     }
 }
@@ -120,6 +160,72 @@ pub(super) fn validate_point(
     }
     if let Some(msg) = r.qos.and_then(qos_error) {
         err("qos", msg);
+    }
+    let deadband = r.deadband.as_ref().and_then(|d| match parse_deadband(d) {
+        Ok(d) => Some(d),
+        Err(msg) => {
+            err("deadband", msg);
+            None
+        }
+    });
+    if let Some(msg) = r.heartbeat.and_then(heartbeat_error) {
+        err("heartbeat", msg);
+    }
+
+    if let Some(text) = &r.expr {
+        // Computed from other points: nothing is read from a bus.
+        not_applicable(
+            &mut err,
+            &[
+                ("register", r.register.is_some()),
+                ("coil", r.coil.is_some()),
+                ("discrete", r.discrete.is_some()),
+                ("field", r.field.is_some()),
+                ("kind", r.kind.is_some()),
+                ("order", r.order.is_some()),
+                ("bit", r.bit.is_some()),
+                ("length", r.length.is_some()),
+                ("scale", r.scale.is_some()),
+                ("offset", r.offset.is_some()),
+                ("writable", r.writable == Some(true)),
+                ("min", r.min.is_some()),
+                ("max", r.max.is_some()),
+                ("every", r.every.is_some()),
+            ],
+            "a computed point (`expr:`; it is computed whenever its inputs are read)",
+        );
+        if r.dtype == Some(DataType::String) {
+            err(
+                "type",
+                "an expression gives a number or a bool, not a string".into(),
+            );
+        }
+        let expr = match Expr::parse(text) {
+            Ok(e) => Some(e),
+            Err(e) => {
+                err("expr", format!("{e}: {text}"));
+                None
+            }
+        };
+        if deadband.is_some() && r.dtype == Some(DataType::Bool) {
+            err("deadband", "a deadband applies to numbers, not bool".into());
+        }
+        if errors.len() != before {
+            return None;
+        }
+        return Some(PointSpec {
+            expr,
+            deadband,
+            ..PointSpec::new(
+                name,
+                r,
+                Source {
+                    table: Table::Holding,
+                    address: 0,
+                },
+                r.dtype.unwrap_or(DataType::F64),
+            )
+        });
     }
 
     if let Some(field) = &r.field {
@@ -152,11 +258,18 @@ pub(super) fn validate_point(
                 }
             }
         }
+        if deadband.is_some() && !dtype.is_numeric() {
+            err(
+                "deadband",
+                format!("a deadband applies to numbers, not {}", type_name(dtype)),
+            );
+        }
         if errors.len() != before {
             return None;
         }
         return Some(PointSpec {
             field: Some(field.as_key()),
+            deadband,
             // Not read from registers: the source is never used.
             ..PointSpec::new(
                 name,
@@ -342,10 +455,17 @@ pub(super) fn validate_point(
     {
         err("min", format!("min {lo} is above max {hi}"));
     }
+    if deadband.is_some() && !dtype.is_numeric() {
+        err(
+            "deadband",
+            format!("a deadband applies to numbers, not {}", type_name(dtype)),
+        );
+    }
     if errors.len() != before {
         return None;
     }
     Some(PointSpec {
+        deadband,
         order: r.order.unwrap_or_default(),
         bit,
         length,
@@ -373,6 +493,33 @@ fn not_applicable(err: &mut impl FnMut(&str, String), keys: &[(&str, bool)], wha
     for (key, _) in keys.iter().filter(|(_, given)| *given) {
         err(key, format!("`{key}` does not apply to {what}"));
     }
+}
+
+/// `0.5` (engineering units) or `"2%"` (of the last published value); never negative.
+pub(super) fn parse_deadband(d: &RawDeadband) -> Result<Deadband, String> {
+    let bad = || {
+        "a deadband is a number in the point's units (`0.5`) or a percentage of the last published value (`\"2%\"`)".to_string()
+    };
+    let (x, percent) = match d {
+        RawDeadband::Number(x) => (*x, false),
+        RawDeadband::Text(t) => match t.trim().strip_suffix('%') {
+            Some(p) => (p.trim().parse::<f64>().map_err(|_| bad())?, true),
+            None => (t.trim().parse::<f64>().map_err(|_| bad())?, false),
+        },
+    };
+    if !x.is_finite() || x < 0.0 {
+        return Err(format!("{x} is not a deadband: it must be 0 or more"));
+    }
+    Ok(if percent {
+        Deadband::Percent(x)
+    } else {
+        Deadband::Absolute(x)
+    })
+}
+
+/// A heartbeat of at least a second.
+pub(super) fn heartbeat_error(h: Duration) -> Option<String> {
+    (h < Duration::from_secs(1)).then(|| "a heartbeat must be at least 1s".to_string())
 }
 
 /// QoS 0, 1 or 2 only.

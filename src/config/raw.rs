@@ -197,6 +197,36 @@ pub struct RawDevice {
     pub request: Option<String>,
     /// Serial line devices: how lines are parsed.
     pub parse: Option<RawParseSpec>,
+    /// Report by exception for every point: `true`, or `device` (a device message carries
+    /// all points when any changed).
+    pub on_change: Option<RawOnChange>,
+    /// Default deadband of the numeric points: a number in engineering units or `"2%"`.
+    pub deadband: Option<RawDeadband>,
+    /// Publish unchanged values anyway after this much silence.
+    #[serde(default, with = "humantime_serde")]
+    pub heartbeat: Option<Duration>,
+}
+
+/// `on_change: true | false | device`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum RawOnChange {
+    Flag(bool),
+    Mode(OnChangeMode),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnChangeMode {
+    Device,
+}
+
+/// `deadband: 0.5` or `deadband: "2%"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum RawDeadband {
+    Number(f64),
+    Text(String),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -234,6 +264,13 @@ pub struct RawPoint {
     /// Limits of a commanded value, in engineering units (after scale and offset).
     pub min: Option<f64>,
     pub max: Option<f64>,
+    /// A computed point: an expression over other points of the device.
+    pub expr: Option<String>,
+    /// Report by exception (overrides the device's `on_change`).
+    pub on_change: Option<bool>,
+    pub deadband: Option<RawDeadband>,
+    #[serde(default, with = "humantime_serde")]
+    pub heartbeat: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

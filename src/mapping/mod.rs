@@ -158,6 +158,30 @@ pub struct Point {
     pub writable: bool,
     pub min: Option<f64>,
     pub max: Option<f64>,
+    /// When its readings are published (every poll, or by exception).
+    pub reporting: Reporting,
+    /// Computed from other points of its device (`expr:`); the expression itself is kept by
+    /// the device (`config::Device::computed`).
+    pub computed: bool,
+}
+
+/// When a point's readings are published: at every poll, or by exception (`on_change`).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Reporting {
+    /// Only when the value differs from the last one published (beyond `deadband`).
+    pub on_change: bool,
+    pub deadband: Option<Deadband>,
+    /// Published anyway after this much silence.
+    pub heartbeat: Option<Duration>,
+}
+
+/// How far a number may move from the last published value before it is published again.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Deadband {
+    /// In engineering units (after scale and offset).
+    Absolute(f64),
+    /// A percentage of the last published value.
+    Percent(f64),
 }
 
 impl Point {
@@ -184,6 +208,8 @@ impl Point {
             writable: false,
             min: None,
             max: None,
+            reporting: Reporting::default(),
+            computed: false,
         }
     }
 
@@ -442,7 +468,7 @@ fn take<const N: usize>(bytes: &[u8]) -> [u8; N] {
 
 /// Widens an f32 through its shortest decimal form, so 0.1f32 becomes 0.1 and not
 /// 0.10000000149011612: consumers see the number the device meant.
-fn f32_as_f64(x: f32) -> f64 {
+pub fn f32_as_f64(x: f32) -> f64 {
     if !x.is_finite() {
         return x as f64;
     }

@@ -207,8 +207,10 @@ async fn stream(
                     }
                     report.device(&st.device.name, |d| d.polls += 1);
                     match every {
-                        None => report.enqueue(&st.device, ts, values),
+                        None => st.health.publish(report, &st.device, ts, values),
                         Some(_) => {
+                            let mut values = values;
+                            super::compute(&st.device, &mut values);
                             for (i, v) in values {
                                 st.latest.insert(i, (v, ts));
                             }
@@ -237,7 +239,7 @@ fn flush_latest(report: &Reporter, st: &mut State) {
         by_ts.entry(ts).or_default().push((i, v));
     }
     for (ts, values) in by_ts {
-        report.enqueue(&st.device, ts, values);
+        st.health.publish_computed(report, &st.device, ts, values);
     }
 }
 
@@ -299,7 +301,7 @@ async fn ask(
                         out.clear();
                         outcome = match take_line(report, st, first) {
                             Some(values) => {
-                                report.enqueue(&st.device, ts, values);
+                                st.health.publish(report, &st.device, ts, values);
                                 Ok(())
                             }
                             None => Err("bad_line"),

@@ -6,8 +6,9 @@
 //!
 //! Both share what a bus task does besides asking: the device health kept here
 //! ([`DeviceHealth`]: failures in a row, `offline` after `offline_after`, `online` again at the
-//! first success), the figures and liveness reported through a [`Reporter`], and the messages
-//! built from a poll's values ([`messages`]). The bytes to and from devices belong to `bus`;
+//! first success, and what was last published), the figures and liveness reported through a
+//! [`Reporter`], and what a poll's values become: computed points added ([`compute`]), those
+//! unchanged left out (`change`, report by exception), then messages ([`messages`]). The bytes to and from devices belong to `bus`;
 //! decoding to `mapping`. Nothing here waits for the uplink: the store takes every message.
 
 pub mod line;
@@ -19,10 +20,28 @@ use tokio::time::Instant;
 
 use crate::backoff::Backoff;
 use crate::bus::Bus;
+use crate::change::ChangeFilter;
 use crate::config::{Device, PayloadFormat, PublishMode};
 use crate::mapping::Value;
 use crate::message::{Body, Message, now_ms};
 use crate::state::{DeviceStats, Shared};
+
+/// Adds to a poll's `values` the computed points whose inputs it read (a missing input makes
+/// the computed value `null`).
+pub fn compute(device: &Device, values: &mut Vec<(usize, Value)>) {
+    for c in &device.computed {
+        if !values.iter().any(|(i, _)| c.inputs.contains(i)) {
+            continue;
+        }
+        let v = c
+            .expr
+            .eval(&|j| values.iter().find(|(i, _)| *i == j).map(|(_, v)| v.clone()));
+        values.push((
+            c.point,
+            crate::compute::as_type(v, device.points[c.point].dtype),
+        ));
+    }
+}
 
 /// The messages one poll of `device` produces from `values` (point index, value).
 pub fn messages(device: &Device, ts_ms: i64, values: Vec<(usize, Value)>) -> Vec<Message> {
@@ -147,15 +166,60 @@ impl Reporter {
     }
 }
 
-/// The health of one device: failed polls in a row and what they imply. A device is announced
-/// `offline` after `offline_after` failed polls and `online` at its first success; one failed
-/// poll is retried at the next cycle, a device that keeps failing is backed off.
+/// The health of one device: failed polls in a row and what they imply, and what was last
+/// published of it. A device is announced `offline` after `offline_after` failed polls and
+/// `online` at its first success; one failed poll is retried at the next cycle, a device that
+/// keeps failing is backed off. Offline, it forgets what it published: the first good poll
+/// afterwards publishes every point.
 #[derive(Debug, Default)]
 pub struct DeviceHealth {
     failures: u32,
+    published: ChangeFilter,
 }
 
 impl DeviceHealth {
+    /// Hands one poll's values to the store: computed points added, values unchanged since
+    /// they were last published (`on_change`) left out and counted.
+    pub fn publish(
+        &mut self,
+        r: &Reporter,
+        device: &Device,
+        ts_ms: i64,
+        mut values: Vec<(usize, Value)>,
+    ) {
+        compute(device, &mut values);
+        self.publish_computed(r, device, ts_ms, values);
+    }
+
+    /// As [`DeviceHealth::publish`], for values that already include the computed points.
+    pub fn publish_computed(
+        &mut self,
+        r: &Reporter,
+        device: &Device,
+        ts_ms: i64,
+        mut values: Vec<(usize, Value)>,
+    ) {
+        let read = values.len();
+        self.published.retain(
+            &device.points,
+            device.whole_device_on_change,
+            Instant::now(),
+            &mut values,
+        );
+        if values.len() < read {
+            r.device(&device.name, |d| {
+                d.unchanged += (read - values.len()) as u64
+            });
+        }
+        r.enqueue(device, ts_ms, values);
+    }
+
+    /// Hands a commanded point's read-back value to the store (always published).
+    pub fn publish_command(&mut self, r: &Reporter, device: &Device, point: usize, value: Value) {
+        self.published.published(point, &value, Instant::now());
+        r.enqueue(device, now_ms(), vec![(point, value)]);
+    }
+
     /// Records a good poll: figures, availability, and a log line if it had been failing.
     pub fn succeeded(&mut self, r: &Reporter, device: &Device) {
         if self.failures > 0 {
@@ -171,6 +235,7 @@ impl DeviceHealth {
         r.device(&device.name, |d| d.failed_polls += 1);
         if self.failures >= device.offline_after {
             r.set_online(device, false, self.failures);
+            self.published.forget();
         }
         self.failures
     }

@@ -219,7 +219,7 @@ async fn execute(link: &mut Link, states: &mut [DeviceState], cmd: Command, repo
     match &result {
         Ok(v) => {
             tracing::info!(device = %dev.name, point = %p.name, value = %v, "command written and read back");
-            report.enqueue(dev, now_ms(), vec![(cmd.point, v.clone())]);
+            st.health.publish_command(report, dev, cmd.point, v.clone());
         }
         Err(e) => tracing::warn!(device = %dev.name, point = %p.name, error = %e, "command failed"),
     }
@@ -296,7 +296,7 @@ async fn poll_group(
             }
         }
     }
-    report.enqueue(dev, ts, values);
+    st.health.publish(report, dev, ts, values);
     match failure {
         Some(e) => Err(e),
         None => Ok(()),
