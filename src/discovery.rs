@@ -44,9 +44,16 @@ pub fn configs(config: &Config, d: &Discovery) -> Vec<(String, Json)> {
             "model": if dev.line.is_some() { "serial line device" } else { "Modbus device" },
             "via_device": format!("fieldgate_{gw}"),
         });
-        for (i, p) in dev.points.iter().enumerate() {
+        for (i, p) in dev.points.iter().enumerate().filter(|(_, p)| !p.internal) {
             let (component, mut body) = entity(dev, i);
             body["name"] = json!(p.name);
+            // Reported by exception with a heartbeat: a value that stops coming (two heartbeats
+            // and a poll without it) shows as unavailable, not as the last value for ever.
+            if let Some(h) = p.reporting.heartbeat.filter(|_| p.reporting.on_change)
+                && matches!(component, "sensor" | "binary_sensor")
+            {
+                body["expire_after"] = json!((2 * h + p.every).as_secs().max(1));
+            }
             body["unique_id"] = json!(format!("fieldgate_{gw}_{}_{}", dev.name, p.name));
             body["availability"] = json!([
                 {"topic": config.gateway.status_topic()},
@@ -141,5 +148,23 @@ mod tests {
         );
         assert_eq!(classes(Some("%")), (None, Some("measurement")));
         assert_eq!(classes(None), (None, None));
+    }
+
+    #[test]
+    fn computed_points_are_announced_internal_ones_are_not_and_heartbeats_expire() {
+        let yaml = "homeassistant: { discovery: true }\nmqtt: { url: mqtt://127.0.0.1 }\nbuses: { plc: { modbus_tcp: { host: 127.0.0.1 } } }\ndevices:\n  inv:\n    bus: plc\n    every: 10s\n    on_change: true\n    heartbeat: 5m\n    points:\n      w: { register: 0, type: i16, internal: true }\n      w_sf: { register: 1, type: i16, internal: true }\n      power: { expr: \"w * 10^w_sf\", unit: W }\n      running: { expr: \"power > 0\" }\n";
+        let c = Config::from_text(std::path::Path::new("c.yaml"), yaml).unwrap();
+        let configs = configs(&c, c.homeassistant.as_ref().unwrap());
+        let names: Vec<&str> = configs
+            .iter()
+            .map(|(_, b)| b["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["power", "running"]);
+        let (topic, power) = &configs[0];
+        assert!(topic.starts_with("homeassistant/sensor/"), "{topic}");
+        assert_eq!(power["device_class"], json!("power"));
+        // Two heartbeats and a poll: 2 × 300 s + 10 s.
+        assert_eq!(power["expire_after"], json!(610));
+        assert!(configs[1].0.starts_with("homeassistant/binary_sensor/"));
     }
 }

@@ -133,3 +133,111 @@ async fn an_xy_md02_and_an_sdm120_on_one_bus_decode_exactly() {
     assert_eq!(v("meter/frequency"), Some(json!(50.02)));
     assert_eq!(v("meter/total_energy"), Some(json!(1234.5)));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sunspec_inverter_publishes_scaled_values_and_no_raw_registers() {
+    let sim = fieldgate::testkit::sim::Simulator::start(None)
+        .await
+        .unwrap();
+    sim.with_unit(1, |b| {
+        let mut r = vec![0u16; 38]; // 40071..=40108
+        let mut put = |addr: usize, v: i32| r[addr - 40071] = v as u16;
+        put(40071, 1234); // A, A_SF -2 → 12.34 A
+        put(40072, 411);
+        put(40073, 412);
+        put(40074, 411);
+        put(40075, -2);
+        put(40079, 2301); // V, V_SF -1 → 230.1 V
+        put(40080, 2299);
+        put(40081, 2310);
+        put(40082, -1);
+        put(40083, 8470); // W, W_SF 0
+        put(40084, 0);
+        put(40085, 5002); // Hz, Hz_SF -2 → 50.02
+        put(40086, -2);
+        put(40087, 8500);
+        put(40088, 0);
+        put(40089, -120);
+        put(40090, 0);
+        put(40091, 9960); // PF, PF_SF -2 → 99.6 %
+        put(40092, -2);
+        put(40093, (123_456_789u32 >> 16) as i32); // WH acc32, high word first
+        put(40094, (123_456_789u32 & 0xFFFF) as i32);
+        put(40095, 1); // WH_SF 1 → 1 234 567 890 Wh
+        put(40096, 2050); // DC A, SF -2 → 20.5
+        put(40097, -2);
+        put(40098, 4500); // DC V, SF -1 → 450
+        put(40099, -1);
+        put(40100, 9225); // DC W, SF 0
+        put(40101, 0);
+        put(40103, 453); // heat sink, Tmp_SF -1 → 45.3 °C
+        put(40106, -1);
+        put(40107, 4); // MPPT: producing
+        b.set_holding(40071, &r);
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let broker = fieldgate::testkit::broker::start().unwrap();
+    let sub = Subscriber::start(broker).await;
+    let mappings = std::fs::canonicalize("mappings").unwrap();
+    let yaml = format!(
+        "gateway: {{ id: gw1, state_dir: {} }}\nmqtt: {{ url: mqtt://{broker} }}\nmodels: [{}]\nbuses:\n  lan:\n    modbus_tcp: {{ host: 127.0.0.1, port: {} }}\ndevices:\n  inverter:\n    bus: lan\n    model: sunspec-inverter\n",
+        dir.path().join("state").display(),
+        mappings.display(),
+        sim.addr.port()
+    );
+    let gw = Gateway::start(dir.path(), &yaml);
+    sub.wait_for(Duration::from_secs(10), "a poll", |g| {
+        g.iter().any(|r| r.topic.ends_with("/inverter/fault"))
+    })
+    .await;
+    gw.stop().await;
+    let v = |t: &str| {
+        sub.all()
+            .iter()
+            .find(|r| r.topic == format!("fieldgate/gw1/inverter/{t}"))
+            .and_then(|r| r.value().cloned())
+            .unwrap_or_else(|| panic!("nothing on {t}"))
+    };
+    for (point, want) in [
+        ("ac_current", json!(12.34)),
+        ("l1_current", json!(4.11)),
+        ("l2_current", json!(4.12)),
+        ("l1_voltage", json!(230.1)),
+        ("l2_voltage", json!(229.9)),
+        ("l3_voltage", json!(231.0)),
+        ("ac_power", json!(8470.0)),
+        ("frequency", json!(50.02)),
+        ("apparent_power", json!(8500.0)),
+        ("reactive_power", json!(-120.0)),
+        ("power_factor", json!(99.6)),
+        ("energy", json!(1_234_567_890.0)),
+        ("dc_current", json!(20.5)),
+        ("dc_voltage", json!(450.0)),
+        ("dc_power", json!(9225.0)),
+        ("efficiency", json!(100.0 * 8470.0 / 9225.0)),
+        ("heatsink_temperature", json!(45.3)),
+        ("status", json!(4)),
+        ("producing", json!(true)),
+        ("fault", json!(false)),
+    ] {
+        assert_eq!(v(point), want, "{point}");
+    }
+    // The raw registers and scale factors are read, not published.
+    let topics: std::collections::BTreeSet<String> = sub
+        .all()
+        .iter()
+        .filter(|r| r.seq().is_some())
+        .map(|r| r.topic.clone())
+        .collect();
+    for raw in ["a", "a_sf", "w", "w_sf", "wh", "tmp_sink"] {
+        assert!(
+            !topics.contains(&format!("fieldgate/gw1/inverter/{raw}")),
+            "{raw} published: {topics:?}"
+        );
+    }
+    assert_eq!(
+        topics.len(),
+        21,
+        "20 computed points and the status: {topics:?}"
+    );
+}

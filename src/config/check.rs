@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use super::Config;
 use super::diagnostic::ConfigErrors;
-use super::points::Defaults;
 use super::resolver::Resolver;
 use crate::mapping::Point;
 
@@ -17,6 +16,8 @@ pub struct ModelSummary {
     pub name: String,
     pub description: Option<String>,
     pub points: Vec<Point>,
+    /// Computed points: (point index, expression).
+    pub computed: Vec<(usize, String)>,
     pub line: bool,
 }
 
@@ -34,21 +35,27 @@ impl ModelSummary {
         if let Some(d) = &self.description {
             let _ = writeln!(s, "{}", d.trim());
         }
-        for p in &self.points {
-            let what = match &p.field {
-                Some(f) => format!("field {f}"),
-                None => format!("{} {}", p.source.table.name(), p.source.address),
+        for (i, p) in self.points.iter().enumerate() {
+            let what = match (&p.field, self.computed.iter().find(|(j, _)| *j == i)) {
+                (_, Some((_, expr))) => format!("= {expr}"),
+                (Some(f), _) => format!("field {f}"),
+                (None, _) => format!("{} {}", p.source.table.name(), p.source.address),
             };
             let _ = writeln!(
                 s,
-                "  {:<24} {:<28} {:?}{}",
+                "  {:<24} {:<28} {:?}{}{}",
                 p.name,
                 what,
                 p.dtype,
                 p.unit
                     .as_deref()
                     .map(|u| format!(" [{u}]"))
-                    .unwrap_or_default()
+                    .unwrap_or_default(),
+                if p.internal {
+                    " (internal: not published)"
+                } else {
+                    ""
+                }
             );
         }
         s
@@ -77,11 +84,12 @@ pub fn check_model(path: &Path) -> Result<ModelSummary, ConfigErrors> {
             name,
             description,
             line: m.parser.is_some(),
-            points: m
-                .points
-                .into_iter()
-                .map(|s| s.into_point(String::new(), &Defaults::plain()))
+            computed: m
+                .computed
+                .iter()
+                .map(|c| (c.point, c.expr.source.clone()))
                 .collect(),
+            points: m.resolved,
         }),
         _ => Err(ConfigErrors(r.errors)),
     }

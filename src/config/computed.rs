@@ -27,22 +27,6 @@ pub(super) struct Unbound {
     pub(super) dtype_given: bool,
 }
 
-/// Checks that every name in the expressions is a point of `names` (a model on its own).
-pub(super) fn check_names(
-    ctx: &Ctx,
-    errors: &mut Vec<Diagnostic>,
-    names: &[String],
-    exprs: &[(String, String, &Expr)],
-) {
-    for (point, path, expr) in exprs {
-        for (name, col) in expr.names() {
-            if let Some(msg) = unknown(point, name, col, names) {
-                errors.push(ctx.diag(path, msg));
-            }
-        }
-    }
-}
-
 fn unknown(point: &str, name: &str, col: usize, names: &[String]) -> Option<String> {
     if name == point {
         return Some(format!(

@@ -15,7 +15,6 @@ use super::raw::*;
 use super::resolver::{DeviceEnv, ModelDef, Resolver};
 use super::{Device, LineSpec, PollGroup};
 use crate::bus::{Bus, Transport};
-use crate::compute::Expr;
 use crate::mapping::Delivery;
 use crate::plan::plan;
 use crate::topics::render_topic;
@@ -532,15 +531,36 @@ impl Resolver<'_> {
                         specs.push(s);
                     }
                 }
-                let names: Vec<String> = raw.points.keys().cloned().collect();
-                let exprs: Vec<(String, String, &Expr)> = specs
-                    .iter()
-                    .filter_map(|s| {
-                        let e = s.expr.as_ref()?;
-                        Some((s.name.clone(), format!("points.{}.expr", s.name), e))
-                    })
-                    .collect();
-                computed::check_names(&mctx, &mut self.errors, &names, &exprs);
+                // The computed points of the model, bound on their own: names, kinds, cycles
+                // and intervals are the model's errors, at its lines.
+                let mut points = Vec::new();
+                let mut computed = Vec::new();
+                if self.errors.len() == before {
+                    let mut unbound = Vec::new();
+                    for s in &specs {
+                        let mut s = s.clone();
+                        if let Some(expr) = s.expr.take() {
+                            unbound.push(Unbound {
+                                point: points.len(),
+                                path: format!("points.{}.expr", s.name),
+                                expr,
+                                from_model: false,
+                                dtype_given: s.dtype_given,
+                            });
+                        }
+                        points.push(s.into_point(String::new(), &Defaults::plain()));
+                    }
+                    for u in &unbound {
+                        points[u.point].computed = true;
+                    }
+                    computed = computed::bind(
+                        &mctx,
+                        &mut self.errors,
+                        &mut points,
+                        unbound,
+                        raw.parse.is_none(),
+                    );
+                }
                 let parser = raw
                     .parse
                     .as_ref()
@@ -548,6 +568,8 @@ impl Resolver<'_> {
                 (self.errors.len() == before).then_some((
                     ModelDef {
                         points: specs,
+                        resolved: points,
+                        computed,
                         parser,
                         request: raw.request.clone(),
                     },

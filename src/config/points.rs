@@ -41,6 +41,7 @@ pub(super) struct PointSpec {
     pub(super) on_change: Option<bool>,
     pub(super) deadband: Option<Deadband>,
     pub(super) heartbeat: Option<Duration>,
+    pub(super) internal: bool,
 }
 
 /// What a point takes from its device unless it says otherwise.
@@ -96,6 +97,7 @@ impl PointSpec {
             on_change: r.on_change,
             deadband: None,
             heartbeat: r.heartbeat,
+            internal: r.internal.unwrap_or(false),
         }
     }
 
@@ -130,6 +132,7 @@ impl PointSpec {
                 heartbeat: self.heartbeat.or(defaults.heartbeat),
             },
             computed: self.expr.is_some(),
+            internal: self.internal,
         }
     }
 }
@@ -170,6 +173,22 @@ pub(super) fn validate_point(
     });
     if let Some(msg) = r.heartbeat.and_then(heartbeat_error) {
         err("heartbeat", msg);
+    }
+    if r.internal == Some(true) {
+        not_applicable(
+            &mut err,
+            &[
+                ("writable", r.writable == Some(true)),
+                ("topic", r.topic.is_some()),
+                ("payload", r.payload.is_some()),
+                ("qos", r.qos.is_some()),
+                ("retain", r.retain.is_some()),
+                ("on_change", r.on_change.is_some()),
+                ("deadband", r.deadband.is_some()),
+                ("heartbeat", r.heartbeat.is_some()),
+            ],
+            "an internal point (read for computed points, never published)",
+        );
     }
 
     if let Some(text) = &r.expr {

@@ -266,6 +266,8 @@ pub struct RawPoint {
     pub max: Option<f64>,
     /// A computed point: an expression over other points of the device.
     pub expr: Option<String>,
+    /// Read (for computed points) but never published: a scale factor register, a raw word.
+    pub internal: Option<bool>,
     /// Report by exception (overrides the device's `on_change`).
     pub on_change: Option<bool>,
     pub deadband: Option<RawDeadband>,

@@ -104,6 +104,21 @@ impl Resolver<'_> {
             }
         }
         self.check_topics_unique(ctx, &devices);
+        // Home Assistant reads each entity from every device message: one that carries only
+        // the changed points leaves the others' templates without a value.
+        if raw.homeassistant.as_ref().is_some_and(|h| h.discovery) {
+            for d in &devices {
+                if d.publish == PublishMode::Device
+                    && !d.whole_device_on_change
+                    && d.points.iter().any(|p| p.reporting.on_change)
+                {
+                    self.warnings.push(ctx.diag(
+                        &format!("devices.{}.on_change", d.name),
+                        "with `publish: device` and Home Assistant discovery, use `on_change: device`: a message with only the changed points leaves the other entities without a value",
+                    ));
+                }
+            }
+        }
         // A streaming device owns its line: nothing else may share the port.
         for bus in &buses {
             let on_bus: Vec<&Device> = devices

@@ -34,6 +34,9 @@ pub(super) struct DeviceEnv<'a> {
 #[derive(Debug, Clone)]
 pub(super) struct ModelDef {
     pub(super) points: Vec<PointSpec>,
+    /// The points as the model alone resolves them (computed points bound), for `check`.
+    pub(super) resolved: Vec<crate::mapping::Point>,
+    pub(super) computed: Vec<super::Computed>,
     pub(super) parser: Option<crate::parse::Parser>,
     pub(super) request: Option<String>,
 }

@@ -163,6 +163,8 @@ pub struct Point {
     /// Computed from other points of its device (`expr:`); the expression itself is kept by
     /// the device (`config::Device::computed`).
     pub computed: bool,
+    /// Read for computed points but never published (`internal: true`).
+    pub internal: bool,
 }
 
 /// When a point's readings are published: at every poll, or by exception (`on_change`).
@@ -210,6 +212,7 @@ impl Point {
             max: None,
             reporting: Reporting::default(),
             computed: false,
+            internal: false,
         }
     }
 

@@ -199,6 +199,7 @@ impl DeviceHealth {
         ts_ms: i64,
         mut values: Vec<(usize, Value)>,
     ) {
+        values.retain(|(i, _)| !device.points[*i].internal);
         let read = values.len();
         self.published.retain(
             &device.points,
