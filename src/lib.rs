@@ -13,6 +13,8 @@
 //! poll/line.rs   ──► bus/serial_line.rs, parse.rs      lines and their fields
 //!        │
 //!        ├──► mapping/          decoded into typed values (pure)
+//!        ├──► compute           computed points (`expr:`) added (pure)
+//!        ├──► change            unchanged values left out: report by exception (pure)
 //!        └──► poll::messages    values → message::Message (topic, QoS, ts, body)
 //!                 │
 //!                 ▼

@@ -441,6 +441,9 @@ fn queue_stats_command_reads_a_queue_in_use() {
     prefill(dir.path(), 10);
     let mut s = Store::open_with(dir.path(), Limits::default()).unwrap(); // held open, as by a gateway
     s.ack(&[1, 2, 3]).unwrap();
+    // Another process sees the deletes once committed: with the next poll's append, or within
+    // ACKS_DURABLE_WITHIN when none comes (the store thread's sync).
+    s.sync_acks().unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_fieldgate"))
         .args(["queue", "stats", "--json", "--state-dir"])
         .arg(dir.path())

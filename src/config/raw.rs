@@ -56,6 +56,10 @@ pub struct RawQueue {
     pub when_full: Option<WhenFull>,
     /// Most messages per second the uplink takes from the queue (0: no limit).
     pub replay_rate: Option<f64>,
+    /// Commit readings together at most this often (default 0: each poll at once). Fewer
+    /// SD-card writes; a power cut loses up to this much.
+    #[serde(default, with = "humantime_serde")]
+    pub commit_interval: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -198,12 +198,20 @@ impl Resolver<'_> {
             Some(r) if r > 0.0 => Some(r),
             _ => None,
         };
+        let commit_interval = q.commit_interval.unwrap_or(d.commit_interval);
+        if commit_interval > Duration::from_secs(60) {
+            self.errors.push(ctx.diag(
+                "queue.commit_interval",
+                "at most 60s: readings wait in memory this long, and a power cut loses them",
+            ));
+        }
         Queue {
             limits: Limits {
                 max_messages,
                 max_bytes,
                 max_age: q.max_age.unwrap_or(d.max_age),
                 when_full: q.when_full.unwrap_or(d.when_full),
+                commit_interval,
             },
             replay_rate,
         }

@@ -40,14 +40,20 @@
 //! in batches (the uplink flushes them every 100 ms). A crash can therefore re-send at most the
 //! acknowledged-but-not-yet-deleted rows plus the in-flight window, with their original `seq`.
 //!
-//! Acknowledgement deletes are committed at `synchronous = NORMAL`: written to the WAL, not
-//! fsynced on their own. A lost delete costs a duplicate (the row is sent again with its `seq`),
-//! never a reading, so they ride on the next durable commit — the next reading's append, whose
-//! fsync covers the whole WAL up to it — or, when no reading comes, on a small durable commit the
+//! Acknowledgement deletes write nothing when they arrive: [`Store::ack`] takes the rows out of
+//! `peek` and the depth at once and keeps their seqs, and the next commit deletes them in its
+//! own transaction — the next reading's append, or, when no reading comes, a small commit the
 //! store thread makes within [`ACKS_DURABLE_WITHIN`] (2 s: longer than the usual 1 s poll
-//! interval, so with readings flowing no extra fsync is ever made). Bound: a power cut re-sends
-//! at most the rows acknowledged in the last two seconds (a `kill -9` none: the WAL is in the
-//! page cache).
+//! interval, so with readings flowing no extra commit is made). One commit per poll instead of
+//! two, and the pages the inserts and the deletes share are written once (SD-card wear, see
+//! `examples/bench_report.rs`). A lost delete costs a duplicate (the row is sent again with its
+//! `seq`), never a reading. Bound: a crash, `kill -9` or power cut re-sends at most the rows
+//! acknowledged since the last commit (≤ 2 s, or `commit_interval`).
+//!
+//! New files use 1 KiB pages ([`PAGE_SIZE`]): a commit writes every page it touched, and a
+//! poll's rows are a few hundred bytes. `commit_interval` (off by default) lets readings wait in
+//! memory and commits them together: fewer writes, at the price of losing what waited on a
+//! power cut; see the configuration reference.
 //!
 //! Group commit: when a batch arrives, the store thread gathers what else arrives within
 //! [`GATHER`] before committing, so buses polled on the same tick share one fsync.
@@ -75,6 +81,7 @@
 //! through a [`StoreHandle`]. Enqueueing never waits for the disk. Other processes (`fieldgate
 //! queue stats`) may read the file at any time ([`Store::open_read_only`]).
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -155,6 +162,10 @@ pub struct Limits {
     pub max_bytes: u64,
     pub max_age: Duration,
     pub when_full: WhenFull,
+    /// Readings wait in memory up to this long and are committed together (`queue.commit_interval`,
+    /// default 0: committed at once). Fewer SD-card writes, but a power cut or a crash loses
+    /// what waited, and readings are published that much later. Never the default.
+    pub commit_interval: Duration,
 }
 
 impl Default for Limits {
@@ -164,6 +175,7 @@ impl Default for Limits {
             max_bytes: 1 << 30,
             max_age: Duration::from_secs(30 * 24 * 3600),
             when_full: WhenFull::DropOldest,
+            commit_interval: Duration::ZERO,
         }
     }
 }
@@ -225,9 +237,13 @@ pub struct Store {
     pub in_flight_upto: u64,
     /// Durable commits since open (see [`Stats::commits`]).
     commits: u64,
-    /// Rows deleted on acknowledgement since the last durable commit (see `## Durability`).
-    undurable_acks: u64,
+    /// Acknowledged rows, deleted by the next commit (see `## Durability`); gone from `peek`
+    /// and the depth already.
+    pending_acks: HashSet<u64>,
 }
+
+/// Page size of a new queue file, in bytes.
+pub const PAGE_SIZE: i64 = 1024;
 
 /// How long the store thread waits for more readings before a commit (group commit).
 pub const GATHER: Duration = Duration::from_millis(3);
@@ -299,6 +315,11 @@ impl Store {
         )
         .map_err(wrap)?;
         conn.busy_timeout(Duration::from_secs(5)).map_err(wrap)?;
+        // A new file gets small pages: a commit writes every page it touched to the WAL, and
+        // a poll's few hundred bytes of rows touch a handful of pages (SD-card wear, see
+        // bench_report). No effect on an existing file.
+        conn.pragma_update(None, "page_size", PAGE_SIZE)
+            .map_err(wrap)?;
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(wrap)?;
         conn.pragma_update(None, "synchronous", "FULL")
@@ -371,12 +392,13 @@ impl Store {
             clock: None,
             in_flight_upto: 0,
             commits: 0,
-            undurable_acks: 0,
+            pending_acks: HashSet::new(),
         })
     }
 
     /// Marks a clean shutdown, so the next open skips the integrity check.
-    pub fn close(self) -> Result<(), StoreError> {
+    pub fn close(mut self) -> Result<(), StoreError> {
+        self.sync_acks()?;
         meta_set(&self.conn, "clean_shutdown", 1)?;
         let _ = self.conn.pragma_update(None, "wal_checkpoint", "TRUNCATE");
         Ok(())
@@ -405,6 +427,7 @@ impl Store {
         let limits = self.limits;
         let page_size = self.page_size;
         let tx = self.conn.transaction()?;
+        delete_pending(&tx, &self.pending_acks)?;
         let mut out = Appended::default();
         let mut depth = self.depth;
         {
@@ -471,7 +494,11 @@ impl Store {
         let mut stmt = self.conn.prepare_cached(
             "SELECT seq, ts_ms, topic, qos, retain, body FROM queue WHERE seq > ?1 ORDER BY seq LIMIT ?2",
         )?;
-        let rows = stmt.query_map(params![after as i64, limit as i64], |r| {
+        // Acknowledged rows whose delete waits for the next commit are gone already.
+        let fetch = limit
+            .saturating_add(self.pending_acks.len())
+            .min(i64::MAX as usize);
+        let rows = stmt.query_map(params![after as i64, fetch as i64], |r| {
             Ok((
                 r.get::<_, i64>(0)?,
                 r.get::<_, i64>(1)?,
@@ -484,6 +511,9 @@ impl Store {
         let mut out = Vec::new();
         for row in rows {
             let (seq, ts_ms, topic, qos, retain, body) = row?;
+            if self.pending_acks.contains(&(seq as u64)) {
+                continue;
+            }
             let body: Body = match serde_json::from_str(&body) {
                 Ok(b) => b,
                 Err(e) => {
@@ -505,61 +535,52 @@ impl Store {
                 },
             });
         }
+        out.truncate(limit);
         Ok(out)
     }
 
-    /// Deletes acknowledged rows in one transaction; returns how many were deleted (a row a
-    /// bound already dropped is not counted twice).
+    /// Takes acknowledged rows out of the queue; returns how many were in it (a row a bound
+    /// already dropped is not counted twice). Nothing is written now: the rows are gone from
+    /// `peek` and the depth at once, and deleted by the next commit — a reading's append, or
+    /// [`sync_acks`](Store::sync_acks) when none comes (see `## Durability`).
     pub fn ack(&mut self, seqs: &[u64]) -> Result<u64, StoreError> {
-        if seqs.is_empty() {
-            return Ok(0);
+        let mut n = 0u64;
+        let mut exists = self
+            .conn
+            .prepare_cached("SELECT 1 FROM queue WHERE seq = ?1")?;
+        for s in seqs {
+            if !self.pending_acks.contains(s) && exists.exists(params![*s as i64])? {
+                self.pending_acks.insert(*s);
+                n += 1;
+            }
         }
-        // Not fsynced on its own: see `## Durability` for why and the bound.
-        self.conn.pragma_update(None, "synchronous", "NORMAL")?;
-        let deleted = self.delete_acked(seqs);
-        self.conn.pragma_update(None, "synchronous", "FULL")?;
-        let n = deleted?;
-        self.undurable_acks += n;
         self.depth -= n.min(self.depth);
         Ok(n)
     }
 
-    fn delete_acked(&mut self, seqs: &[u64]) -> Result<u64, StoreError> {
-        let tx = self.conn.transaction()?;
-        let mut n = 0u64;
-        {
-            let mut stmt = tx.prepare_cached("DELETE FROM queue WHERE seq = ?1")?;
-            for s in seqs {
-                n += stmt.execute(params![*s as i64])? as u64;
-            }
-        }
-        meta_add(&tx, "acked_total", n)?;
-        tx.commit()?;
-        Ok(n)
-    }
-
-    /// Rows deleted on acknowledgement whose deletes are not yet durable.
+    /// Acknowledged rows whose delete is not yet committed.
     pub fn undurable_acks(&self) -> u64 {
-        self.undurable_acks
+        self.pending_acks.len() as u64
     }
 
-    /// Makes the acknowledgement deletes durable with one small commit at `synchronous = FULL`
-    /// (its fsync covers the WAL written before it).
+    /// Commits the acknowledgement deletes on their own (a small commit at `synchronous =
+    /// FULL`), when no reading's append has carried them.
     pub fn sync_acks(&mut self) -> Result<(), StoreError> {
-        if self.undurable_acks == 0 {
+        if self.pending_acks.is_empty() {
             return Ok(());
         }
         let tx = self.conn.transaction()?;
-        meta_set(&tx, "acks_synced_ms", now_ms())?;
+        delete_pending(&tx, &self.pending_acks)?;
         tx.commit()?;
         self.durable();
         Ok(())
     }
 
-    /// A commit at `synchronous = FULL` returned: everything before it is on disk.
+    /// A commit at `synchronous = FULL` returned: everything before it is on disk, the
+    /// acknowledgement deletes it carried included.
     fn durable(&mut self) {
         self.commits += 1;
-        self.undurable_acks = 0;
+        self.pending_acks.clear();
     }
 
     /// Moves rows that can never be published to the `aside` table, in one transaction;
@@ -578,6 +599,7 @@ impl Store {
             }
         }
         meta_add(&tx, "set_aside", n)?;
+        delete_pending(&tx, &self.pending_acks)?;
         tx.commit()?;
         self.durable();
         self.depth -= n.min(self.depth);
@@ -592,6 +614,7 @@ impl Store {
             return Ok(0);
         };
         let tx = self.conn.transaction()?;
+        delete_pending(&tx, &self.pending_acks)?;
         let n = tx.execute("DELETE FROM queue WHERE seq <= ?1", params![upto as i64])? as u64;
         meta_add(&tx, "dropped_expired", n)?;
         tx.commit()?;
@@ -619,7 +642,8 @@ impl Store {
             self.depth
         };
         let pages: i64 = c.query_row("PRAGMA page_count", [], |r| r.get(0))?;
-        let acked = meta_get(c, "acked_total")? as u64;
+        // Acknowledged is acknowledged, whether its delete is committed yet or not.
+        let acked = meta_get(c, "acked_total")? as u64 + self.pending_acks.len() as u64;
         Ok(Stats {
             depth,
             oldest_ts_ms: oldest,
@@ -674,10 +698,21 @@ impl Store {
         let aside = move_aside(&self.path)?;
         tracing::error!(file = %self.path.display(), moved_to = %aside.display(), rows_in_old_file = lost,
             "QUEUE FILE BECAME CORRUPT: moved aside, starting a new queue; readings in the old file are not published");
+        self.pending_acks.clear();
         let mut fresh = Store::open_file(&self.path, self.limits)?;
         fresh.raise_seq(floor.max(now_ms() as u64))?;
         *self = fresh;
         Ok(lost)
+    }
+}
+
+/// A store dropped without [`Store::close`] still commits the acknowledgement deletes it
+/// holds (a crash does not, and re-sends those rows: see `## Durability`).
+impl Drop for Store {
+    fn drop(&mut self) {
+        if let Err(e) = self.sync_acks() {
+            tracing::debug!(error = %e, "queue: acknowledgement deletes not committed at drop");
+        }
     }
 }
 
@@ -715,6 +750,19 @@ fn delete_oldest(c: &Connection, n: u64, spare: u64, newest_old: u64) -> rusqlit
             "DELETE FROM queue WHERE seq IN (SELECT seq FROM queue ORDER BY seq LIMIT ?1)",
             params![(n - beyond) as i64],
         )? as u64)
+}
+
+/// Deletes the acknowledged rows `pending` inside the transaction on `c` and counts them.
+fn delete_pending(c: &Connection, pending: &HashSet<u64>) -> rusqlite::Result<()> {
+    if pending.is_empty() {
+        return Ok(());
+    }
+    let mut n = 0u64;
+    let mut stmt = c.prepare_cached("DELETE FROM queue WHERE seq = ?1")?;
+    for s in pending {
+        n += stmt.execute(params![*s as i64])? as u64;
+    }
+    meta_add(c, "acked_total", n)
 }
 
 fn meta_get(c: &Connection, key: &str) -> rusqlite::Result<i64> {

@@ -486,3 +486,95 @@ async fn idle_acknowledgement_deletes_are_made_durable_within_the_bound() {
     drop(h);
     join.join().unwrap();
 }
+
+/// #12: an acknowledgement writes nothing on its own; the next commit (a reading's append)
+/// deletes the rows in the same transaction, so a poll cycle costs one commit, not two.
+#[test]
+fn acknowledged_rows_are_deleted_by_the_next_append_in_one_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Store::open(dir.path()).unwrap();
+    s.append(&msgs(1..=4)).unwrap();
+    let commits = s.stats().unwrap().commits;
+    assert_eq!(s.ack(&[1, 2]).unwrap(), 2);
+    assert_eq!(
+        s.ack(&[2, 99]).unwrap(),
+        0,
+        "twice or unknown: not counted again"
+    );
+    assert_eq!(seqs(&s), vec![3, 4], "gone from peek at once");
+    assert_eq!(
+        s.peek(0, 1).unwrap()[0].seq,
+        3,
+        "the limit counts what is left"
+    );
+    let st = s.stats().unwrap();
+    assert_eq!((st.depth, st.acked_total, st.commits), (2, 2, commits));
+    let rows: i64 = s
+        .conn
+        .query_row("SELECT count(*) FROM queue", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(rows, 4, "not deleted yet");
+    s.append(&msgs(5..=5)).unwrap();
+    assert_eq!(
+        s.stats().unwrap().commits,
+        commits + 1,
+        "one commit for both"
+    );
+    let rows: i64 = s
+        .conn
+        .query_row("SELECT count(*) FROM queue", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(rows, 3);
+    assert_eq!(s.stats().unwrap().acked_total, 2);
+}
+
+/// The bound of deferring the deletes: a crash before the next commit re-sends the rows
+/// acknowledged since the last one — duplicates with their seq, never a lost reading.
+#[test]
+fn a_crash_before_the_next_commit_re_sends_the_acknowledged_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Store::open(dir.path()).unwrap();
+    s.append(&msgs(1..=3)).unwrap();
+    s.ack(&[1, 2]).unwrap();
+    std::mem::forget(s); // a crash: no close, no drop
+    let s = Store::open(dir.path()).unwrap();
+    assert_eq!(seqs(&s), vec![1, 2, 3]);
+}
+
+/// `queue.commit_interval`: readings wait in memory and are committed together, once per
+/// interval; what waits at shutdown is committed, not dropped.
+#[tokio::test]
+async fn with_a_commit_interval_readings_are_committed_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = Limits {
+        commit_interval: Duration::from_millis(800),
+        ..Limits::default()
+    };
+    let (h, join) = spawn(Store::open_with(dir.path(), limits).unwrap()).unwrap();
+    let before = h.stats().await.unwrap().commits;
+    let t = std::time::Instant::now();
+    let committed = h.committed();
+    for i in 0..4 {
+        h.enqueue(msgs(i * 3 + 1..=i * 3 + 3)).unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(*committed.borrow(), 0, "not committed before the interval");
+    }
+    let mut c = h.committed();
+    c.wait_for(|s| *s >= 12).await.unwrap();
+    let waited = t.elapsed();
+    assert!(
+        waited >= Duration::from_millis(750) && waited < Duration::from_millis(2000),
+        "{waited:?}"
+    );
+    assert_eq!(
+        h.stats().await.unwrap().commits,
+        before + 1,
+        "one commit for four polls"
+    );
+    // What waits at shutdown is committed.
+    h.enqueue(msgs(13..=14)).unwrap();
+    drop(h);
+    join.join().unwrap();
+    let s = Store::open(dir.path()).unwrap();
+    assert_eq!(seqs(&s), (1..=14).collect::<Vec<_>>());
+}

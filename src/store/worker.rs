@@ -139,6 +139,8 @@ struct Worker {
     repairs: Vec<std::time::Instant>,
     /// Since when acknowledgement deletes wait to be made durable.
     acks_since: Option<std::time::Instant>,
+    /// When the oldest reading not yet committed arrived (`commit_interval`).
+    unsaved_since: Option<std::time::Instant>,
 }
 
 /// Most corrupt-file replacements an hour.
@@ -166,6 +168,7 @@ impl Worker {
             last_expiry: std::time::Instant::now(),
             repairs: Vec::new(),
             acks_since: None,
+            unsaved_since: None,
         }
     }
 
@@ -178,11 +181,16 @@ impl Worker {
             }
             // Wake at least once a second for retries and expiry; sooner while acknowledgement
             // deletes wait to be made durable.
-            let wait = if self.store.undurable_acks() > 0 {
+            let mut wait = if self.store.undurable_acks() > 0 {
                 Duration::from_millis(200)
             } else {
                 Duration::from_secs(1)
             };
+            let interval = self.store.limits().commit_interval;
+            if let Some(since) = self.unsaved_since {
+                wait = wait
+                    .min((since + interval).saturating_duration_since(std::time::Instant::now()));
+            }
             let first = match rx.recv_timeout(wait) {
                 Ok(c) => Some(c),
                 Err(mpsc::RecvTimeoutError::Timeout) => None,
@@ -194,8 +202,10 @@ impl Worker {
             // Group commit: readings from buses polled on the same tick arrive within
             // moments of each other; gathering them costs one fsync instead of one each.
             let mut cmds: Vec<Cmd> = first.into_iter().collect();
-            let gather_until = matches!(cmds.first(), Some(Cmd::Enqueue(_)))
-                .then(|| std::time::Instant::now() + GATHER);
+            // (With a commit interval, readings gather for that long anyway.)
+            let gather_until = (interval.is_zero()
+                && matches!(cmds.first(), Some(Cmd::Enqueue(_))))
+            .then(|| std::time::Instant::now() + GATHER);
             loop {
                 let next = match gather_until {
                     Some(until) => rx
@@ -216,7 +226,21 @@ impl Worker {
                     q => queries.push(q),
                 }
             }
-            self.save();
+            if self.unsaved.is_empty() {
+                self.unsaved_since = None;
+            } else {
+                let since = *self
+                    .unsaved_since
+                    .get_or_insert_with(std::time::Instant::now);
+                // Due: at once without an interval, when it has passed, at shutdown, and while
+                // failing (retried every wake-up).
+                if interval.is_zero() || since.elapsed() >= interval || !open || self.failing {
+                    self.save();
+                    if self.unsaved.is_empty() {
+                        self.unsaved_since = None;
+                    }
+                }
+            }
             self.delete_acked();
             self.sync_acks();
             if self.last_expiry.elapsed() >= Duration::from_secs(60) {
@@ -363,7 +387,9 @@ impl Worker {
             return;
         }
         let since = *self.acks_since.get_or_insert_with(std::time::Instant::now);
-        if since.elapsed() >= ACKS_DURABLE_WITHIN.saturating_sub(Duration::from_millis(250)) {
+        // With a commit interval the deletes ride on its commits too.
+        let within = ACKS_DURABLE_WITHIN.max(self.store.limits().commit_interval);
+        if since.elapsed() >= within.saturating_sub(Duration::from_millis(250)) {
             match self.retried(|s| s.sync_acks()) {
                 Ok(()) => self.acks_since = None,
                 Err(e) => {
