@@ -72,3 +72,31 @@ fn mqtt_urls() {
         "no credentials in URLs"
     );
 }
+
+#[test]
+fn report_by_exception_settles_per_point_and_warns_where_home_assistant_would_miss_values() {
+    let yaml = "homeassistant: { discovery: true }\nmqtt: { url: mqtt://127.0.0.1 }\nbuses: { plc: { modbus_tcp: { host: 127.0.0.1 } } }\ndevices:\n  d:\n    bus: plc\n    publish: device\n    on_change: true\n    deadband: 2\n    heartbeat: 10m\n    points:\n      t: { register: 0, deadband: \"1%\" }\n      flag: { coil: 0 }\n      raw: { register: 1, on_change: false }\n";
+    let c = Config::from_text(Path::new("c.yaml"), yaml).unwrap();
+    let d = &c.devices[0];
+    let r = |n: &str| d.points.iter().find(|p| p.name == n).unwrap().reporting;
+    use crate::mapping::Deadband;
+    assert!(r("t").on_change);
+    assert_eq!(
+        r("t").deadband,
+        Some(Deadband::Percent(1.0)),
+        "the point's own"
+    );
+    assert_eq!(r("flag").deadband, None, "a bool takes no deadband");
+    assert_eq!(r("flag").heartbeat, Some(Duration::from_secs(600)));
+    assert!(!r("raw").on_change, "turned off for one point");
+    assert!(!d.whole_device_on_change);
+    assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
+    assert!(c.warnings[0].message.contains("on_change: device"));
+    let whole = Config::from_text(
+        Path::new("c.yaml"),
+        &yaml.replace("on_change: true", "on_change: device"),
+    )
+    .unwrap();
+    assert!(whole.devices[0].whole_device_on_change);
+    assert!(whole.warnings.is_empty());
+}

@@ -251,3 +251,37 @@ impl DeviceHealth {
         Backoff::DEVICE.after(self.failures.saturating_sub(1))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    /// A serial line device (fields of a text line) with a computed point.
+    fn line_device() -> Device {
+        let yaml = "mqtt: { url: mqtt://127.0.0.1 }\nbuses:\n  port: { serial_line: { port: /dev/null } }\ndevices:\n  scale:\n    bus: port\n    parse: { split: \",\" }\n    points:\n      gross: { field: 0, type: f64 }\n      tare: { field: 1, type: f64 }\n      net: { expr: \"gross - tare\", unit: kg }\n";
+        let c = Config::from_text(std::path::Path::new("c.yaml"), yaml).unwrap();
+        c.devices[0].clone()
+    }
+
+    fn index(d: &Device, name: &str) -> usize {
+        d.points.iter().position(|p| p.name == name).unwrap()
+    }
+
+    #[test]
+    fn computed_points_come_from_the_values_of_the_same_poll() {
+        let d = line_device();
+        let (gross, tare, net) = (index(&d, "gross"), index(&d, "tare"), index(&d, "net"));
+        let mut values = vec![(gross, Value::Float(12.5)), (tare, Value::Float(0.5))];
+        compute(&d, &mut values);
+        assert_eq!(values.last(), Some(&(net, Value::Float(12.0))));
+        // An input missing from this line: null, not the value of another line.
+        let mut values = vec![(gross, Value::Float(13.0))];
+        compute(&d, &mut values);
+        assert_eq!(values.last(), Some(&(net, Value::Null)));
+        // None of its inputs read: not computed at all.
+        let mut values = vec![];
+        compute(&d, &mut values);
+        assert!(values.is_empty());
+    }
+}
