@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use super::devices::closest;
+use super::diagnostic::closest;
 use super::diagnostic::{Ctx, Diagnostic};
 use crate::compute::{Expr, Kind};
 use crate::mapping::{DataType, Point};

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::computed::{self, Unbound};
-use super::diagnostic::{Ctx, Diagnostic, parse};
+use super::diagnostic::{Ctx, Diagnostic, closest, parse};
 use super::points::{
     Defaults, PointSpec, check_qos, check_template, check_topic_segment, heartbeat_error,
     parse_deadband, validate_point,
@@ -602,55 +602,4 @@ fn available_models(folders: &[PathBuf]) -> Vec<String> {
     names.sort();
     names.dedup();
     names
-}
-
-/// The known name a mistyped one most likely meant: one that contains it or is contained in it
-/// (`sdm120` → `eastron-sdm120`), else the nearest by edit distance, if near.
-pub(super) fn closest<'a>(wanted: &str, known: &'a [String]) -> Option<&'a str> {
-    let w = wanted.to_lowercase();
-    if let Some(k) = known
-        .iter()
-        .find(|k| k.to_lowercase().contains(&w) || w.contains(&k.to_lowercase()))
-    {
-        return Some(k);
-    }
-    known
-        .iter()
-        .map(|k| (edit_distance(&w, &k.to_lowercase()), k))
-        .filter(|(d, k)| *d <= 2.max(k.len() / 4))
-        .min_by_key(|(d, _)| *d)
-        .map(|(_, k)| k.as_str())
-}
-
-/// Levenshtein distance between two short names.
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut row: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut prev = row[0];
-        row[0] = i + 1;
-        for (j, cb) in b.iter().enumerate() {
-            let cur = row[j + 1];
-            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
-            prev = cur;
-        }
-    }
-    row[b.len()]
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_short_or_mistyped_model_name_finds_the_shipped_one() {
-        let known: Vec<String> = ["abb-b23", "eastron-sdm120", "eastron-sdm630", "xy-md02"]
-            .map(String::from)
-            .to_vec();
-        assert_eq!(closest("sdm120", &known), Some("eastron-sdm120"));
-        assert_eq!(closest("eastron-sdm12O", &known), Some("eastron-sdm120"));
-        assert_eq!(closest("xymd02", &known), Some("xy-md02"));
-        assert_eq!(closest("growatt", &known), None);
-        assert_eq!(edit_distance("kitten", "sitting"), 3);
-    }
 }

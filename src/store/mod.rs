@@ -91,9 +91,11 @@ use serde::Serialize;
 use crate::message::{Body, Message, Stored, now_ms};
 
 mod ages;
+mod sql;
 mod worker;
 
 use ages::Ages;
+use sql::*;
 pub use worker::{StoreHandle, spawn};
 
 /// Most messages held in memory while the disk refuses writes.
@@ -714,121 +716,6 @@ impl Drop for Store {
             tracing::debug!(error = %e, "queue: acknowledgement deletes not committed at drop");
         }
     }
-}
-
-fn read_last_seq(c: &Connection) -> rusqlite::Result<u64> {
-    let seq: Option<i64> = c
-        .query_row(
-            "SELECT seq FROM sqlite_sequence WHERE name = 'queue'",
-            [],
-            |r| r.get(0),
-        )
-        .optional()?;
-    Ok(seq.unwrap_or(0) as u64)
-}
-
-fn used_bytes(c: &Connection, page_size: u64) -> rusqlite::Result<u64> {
-    let pages: i64 = c.query_row("PRAGMA page_count", [], |r| r.get(0))?;
-    let free: i64 = c.query_row("PRAGMA freelist_count", [], |r| r.get(0))?;
-    Ok((pages - free).max(0) as u64 * page_size)
-}
-
-/// Deletes the `n` oldest rows, sparing those up to `spare` (in flight at the uplink: they are
-/// probably delivered already, and dropping them would count a delivered reading as dropped)
-/// unless nothing older than the batch being added (`seq <= newest_old`) is left; returns how
-/// many were deleted.
-fn delete_oldest(c: &Connection, n: u64, spare: u64, newest_old: u64) -> rusqlite::Result<u64> {
-    let beyond = c.execute(
-        "DELETE FROM queue WHERE seq IN (SELECT seq FROM queue WHERE seq > ?2 AND seq <= ?3 ORDER BY seq LIMIT ?1)",
-        params![n as i64, spare as i64, newest_old as i64],
-    )? as u64;
-    if beyond == n {
-        return Ok(n);
-    }
-    Ok(beyond
-        + c.execute(
-            "DELETE FROM queue WHERE seq IN (SELECT seq FROM queue ORDER BY seq LIMIT ?1)",
-            params![(n - beyond) as i64],
-        )? as u64)
-}
-
-/// Deletes the acknowledged rows `pending` inside the transaction on `c` and counts them.
-fn delete_pending(c: &Connection, pending: &HashSet<u64>) -> rusqlite::Result<()> {
-    if pending.is_empty() {
-        return Ok(());
-    }
-    let mut n = 0u64;
-    let mut stmt = c.prepare_cached("DELETE FROM queue WHERE seq = ?1")?;
-    for s in pending {
-        n += stmt.execute(params![*s as i64])? as u64;
-    }
-    meta_add(c, "acked_total", n)
-}
-
-fn meta_get(c: &Connection, key: &str) -> rusqlite::Result<i64> {
-    Ok(
-        c.query_row("SELECT value FROM meta WHERE key = ?1", params![key], |r| {
-            r.get(0)
-        })
-        .optional()?
-        .unwrap_or(0),
-    )
-}
-
-fn meta_set(c: &Connection, key: &str, value: i64) -> rusqlite::Result<()> {
-    c.execute(
-        "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-        params![key, value],
-    )?;
-    Ok(())
-}
-
-fn meta_add(c: &Connection, key: &str, n: u64) -> rusqlite::Result<()> {
-    if n > 0 {
-        c.execute(
-            "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = value + excluded.value",
-            params![key, n as i64],
-        )?;
-    }
-    Ok(())
-}
-
-/// What can still be read from a corrupt file: its highest `seq` (or, failing that, the current
-/// time in ms, which is larger than any `seq` a gateway reaches) and its row count.
-fn salvage_counts(path: &Path) -> (u64, Option<u64>) {
-    let Ok(c) = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY) else {
-        return (now_ms() as u64, None);
-    };
-    let seq = read_last_seq(&c)
-        .ok()
-        .filter(|s| *s > 0)
-        .unwrap_or(now_ms() as u64);
-    let rows = c
-        .query_row("SELECT count(*) FROM queue", [], |r| r.get::<_, i64>(0))
-        .ok()
-        .map(|n| n as u64);
-    (seq, rows)
-}
-
-/// Renames `queue.db` (and its `-wal`, `-shm`) to `queue.db.corrupt-<unix ms>`.
-fn move_aside(path: &Path) -> Result<PathBuf, StoreError> {
-    let stamp = now_ms();
-    // Unique even for two in the same millisecond: nothing moved aside is ever overwritten.
-    let aside = (0..)
-        .map(|n| match n {
-            0 => PathBuf::from(format!("{}.corrupt-{stamp}", path.display())),
-            n => PathBuf::from(format!("{}.corrupt-{stamp}-{n}", path.display())),
-        })
-        .find(|p| !p.exists())
-        .expect("some name is free");
-    std::fs::rename(path, &aside).map_err(StoreError::MoveAside)?;
-    for ext in ["-wal", "-shm"] {
-        let side = PathBuf::from(format!("{}{ext}", path.display()));
-        if side.exists() {
-            let _ = std::fs::rename(&side, format!("{}{ext}", aside.display()));
-        }
-    }
-    Ok(aside)
 }
 
 #[cfg(test)]
