@@ -13,7 +13,6 @@
 //! and the new one says `online` again as it connects.
 //! Settings that need the queue reopened (`state_dir`, `queue:`) take effect at the next start.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -22,9 +21,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::backoff::{Backoff, Retry};
 use crate::config::{Config, Transport};
-use crate::state::{Availability, Shared, SharedStats};
+use crate::state::Shared;
 use crate::store::{self, Store, StoreError};
-use crate::systemd::{self, Health};
+use crate::systemd;
 use crate::uplink::{Tuning, Uplink};
 
 #[derive(Debug, thiserror::Error)]
@@ -64,18 +63,21 @@ pub async fn run_reloadable(
     tracing::info!(gateway = %config.gateway.id, queue = %config.gateway.state_dir.join("queue.db").display(),
         queued = stats.depth, last_seq = stats.last_seq, "queue open");
     let (handle, store_thread) = store::spawn(store)?;
-    let health = Arc::new(Health::default());
-    let shared = Shared {
-        store: handle,
-        stats: SharedStats::default(),
-        availability: Arc::new(Availability::default()),
-        health: health.clone(),
-    };
+    let shared = Shared::new(handle, &config.gateway.id, config.web.is_some());
+    let health = shared.health.clone();
     let watchdog = tokio::spawn(systemd::watchdog(health, cancel.clone()));
     let started = std::time::Instant::now();
     let metrics = config.metrics.map(|listen| {
         tokio::spawn(crate::metrics::serve(
             listen,
+            shared.clone(),
+            started,
+            cancel.clone(),
+        ))
+    });
+    let web = config.web.clone().map(|web| {
+        tokio::spawn(crate::web::serve(
+            web,
             shared.clone(),
             started,
             cancel.clone(),
@@ -101,9 +103,10 @@ pub async fn run_reloadable(
         if next.gateway.state_dir != config.gateway.state_dir
             || next.queue.limits != config.queue.limits
             || next.metrics != config.metrics
+            || next.web != config.web
         {
             tracing::warn!(
-                "reload: `state_dir`, `queue:` and `metrics:` changes take effect at the next start"
+                "reload: `state_dir`, `queue:`, `metrics:` and `web:` changes take effect at the next start"
             );
         }
         tracing::info!(path = %next.path.display(), devices = next.devices.len(), "configuration reloaded");
@@ -112,6 +115,9 @@ pub async fn run_reloadable(
     watchdog.abort();
     if let Some(m) = metrics {
         m.abort();
+    }
+    if let Some(w) = web {
+        w.abort();
     }
     drop(shared);
     tokio::task::spawn_blocking(move || store_thread.join())

@@ -57,3 +57,4 @@ pub mod testkit;
 pub mod tls;
 pub mod topics;
 pub mod uplink;
+pub mod web;

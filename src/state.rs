@@ -24,6 +24,58 @@ pub struct Shared {
     pub stats: SharedStats,
     pub availability: Arc<Availability>,
     pub health: Arc<Health>,
+    /// The gateway's id (for the status views).
+    pub gateway_id: Arc<str>,
+    /// The broker link, as the uplink last saw it.
+    pub broker: Arc<Mutex<BrokerState>>,
+    /// Keep each point's latest reading in the device figures (for the status page; off
+    /// otherwise, so a reading costs nothing more when nobody looks).
+    pub keep_values: bool,
+}
+
+impl Shared {
+    /// What every task shares, around the queue's handle.
+    pub fn new(store: StoreHandle, gateway_id: &str, keep_values: bool) -> Shared {
+        Shared {
+            store,
+            stats: SharedStats::default(),
+            availability: Arc::new(Availability::default()),
+            health: Arc::new(Health::default()),
+            gateway_id: gateway_id.into(),
+            broker: Arc::default(),
+            keep_values,
+        }
+    }
+}
+
+/// The broker link as the status views show it.
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct BrokerState {
+    pub connected: bool,
+    /// Since when it is connected, or down (ms since the Unix epoch); None before the first try.
+    pub since_ms: Option<i64>,
+    /// Why the last session ended or the last connect failed.
+    pub last_error: Option<ErrorNote>,
+}
+
+/// The last error of a bus, a device or the broker link: what, and when.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorNote {
+    pub message: String,
+    pub at_ms: i64,
+}
+
+/// A point's latest reading, as the status page shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Reading {
+    pub value: Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unit: Option<String>,
+    /// Poll time, ms since the Unix epoch.
+    pub ts_ms: i64,
+    /// The point's poll interval: a reading older than a few of these is stale.
+    pub every_ms: u64,
 }
 
 /// Figures of one device.
@@ -41,6 +93,10 @@ pub struct DeviceStats {
     /// None until the first poll decided it.
     pub online: Option<bool>,
     pub last_success_ms: Option<i64>,
+    pub last_error: Option<ErrorNote>,
+    /// Each point's latest reading, published or not (only with the status page on).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub values: BTreeMap<String, Reading>,
 }
 
 /// Figures of one bus, as the status message reports them.
@@ -56,6 +112,7 @@ pub struct BusStats {
     pub utilisation: f64,
     /// CRC errors, noise, late replies and retries on the line (RTU).
     pub line: crate::bus::LineFaults,
+    pub last_error: Option<ErrorNote>,
     pub devices: BTreeMap<String, DeviceStats>,
 }
 

@@ -21,8 +21,18 @@ pub struct Snapshot {
     /// When it was taken (RFC 3339, UTC).
     pub ts: String,
     pub uptime_s: u64,
+    pub gateway: GatewayFigures,
     pub queue: QueueFigures,
     pub buses: BTreeMap<String, BusStats>,
+}
+
+/// The gateway itself: which one, which version, and its broker link.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct GatewayFigures {
+    pub id: String,
+    pub version: String,
+    pub broker: crate::state::BrokerState,
 }
 
 /// The queue's figures as the status views show them.
@@ -88,14 +98,30 @@ impl Snapshot {
         Ok(Snapshot {
             ts: format_ts(now),
             uptime_s: started.elapsed().as_secs(),
+            gateway: GatewayFigures {
+                id: shared.gateway_id.to_string(),
+                version: env!("CARGO_PKG_VERSION").to_string(),
+                broker: shared.broker.lock().expect("not poisoned").clone(),
+            },
             queue: QueueFigures::new(&q, now),
             buses: shared.stats.lock().expect("not poisoned").clone(),
         })
     }
 
-    /// The snapshot as JSON bytes (the status message and `status.json`).
+    /// The snapshot as JSON bytes (`status.json`, the status page's API).
     pub fn to_json(&self) -> Vec<u8> {
         serde_json::to_vec(self).expect("plain data serializes")
+    }
+
+    /// The retained status message: the snapshot without the points' latest readings (they
+    /// are published as readings already; this message goes over the uplink every interval).
+    pub fn for_broker(mut self) -> Vec<u8> {
+        for b in self.buses.values_mut() {
+            for d in b.devices.values_mut() {
+                d.values.clear();
+            }
+        }
+        self.to_json()
     }
 
     /// Reads `status.json` back.

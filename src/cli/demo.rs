@@ -61,7 +61,15 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let sim_port = sim.addr.port().to_string();
     let mqtt_port = proxy.addr().port().to_string();
     let state_dir = state.path().display().to_string();
+    // 8080 when it is free, else any free port.
+    let web_port = std::net::TcpListener::bind("127.0.0.1:8080")
+        .or_else(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(8080)
+        .to_string();
     let env = |k: &str| match k {
+        "FIELDGATE_DEMO_WEB_PORT" => Some(web_port.clone()),
         "FIELDGATE_DEMO_MODBUS_PORT" => Some(sim_port.clone()),
         "FIELDGATE_DEMO_MQTT_PORT" => Some(mqtt_port.clone()),
         "FIELDGATE_DEMO_STATE_DIR" => Some(state_dir.clone()),
@@ -75,6 +83,9 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         broker_addr,
         state.path().join("queue.db").display()
     );
+    if let Some(web) = &config.web {
+        println!("status page: http://{}/", web.listen);
+    }
     println!(
         "the uplink will be cut at {} for {}; {}\n",
         humantime::format_duration(opts.cut_at),

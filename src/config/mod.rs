@@ -70,10 +70,20 @@ pub struct Config {
     pub metrics: Option<std::net::SocketAddr>,
     /// Home Assistant discovery, if enabled.
     pub homeassistant: Option<Discovery>,
+    /// The status page, if enabled.
+    pub web: Option<Web>,
     pub buses: Vec<Bus>,
     pub devices: Vec<Device>,
     /// What works but is probably not meant: `check` prints these, `run` logs them.
     pub warnings: Vec<Diagnostic>,
+}
+
+/// `web:` in the config: the read-only status page.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Web {
+    pub listen: std::net::SocketAddr,
+    /// HTTP basic auth password (any user name); None: no authentication.
+    pub password: Option<Secret>,
 }
 
 /// `homeassistant:` in the config.

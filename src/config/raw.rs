@@ -27,6 +27,16 @@ pub struct RawConfig {
     pub queue: RawQueue,
     pub metrics: Option<RawMetrics>,
     pub homeassistant: Option<RawHomeAssistant>,
+    pub web: Option<RawWeb>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawWeb {
+    /// Address of the status page, e.g. 127.0.0.1:8080 (off unless given).
+    pub listen: std::net::SocketAddr,
+    /// HTTP basic auth: the password, in a file (any user name).
+    pub password_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -8,10 +8,59 @@ use std::time::Duration;
 use super::diagnostic::Ctx;
 use super::raw::*;
 use super::resolver::{DeviceEnv, Resolver};
-use super::{Config, Device, Gateway, Mqtt, Queue, Secret};
+use super::{Config, Device, Gateway, Mqtt, Queue, Secret, Web};
 use crate::store::Limits;
 
 impl Resolver<'_> {
+    /// A password from a file (its first line, without the line end); an error names `key`.
+    pub(super) fn read_secret(&mut self, ctx: &Ctx, key: &str, f: &Path) -> Option<Secret> {
+        match std::fs::read_to_string(f) {
+            Ok(s) => Some(Secret(s.trim_end_matches(['\n', '\r']).to_string())),
+            Err(e) => {
+                let why = match e.kind() {
+                    std::io::ErrorKind::PermissionDenied => crate::files::permission_hint(f),
+                    _ => e.to_string(),
+                };
+                self.errors
+                    .push(ctx.diag(key, format!("cannot read {}: {why}", f.display())));
+                None
+            }
+        }
+    }
+
+    /// `web:`, the status page: where it listens, and its password.
+    pub(super) fn resolve_web(&mut self, ctx: &Ctx, base: &Path, w: &RawWeb) -> Web {
+        let password = w
+            .password_file
+            .as_ref()
+            .and_then(|f| self.read_secret(ctx, "web.password_file", &base.join(f)));
+        if password.as_ref().is_some_and(|p| p.0.is_empty()) {
+            self.errors
+                .push(ctx.diag("web.password_file", "the password file is empty"));
+        }
+        if !w.listen.ip().is_loopback() && w.password_file.is_none() {
+            self.warnings.push(ctx.diag(
+                "web.listen",
+                format!(
+                    "the status page listens on {} without a password: anyone on that network sees every value (add `password_file:`, or listen on 127.0.0.1)",
+                    w.listen
+                ),
+            ));
+        }
+        if let Some(user) = crate::files::user(&crate::files::service_user_name())
+            && let Some(why) = w
+                .password_file
+                .as_ref()
+                .and_then(|f| crate::files::unreadable_by(&base.join(f), &user))
+        {
+            self.warnings.push(ctx.diag("web.password_file", why));
+        }
+        Web {
+            listen: w.listen,
+            password,
+        }
+    }
+
     pub(super) fn resolve(
         &mut self,
         ctx: &Ctx,
@@ -58,6 +107,7 @@ impl Resolver<'_> {
         };
         let mqtt = self.resolve_mqtt(ctx, base, &gateway, &raw.mqtt);
         let queue = self.resolve_queue(ctx, &raw.queue);
+        let web = raw.web.as_ref().map(|w| self.resolve_web(ctx, base, w));
 
         let mut buses = Vec::new();
         for (name, b) in &raw.buses {
@@ -155,6 +205,7 @@ impl Resolver<'_> {
             mqtt,
             queue,
             metrics: raw.metrics.as_ref().map(|m| m.listen),
+            web,
             homeassistant: raw.homeassistant.as_ref().filter(|h| h.discovery).map(|h| {
                 super::Discovery {
                     prefix: h.prefix.clone().unwrap_or_else(|| "homeassistant".into()),
@@ -293,25 +344,7 @@ impl Resolver<'_> {
                 None
             }
             (Some(p), None) => Some(Secret(p.clone())),
-            (None, Some(f)) => {
-                let f = base.join(f);
-                match std::fs::read_to_string(&f) {
-                    Ok(s) => Some(Secret(s.trim_end_matches(['\n', '\r']).to_string())),
-                    Err(e) => {
-                        let why = match e.kind() {
-                            std::io::ErrorKind::PermissionDenied => {
-                                crate::files::permission_hint(&f)
-                            }
-                            _ => e.to_string(),
-                        };
-                        self.errors.push(ctx.diag(
-                            "mqtt.password_file",
-                            format!("cannot read {}: {why}", f.display()),
-                        ));
-                        None
-                    }
-                }
-            }
+            (None, Some(f)) => self.read_secret(ctx, "mqtt.password_file", &base.join(f)),
             (None, None) => None,
         };
         if password.is_some() && m.username.is_none() {

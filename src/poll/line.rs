@@ -149,6 +149,7 @@ fn take_line(report: &Reporter, st: &mut State, framed: Framed) -> Option<Vec<(u
                 ParseError::NoMatch => shown(&line),
                 other => format!("{other}: {}", shown(&line)),
             };
+            report.note_error(Some(&st.device.name), format!("{kind}: {detail}"));
             st.errors.record(&st.device.name, kind, &detail);
             return None;
         }
@@ -163,6 +164,7 @@ fn take_line(report: &Reporter, st: &mut State, framed: Framed) -> Option<Vec<(u
             None => {
                 report.count_error("bad_value");
                 let detail = format!("point {}: `{}` is not a {:?}", p.name, shown(text), p.dtype);
+                report.note_error(Some(&st.device.name), format!("bad_value: {detail}"));
                 st.errors.record(&st.device.name, "bad_value", &detail);
             }
         }
@@ -327,6 +329,7 @@ async fn ask(
                     }
                 }
                 let failures = st.health.failed(report, &st.device);
+                report.note_error(Some(&st.device.name), format!("{}: {kind}", st.device.name));
                 if failures == 1 && kind == "timeout" {
                     tracing::warn!(bus = report.bus(), device = %st.device.name, ?timeout, "no answer line; backing off if it goes on");
                 }

@@ -136,6 +136,52 @@ impl Reporter {
         self.bus_stats(|b| *b.errors.entry(kind.into()).or_default() += 1);
     }
 
+    /// Keeps `message` as the last error of this bus (and of `device`, if it is one device's).
+    pub fn note_error(&self, device: Option<&str>, message: String) {
+        let note = crate::state::ErrorNote {
+            message,
+            at_ms: now_ms(),
+        };
+        self.bus_stats(|b| {
+            if let Some(d) = device {
+                b.devices.entry(d.to_string()).or_default().last_error = Some(note.clone());
+            }
+            b.last_error = Some(note);
+        });
+    }
+
+    /// Keeps each value as its point's latest reading, for the status page (when it is on).
+    fn keep_readings(&self, device: &Device, ts_ms: i64, values: &[(usize, Value)]) {
+        if !self.shared.keep_values || values.is_empty() {
+            return;
+        }
+        self.device(&device.name, |d| {
+            for (i, v) in values {
+                let p = &device.points[*i];
+                if p.internal {
+                    continue;
+                }
+                match d.values.get_mut(&p.name) {
+                    Some(r) => {
+                        r.value = v.clone();
+                        r.ts_ms = ts_ms;
+                    }
+                    None => {
+                        d.values.insert(
+                            p.name.clone(),
+                            crate::state::Reading {
+                                value: v.clone(),
+                                unit: p.unit.clone(),
+                                ts_ms,
+                                every_ms: p.every.as_millis() as u64,
+                            },
+                        );
+                    }
+                }
+            }
+        });
+    }
+
     /// Changes the figures of one device of this bus.
     pub fn device<R>(&self, name: &str, f: impl FnOnce(&mut DeviceStats) -> R) -> R {
         self.bus_stats(|b| f(b.devices.entry(name.to_string()).or_default()))
@@ -199,6 +245,7 @@ impl DeviceHealth {
         ts_ms: i64,
         mut values: Vec<(usize, Value)>,
     ) {
+        r.keep_readings(device, ts_ms, &values);
         values.retain(|(i, _)| !device.points[*i].internal);
         let read = values.len();
         self.published.retain(
@@ -218,6 +265,7 @@ impl DeviceHealth {
     /// Hands a commanded point's read-back value to the store (always published).
     pub fn publish_command(&mut self, r: &Reporter, device: &Device, point: usize, value: Value) {
         self.published.published(point, &value, Instant::now());
+        r.keep_readings(device, now_ms(), &[(point, value.clone())]);
         r.enqueue(device, now_ms(), vec![(point, value)]);
     }
 

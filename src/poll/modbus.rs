@@ -131,6 +131,7 @@ pub async fn run(
             Err(BusError::Connect(e)) => {
                 // The port or connection itself: back off the whole bus, not one device.
                 let backoff = bus_retry.failed();
+                report.note_error(None, format!("cannot open the bus: {e}"));
                 if bus_retry.failures() == 1 {
                     tracing::warn!(bus = %bus.name, error = %e, "cannot open the bus; retrying with backoff (up to 60s)");
                 } else {
@@ -150,6 +151,7 @@ pub async fn run(
                 // One failed poll (a CRC error, one lost reply) is retried at the next cycle;
                 // a device that keeps failing is backed off.
                 let backoff = st.health.backoff();
+                report.note_error(Some(&st.device.name), format!("{}: {e}", st.device.name));
                 if failures == 1 {
                     tracing::warn!(bus = %bus.name, device = %st.device.name, unit = st.device.unit, error = %e, kind = e.kind(),
                         "device poll failed; backing off, the other devices keep their schedule");
@@ -275,6 +277,16 @@ async fn poll_group(
                 // Retry refused requests less and less often: 2, 4, 8 … intervals, at most 5 min.
                 let pause = Backoff::new(every, REFUSED_MAX).after(entry.0 + 1);
                 entry.1 = Instant::now() + pause;
+                report.note_error(
+                    Some(&dev.name),
+                    format!(
+                        "{}: exception {code:?} reading {} {}..{}",
+                        dev.name,
+                        req.table.name(),
+                        req.start,
+                        req.end()
+                    ),
+                );
                 if entry.0 == 1 {
                     let names: Vec<&str> = req
                         .points

@@ -201,6 +201,18 @@ impl Uplink {
             let result = self.session(&cancel, &mut report, down_since).await;
             // Whatever was in flight is not any more: the next session sends it again.
             self.store.in_flight_upto(0);
+            if let Err(e) = &result {
+                let now = crate::message::now_ms();
+                let mut b = self.shared.broker.lock().expect("not poisoned");
+                if b.connected || b.since_ms.is_none() {
+                    b.since_ms = Some(now);
+                }
+                b.connected = false;
+                b.last_error = Some(crate::state::ErrorNote {
+                    message: e.to_string(),
+                    at_ms: now,
+                });
+            }
             match result {
                 Ok(()) => return,
                 Err(e) => {

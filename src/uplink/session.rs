@@ -188,6 +188,11 @@ impl Uplink {
             return Ok(());
         }
         report.connected = true;
+        {
+            let mut b = self.shared.broker.lock().expect("not poisoned");
+            b.connected = true;
+            b.since_ms = Some(crate::message::now_ms());
+        }
         let backlog = self.store.stats().await.map(|s| s.depth).unwrap_or(0);
         tracing::info!(broker = %format!("{}:{}", self.mqtt.host, self.mqtt.port), client_id = %self.mqtt.client_id, backlog,
             down_for = ?down_since.map(|t| t.elapsed()), "MQTT uplink connected");
@@ -311,7 +316,7 @@ impl Uplink {
                 _ = status.tick() => {
                     let payload = crate::status::Snapshot::take(&self.shared, self.started)
                         .await?
-                        .to_json();
+                        .for_broker();
                     let topic = crate::topics::gateway_stats(&self.gateway_id);
                     // One status message waiting is enough: a newer one replaces it.
                     s.outbox.retain(|(t, _, _)| *t != topic);
