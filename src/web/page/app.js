@@ -41,7 +41,8 @@ function show(value) {
 }
 
 function rate(now, before, dtS) {
-  if (before === undefined || dtS <= 0) return "—";
+  // Under a second apart, a rate says little: wait for the next snapshot.
+  if (before === undefined || dtS < 1) return "—";
   return (Math.max(0, now - before) / dtS).toFixed(1) + "/s";
 }
 
@@ -49,7 +50,8 @@ function render(api, at) {
   const s = api.status;
   const now = Date.parse(s.ts) || at;
   const prev = previous;
-  const dt = prev ? (at - prev.at) / 1000 : 0;
+  // Rates between two snapshots, by the gateway's own clock (not the browser's).
+  const dt = prev ? (now - prev.now) / 1000 : 0;
   const g = s.gateway || {};
   const broker = g.broker || {};
 
@@ -124,22 +126,24 @@ function render(api, at) {
     }
   }
   $("devices").replaceChildren(...cards);
-  previous = { api, at };
+  previous = { api, at, now };
 }
 
 function chart(history, depthNow, now) {
   const svg = $("chart");
   const points = history.concat([[now, depthNow || 0]]);
-  const t0 = now - 3600 * 1000;
-  const max = Math.max(1, ...points.map((p) => p[1]));
-  const coords = points
-    .filter((p) => p[0] >= t0)
-    .map((p) => ((p[0] - t0) / 10000).toFixed(1) + "," + (78 - (p[1] / max) * 74).toFixed(1))
+  // The last hour, or as much of it as there is (the samples start with the gateway).
+  const t0 = Math.max(now - 3600 * 1000, points[0][0]);
+  const span = Math.max(now - t0, 1);
+  const shown = points.filter((p) => p[0] >= t0);
+  const max = Math.max(1, ...shown.map((p) => p[1]));
+  const coords = shown
+    .map((p) => ((360 * (p[0] - t0)) / span).toFixed(1) + "," + (78 - (p[1] / max) * 74).toFixed(1))
     .join(" ");
   const line = document.createElementNS("http://www.w3.org/2000/svg", "polyline");
   line.setAttribute("points", coords);
   svg.replaceChildren(line);
-  $("chart-label").textContent = "depth over the last hour (max " + num(max) + ")";
+  $("chart-label").textContent = "depth over the last " + (span >= 3599000 ? "hour" : age(span)) + " (max " + num(max) + ")";
 }
 
 async function tick() {
