@@ -100,3 +100,37 @@ fn report_by_exception_settles_per_point_and_warns_where_home_assistant_would_mi
     assert!(whole.devices[0].whole_device_on_change);
     assert!(whole.warnings.is_empty());
 }
+
+#[test]
+fn a_status_page_beyond_loopback_without_a_password_is_warned_about() {
+    let base = "mqtt: { url: mqtt://127.0.0.1 }\n";
+    let open = Config::from_text(
+        Path::new("c.yaml"),
+        &format!("{base}web: {{ listen: 0.0.0.0:8080 }}\n"),
+    )
+    .unwrap();
+    assert_eq!(open.warnings.len(), 1, "{:?}", open.warnings);
+    assert_eq!(open.warnings[0].path, "web.listen");
+    assert!(open.warnings[0].message.contains("without a password"));
+    let local = Config::from_text(
+        Path::new("c.yaml"),
+        &format!("{base}web: {{ listen: 127.0.0.1:8080 }}\n"),
+    )
+    .unwrap();
+    assert!(local.warnings.is_empty());
+    assert_eq!(local.web.unwrap().password, None);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("web.pass"), "pw\n").unwrap();
+    let guarded = Config::from_text(
+        &dir.path().join("c.yaml"),
+        &format!("{base}web: {{ listen: 0.0.0.0:8080, password_file: web.pass }}\n"),
+    )
+    .unwrap();
+    assert_eq!(guarded.web.unwrap().password, Some(Secret("pw".into())));
+    let missing = Config::from_text(
+        &dir.path().join("c.yaml"),
+        &format!("{base}web: {{ listen: 0.0.0.0:8080, password_file: nope }}\n"),
+    )
+    .unwrap_err();
+    assert_eq!(missing.0[0].path, "web.password_file");
+}
