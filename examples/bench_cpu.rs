@@ -37,6 +37,20 @@ fn usage(pid: u32) -> (f64, u64) {
     (ticks * 1000.0 / hz, rss)
 }
 
+/// RssAnon and RssFile in KiB: the process's own memory, and the pages of its binary and
+/// libraries it has touched (shared, clean, given back under memory pressure).
+fn rss_split(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("RssAnon:"), field("RssFile:"))
+}
+
 fn mosquitto() -> (std::process::Child, SocketAddr, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let port = fieldgate::testkit::broker::quiet_port().unwrap();
@@ -166,6 +180,7 @@ async fn main() {
     });
     tokio::time::sleep(Duration::from_secs(seconds)).await;
     let (cpu1, rss1) = usage(pid);
+    let (anon1, file1) = rss_split(pid);
     let commits1 = commits(&state);
     let wall = t0.elapsed().as_secs_f64();
     let mut l = std::mem::take(&mut *lat.lock().unwrap());
@@ -197,7 +212,9 @@ async fn main() {
         (cpu1 - cpu0) / msgs * 1000.0,
         (cpu1 - cpu0) / wall / 10.0
     );
-    println!("RSS:                      {rss0} KiB at start, {rss1} KiB at end");
+    println!(
+        "RSS:                      {rss0} KiB at start, {rss1} KiB at end ({anon1} KiB anonymous, {file1} KiB of mapped files)"
+    );
     println!(
         "queue commits (fsyncs)/s: {:.1}",
         (commits1 - commits0) as f64 / wall

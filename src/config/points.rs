@@ -193,24 +193,18 @@ pub(super) fn validate_point(
 
     if let Some(text) = &r.expr {
         // Computed from other points: nothing is read from a bus.
+        let others = [
+            ("field", r.field.is_some()),
+            ("scale", r.scale.is_some()),
+            ("offset", r.offset.is_some()),
+            ("writable", r.writable == Some(true)),
+            ("min", r.min.is_some()),
+            ("max", r.max.is_some()),
+            ("every", r.every.is_some()),
+        ];
         not_applicable(
             &mut err,
-            &[
-                ("register", r.register.is_some()),
-                ("coil", r.coil.is_some()),
-                ("discrete", r.discrete.is_some()),
-                ("field", r.field.is_some()),
-                ("kind", r.kind.is_some()),
-                ("order", r.order.is_some()),
-                ("bit", r.bit.is_some()),
-                ("length", r.length.is_some()),
-                ("scale", r.scale.is_some()),
-                ("offset", r.offset.is_some()),
-                ("writable", r.writable == Some(true)),
-                ("min", r.min.is_some()),
-                ("max", r.max.is_some()),
-                ("every", r.every.is_some()),
-            ],
+            &[register_keys(r).as_slice(), &others].concat(),
             "a computed point (`expr:`; it is computed whenever its inputs are read)",
         );
         if r.dtype == Some(DataType::String) {
@@ -252,15 +246,10 @@ pub(super) fn validate_point(
         not_applicable(
             &mut err,
             &[
-                ("writable", r.writable == Some(true)),
-                ("register", r.register.is_some()),
-                ("coil", r.coil.is_some()),
-                ("discrete", r.discrete.is_some()),
-                ("kind", r.kind.is_some()),
-                ("order", r.order.is_some()),
-                ("bit", r.bit.is_some()),
-                ("length", r.length.is_some()),
-            ],
+                &[("writable", r.writable == Some(true))],
+                register_keys(r).as_slice(),
+            ]
+            .concat(),
             "a `field:` point (a field of a text line)",
         );
         let dtype = r.dtype.unwrap_or(DataType::F64);
@@ -505,6 +494,19 @@ pub(super) fn validate_point(
 
 pub(super) fn type_name(t: DataType) -> String {
     format!("{t:?}").to_lowercase()
+}
+
+/// The keys that place a point in a Modbus table, and whether each is given.
+fn register_keys(r: &RawPoint) -> [(&'static str, bool); 7] {
+    [
+        ("register", r.register.is_some()),
+        ("coil", r.coil.is_some()),
+        ("discrete", r.discrete.is_some()),
+        ("kind", r.kind.is_some()),
+        ("order", r.order.is_some()),
+        ("bit", r.bit.is_some()),
+        ("length", r.length.is_some()),
+    ]
 }
 
 /// Refuses each key that is given (`true`) but means nothing for `what`.
