@@ -59,6 +59,16 @@ pub fn render(snapshot: &Snapshot) -> String {
         "Highest sequence number assigned",
         q.last_seq as f64,
     );
+    gauge(
+        &mut r,
+        "broker_connected",
+        "1 while the MQTT uplink is connected",
+        if snapshot.gateway.broker.connected {
+            1.0
+        } else {
+            0.0
+        },
+    );
     let acked: Counter = Counter::default();
     acked.inc_by(q.acked_total);
     r.register("acknowledged", "Readings acknowledged by the broker", acked);
@@ -181,6 +191,7 @@ mod tests {
     fn the_snapshot_becomes_prometheus_text() {
         let s: Snapshot = serde_json::from_value(serde_json::json!({
             "uptime_s": 42,
+            "gateway": {"id": "gw", "broker": {"connected": true}},
             "queue": {"depth": 3, "oldest_age_s": 7, "bytes": 4096, "last_seq": 99,
                       "dropped": {"oldest": 1, "newest": 0, "expired": 2, "total": 3}, "acked_total": 96},
             "buses": {"rs485": {"requests": 10, "utilisation": 0.25, "errors": {"timeout": 2},
@@ -190,6 +201,7 @@ mod tests {
         let text = render(&s);
         for line in [
             "fieldgate_uptime_seconds 42.0",
+            "fieldgate_broker_connected 1.0",
             "fieldgate_queue_depth 3.0",
             "fieldgate_acknowledged_total 96",
             "fieldgate_dropped_total{reason=\"expired\"} 2",
