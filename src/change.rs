@@ -50,7 +50,12 @@ impl ChangeFilter {
         } else {
             values.retain(due);
         }
-        for (i, v) in values.iter() {
+        // Only points reported by exception ever look at what was published before: the
+        // others cost no copy of their value.
+        for (i, v) in values
+            .iter()
+            .filter(|(i, _)| points[*i].reporting.on_change)
+        {
             self.last[*i] = Some((v.clone(), now));
         }
     }
@@ -80,7 +85,7 @@ fn is_due(r: &Reporting, last: Option<&(Value, Instant)>, v: &Value, now: Instan
 
 /// Whether `v` differs from `prev` by more than the deadband (numbers) or at all (the rest,
 /// and numbers without a deadband, compared exactly).
-pub fn changed(prev: &Value, v: &Value, deadband: Option<Deadband>) -> bool {
+fn changed(prev: &Value, v: &Value, deadband: Option<Deadband>) -> bool {
     let (Some(db), Some(a), Some(b)) = (deadband, number(prev), number(v)) else {
         return prev != v;
     };

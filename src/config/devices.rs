@@ -253,21 +253,7 @@ impl Resolver<'_> {
             deadband,
             heartbeat: d.heartbeat,
         };
-        for mut s in specs.into_values() {
-            if let Some(expr) = s.expr.take() {
-                unbound.push(Unbound {
-                    point: points.len(),
-                    expr,
-                    path: if s.from_model {
-                        format!("{p}.model")
-                    } else {
-                        format!("{p}.points.{}.expr", s.name)
-                    },
-                    from_model: s.from_model,
-                    dtype_given: s.dtype_given,
-                });
-                // Marked computed below, once bound (`into_point` sees no expression now).
-            }
+        for s in specs.into_values() {
             let template = s.topic.as_deref().unwrap_or(&device_topic);
             let topic = render_topic(
                 template,
@@ -291,10 +277,22 @@ impl Resolver<'_> {
                 s.name.clone(),
                 s.payload.or(d.payload).unwrap_or(PayloadFormat::Json),
             );
-            points.push(s.into_point(topic, &defaults));
-        }
-        for u in &unbound {
-            points[u.point].computed = true;
+            let (from_model, dtype_given) = (s.from_model, s.dtype_given);
+            let (point, expr) = s.into_point(topic, &defaults);
+            if let Some(expr) = expr {
+                unbound.push(Unbound {
+                    point: points.len(),
+                    path: if from_model {
+                        format!("{p}.model")
+                    } else {
+                        format!("{p}.points.{}.expr", point.name)
+                    },
+                    expr,
+                    from_model,
+                    dtype_given,
+                });
+            }
+            points.push(point);
         }
         if self.errors.len() != before {
             return None;
@@ -538,20 +536,18 @@ impl Resolver<'_> {
                 if self.errors.len() == before {
                     let mut unbound = Vec::new();
                     for s in &specs {
-                        let mut s = s.clone();
-                        if let Some(expr) = s.expr.take() {
+                        let dtype_given = s.dtype_given;
+                        let (point, expr) = s.clone().into_point(String::new(), &Defaults::plain());
+                        if let Some(expr) = expr {
                             unbound.push(Unbound {
                                 point: points.len(),
-                                path: format!("points.{}.expr", s.name),
+                                path: format!("points.{}.expr", point.name),
                                 expr,
                                 from_model: false,
-                                dtype_given: s.dtype_given,
+                                dtype_given,
                             });
                         }
-                        points.push(s.into_point(String::new(), &Defaults::plain()));
-                    }
-                    for u in &unbound {
-                        points[u.point].computed = true;
+                        points.push(point);
                     }
                     computed = computed::bind(
                         &mctx,

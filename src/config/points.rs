@@ -101,9 +101,10 @@ impl PointSpec {
         }
     }
 
-    /// The resolved point, published on `topic`.
-    pub(super) fn into_point(self, topic: String, defaults: &Defaults) -> Point {
-        Point {
+    /// The resolved point, published on `topic`, and its expression if it is computed (to be
+    /// bound once the device's points are all known).
+    pub(super) fn into_point(self, topic: String, defaults: &Defaults) -> (Point, Option<Expr>) {
+        let point = Point {
             name: self.name,
             source: self.source,
             dtype: self.dtype,
@@ -133,7 +134,8 @@ impl PointSpec {
             },
             computed: self.expr.is_some(),
             internal: self.internal,
-        }
+        };
+        (point, self.expr)
     }
 }
 

@@ -8,8 +8,8 @@
 //! ([`DeviceHealth`]: failures in a row, `offline` after `offline_after`, `online` again at the
 //! first success, and what was last published), the figures and liveness reported through a
 //! [`Reporter`], and what a poll's values become: computed points added ([`compute`]), those
-//! unchanged left out (`change`, report by exception), then messages ([`messages`]). The bytes to and from devices belong to `bus`;
-//! decoding to `mapping`. Nothing here waits for the uplink: the store takes every message.
+//! unchanged left out (`change`, report by exception), then messages ([`messages`]). The bytes
+//! to and from devices belong to `bus`; decoding to `mapping`. Nothing here waits for the uplink: the store takes every message.
 
 pub mod line;
 pub mod modbus;
@@ -264,9 +264,11 @@ impl DeviceHealth {
 
     /// Hands a commanded point's read-back value to the store (always published).
     pub fn publish_command(&mut self, r: &Reporter, device: &Device, point: usize, value: Value) {
+        let ts_ms = now_ms();
         self.published.published(point, &value, Instant::now());
-        r.keep_readings(device, now_ms(), &[(point, value.clone())]);
-        r.enqueue(device, now_ms(), vec![(point, value)]);
+        let values = vec![(point, value)];
+        r.keep_readings(device, ts_ms, &values);
+        r.enqueue(device, ts_ms, values);
     }
 
     /// Records a good poll: figures, availability, and a log line if it had been failing.
