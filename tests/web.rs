@@ -499,9 +499,12 @@ async fn in_a_browser_the_page_shows_values_a_device_going_offline_and_the_queue
             .and_then(|s| s.split(' ').next())
             .and_then(|n| n.replace(',', "").parse::<u64>().ok())
     };
+    // Polled every 200 ms with 3 points, a drained queue still holds a poll or two in flight
+    // (appended, committed, published, not yet acknowledged) at any instant the page samples;
+    // the backlog is built far above that, and "drained" is back below it.
     let first = page
         .wait_for("a queue building up", &text_of("[data-key=depth]"), |v| {
-            depth(v).is_some_and(|d| d >= 5)
+            depth(v).is_some_and(|d| d >= 40)
         })
         .await;
     page.wait_for("a deeper queue", &text_of("[data-key=depth]"), |v| {
@@ -514,7 +517,7 @@ async fn in_a_browser_the_page_shows_values_a_device_going_offline_and_the_queue
     .await;
     proxy.set(Mode::Pass);
     page.wait_for("the queue drained", &text_of("[data-key=depth]"), |v| {
-        depth(v) == Some(0)
+        depth(v).is_some_and(|d| d <= 9)
     })
     .await;
     drop(page);
