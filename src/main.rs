@@ -80,6 +80,32 @@ enum QueueCommand {
         #[arg(long)]
         json: bool,
     },
+    /// List the readings set aside (refused by the broker, or never publishable), with why.
+    Aside {
+        #[arg(long, conflicts_with = "state_dir")]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// Only those whose reason starts with this (e.g. "not authorized").
+        #[arg(long)]
+        reason: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put the readings set aside back in the queue (after fixing the broker's ACL): the
+    /// running gateway publishes them with their original timestamps.
+    Requeue {
+        #[arg(long, conflicts_with = "state_dir")]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// Only those whose reason starts with this; all without it.
+        #[arg(long)]
+        reason: Option<String>,
+    },
 }
 
 /// The state directory named on the command line, or the one of the given config, or the
@@ -175,6 +201,30 @@ fn main() -> ExitCode {
                 },
         } => match state_dir_of(config, state_dir) {
             Ok(dir) => report(cli::queue::stats(&dir, json)),
+            Err(code) => code,
+        },
+        Command::Queue {
+            command:
+                QueueCommand::Aside {
+                    config,
+                    state_dir,
+                    reason,
+                    limit,
+                    json,
+                },
+        } => match state_dir_of(config, state_dir) {
+            Ok(dir) => report(cli::queue::aside(&dir, reason.as_deref(), limit, json)),
+            Err(code) => code,
+        },
+        Command::Queue {
+            command:
+                QueueCommand::Requeue {
+                    config,
+                    state_dir,
+                    reason,
+                },
+        } => match state_dir_of(config, state_dir) {
+            Ok(dir) => report(cli::queue::requeue(&dir, reason.as_deref())),
             Err(code) => code,
         },
         #[cfg(feature = "testkit")]

@@ -83,6 +83,17 @@ pub fn render(snapshot: &Snapshot) -> String {
             .inc_by(n);
     }
     r.register("dropped", "Readings dropped by a queue bound", dropped);
+    let aside: Family<Labels, Gauge> = Family::default();
+    for (reason, n) in &q.dropped.aside_by_reason {
+        aside
+            .get_or_create(&vec![("reason".into(), reason.clone())])
+            .set(*n as i64);
+    }
+    r.register(
+        "queue_aside",
+        "Readings set aside (never published or refused by the broker), by reason",
+        aside,
+    );
 
     let requests: Family<Labels, Counter> = Family::default();
     let errors: Family<Labels, Counter> = Family::default();

@@ -59,8 +59,11 @@ pub struct Dropped {
     pub oldest: u64,
     pub newest: u64,
     pub expired: u64,
-    /// Not dropped: kept in the `aside` table because they can never be published.
+    /// Not dropped: kept in the `aside` table because they can never be published (or the
+    /// broker refused them).
     pub set_aside: u64,
+    /// What the `aside` table holds now, by reason.
+    pub aside_by_reason: std::collections::BTreeMap<String, u64>,
     /// Not readings: times the wall clock stepped while readings were queued.
     pub clock_steps: u64,
     /// oldest + newest + expired.
@@ -80,6 +83,7 @@ impl QueueFigures {
                 newest: q.dropped_newest,
                 expired: q.dropped_expired,
                 set_aside: q.set_aside,
+                aside_by_reason: q.aside_by_reason.clone(),
                 clock_steps: q.clock_steps,
                 total: q.dropped(),
             },

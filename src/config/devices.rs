@@ -138,6 +138,14 @@ impl Resolver<'_> {
             self.errors
                 .push(ctx.diag(&format!("{p}.offline_after"), "must be at least 1"));
         }
+        if let Some(e) = d.message_expiry
+            && (e < Duration::from_secs(1) || e.as_secs() > u32::MAX as u64)
+        {
+            self.errors.push(ctx.diag(
+                &format!("{p}.message_expiry"),
+                "must be between 1s and 136 years (whole seconds on the wire)",
+            ));
+        }
         let every = d.every.unwrap_or(Duration::from_secs(1));
         if every < Duration::from_millis(10) {
             self.errors
@@ -341,6 +349,7 @@ impl Resolver<'_> {
             line,
             computed,
             whole_device_on_change: d.on_change == Some(RawOnChange::Mode(OnChangeMode::Device)),
+            message_expiry: d.message_expiry,
         })
     }
 

@@ -139,6 +139,26 @@ pub struct Mqtt {
     pub tls: Option<Arc<rustls::ClientConfig>>,
     /// `tls.insecure_skip_verify` (logged loudly at every connect).
     pub insecure_skip_verify: bool,
+    pub protocol: Protocol,
+}
+
+/// The MQTT version the uplink speaks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Protocol {
+    /// 3.1.1: every broker speaks it (the default).
+    #[default]
+    V311,
+    /// 5: refused publishes seen as refused, the broker's limits known, topic aliases.
+    V5,
+}
+
+impl std::fmt::Display for Protocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Protocol::V311 => "3.1.1",
+            Protocol::V5 => "5",
+        })
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -162,6 +182,8 @@ pub struct Device {
     pub computed: Vec<Computed>,
     /// `on_change: device`: a device message carries every point when any is due.
     pub whole_device_on_change: bool,
+    /// MQTT 5 message expiry of this device's readings.
+    pub message_expiry: Option<Duration>,
 }
 
 impl Device {

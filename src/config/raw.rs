@@ -106,6 +106,17 @@ pub struct RawMqtt {
     /// Most QoS 2 publishes in flight (mosquitto 2.0.11 stalls a publisher past 20).
     pub inflight_qos2: Option<u16>,
     pub tls: Option<RawTls>,
+    /// `3.1.1` (default) or `5`.
+    pub protocol: Option<RawProtocol>,
+}
+
+/// `protocol: 5`, `protocol: "5"`, `protocol: 3.1.1`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum RawProtocol {
+    Number(u64),
+    Float(f64),
+    Text(String),
 }
 
 #[derive(Debug, Deserialize)]
@@ -219,6 +230,9 @@ pub struct RawDevice {
     /// Publish unchanged values anyway after this much silence.
     #[serde(default, with = "humantime_serde")]
     pub heartbeat: Option<Duration>,
+    /// MQTT 5: how long the broker keeps a reading of this device for subscribers to come.
+    #[serde(default, with = "humantime_serde")]
+    pub message_expiry: Option<Duration>,
 }
 
 /// `on_change: true | false | device`.

@@ -8,7 +8,7 @@ use std::time::Duration;
 use super::diagnostic::Ctx;
 use super::raw::*;
 use super::resolver::{DeviceEnv, Resolver};
-use super::{Config, Device, Gateway, Mqtt, Queue, Secret, Web};
+use super::{Config, Device, Gateway, Mqtt, Protocol, Queue, Secret, Web};
 use crate::store::Limits;
 
 impl Resolver<'_> {
@@ -154,6 +154,14 @@ impl Resolver<'_> {
             }
         }
         self.check_topics_unique(ctx, &devices);
+        if mqtt.protocol == Protocol::V311 {
+            for d in devices.iter().filter(|d| d.message_expiry.is_some()) {
+                self.warnings.push(ctx.diag(
+                    &format!("devices.{}.message_expiry", d.name),
+                    "message expiry is an MQTT 5 property: set `mqtt.protocol: 5` (under 3.1.1 it is not sent)",
+                ));
+            }
+        }
         // Home Assistant reads each entity from every device message: one that carries only
         // the changed points leaves the others' templates without a value.
         if raw.homeassistant.as_ref().is_some_and(|h| h.discovery) {
@@ -366,7 +374,27 @@ impl Resolver<'_> {
             self.errors
                 .push(ctx.diag("mqtt.inflight_qos2", "must be at least 1"));
         }
+        let protocol = match &m.protocol {
+            None => Protocol::V311,
+            Some(RawProtocol::Number(5)) => Protocol::V5,
+            Some(RawProtocol::Float(f)) if *f == 5.0 => Protocol::V5,
+            Some(RawProtocol::Text(t)) if t.trim() == "5" || t.trim() == "5.0" => Protocol::V5,
+            Some(RawProtocol::Text(t)) if t.trim() == "3.1.1" => Protocol::V311,
+            Some(other) => {
+                let shown = match other {
+                    RawProtocol::Number(n) => n.to_string(),
+                    RawProtocol::Float(f) => f.to_string(),
+                    RawProtocol::Text(t) => format!("{t:?}"),
+                };
+                self.errors.push(ctx.diag(
+                    "mqtt.protocol",
+                    format!("unknown MQTT version {shown}: expected 3.1.1 or 5"),
+                ));
+                Protocol::V311
+            }
+        };
         Mqtt {
+            protocol,
             host,
             port,
             client_id: m

@@ -91,6 +91,7 @@ use serde::Serialize;
 use crate::message::{Body, Message, Stored, now_ms};
 
 mod ages;
+pub mod requeue;
 mod sql;
 mod worker;
 
@@ -115,6 +116,8 @@ pub enum StoreError {
     },
     #[error("queue database: {0}")]
     Query(#[from] rusqlite::Error),
+    #[error("re-queue: {0}")]
+    Requeue(String),
     #[error("cannot move the corrupt queue aside: {0}")]
     MoveAside(std::io::Error),
     #[error("the store thread has stopped")]
@@ -183,7 +186,7 @@ impl Default for Limits {
 }
 
 /// The queue's figures, for `fieldgate queue stats` and the status message.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Stats {
     pub depth: u64,
     pub oldest_ts_ms: Option<i64>,
@@ -196,6 +199,8 @@ pub struct Stats {
     pub dropped_expired: u64,
     /// Rows that could never be published, kept in the `aside` table.
     pub set_aside: u64,
+    /// Rows in the `aside` table now, by reason (re-queued ones have left it).
+    pub aside_by_reason: std::collections::BTreeMap<String, u64>,
     /// Times the wall clock was seen to step while readings were queued.
     pub clock_steps: u64,
     pub acked_total: u64,
@@ -273,9 +278,19 @@ const SCHEMA: &str = "
         topic  TEXT    NOT NULL,
         qos    INTEGER NOT NULL,
         retain INTEGER NOT NULL,
-        body   TEXT    NOT NULL
+        body   TEXT    NOT NULL,
+        reason TEXT    NOT NULL DEFAULT ''
     );
 ";
+
+/// A row in the `aside` table, for `fieldgate queue aside`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AsideRow {
+    pub seq: u64,
+    pub ts_ms: i64,
+    pub topic: String,
+    pub reason: String,
+}
 
 impl Store {
     /// Opens (or creates) `{state_dir}/queue.db` with the default limits.
@@ -329,6 +344,18 @@ impl Store {
         conn.pragma_update(None, "journal_size_limit", 8 << 20)
             .map_err(wrap)?;
         conn.execute_batch(SCHEMA).map_err(wrap)?;
+        // Files from before reasons were kept: add the column.
+        let has_reason: bool = conn
+            .query_row(
+                "SELECT EXISTS (SELECT 1 FROM pragma_table_info('aside') WHERE name = 'reason')",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(wrap)?;
+        if !has_reason {
+            conn.execute_batch("ALTER TABLE aside ADD COLUMN reason TEXT NOT NULL DEFAULT ''")
+                .map_err(wrap)?;
+        }
         let clean: i64 = meta_get(&conn, "clean_shutdown").map_err(wrap)?;
         let fresh: bool = conn
             .query_row("SELECT NOT EXISTS (SELECT 1 FROM meta)", [], |r| r.get(0))
@@ -585,18 +612,18 @@ impl Store {
         self.pending_acks.clear();
     }
 
-    /// Moves rows that can never be published to the `aside` table, in one transaction;
-    /// returns how many were moved.
-    pub fn set_aside(&mut self, seqs: &[u64]) -> Result<u64, StoreError> {
+    /// Moves rows that can never be published (or that the broker refused) to the `aside`
+    /// table with the reason, in one transaction; returns how many were moved.
+    pub fn set_aside(&mut self, rows: &[(u64, String)]) -> Result<u64, StoreError> {
         let tx = self.conn.transaction()?;
         let mut n = 0u64;
         {
             let mut copy = tx.prepare_cached(
-                "INSERT OR REPLACE INTO aside SELECT seq, ts_ms, topic, qos, retain, body FROM queue WHERE seq = ?1",
+                "INSERT OR REPLACE INTO aside SELECT seq, ts_ms, topic, qos, retain, body, ?2 FROM queue WHERE seq = ?1",
             )?;
             let mut delete = tx.prepare_cached("DELETE FROM queue WHERE seq = ?1")?;
-            for s in seqs {
-                copy.execute(params![*s as i64])?;
+            for (s, reason) in rows {
+                copy.execute(params![*s as i64, reason])?;
                 n += delete.execute(params![*s as i64])? as u64;
             }
         }
@@ -605,6 +632,49 @@ impl Store {
         tx.commit()?;
         self.durable();
         self.depth -= n.min(self.depth);
+        Ok(n)
+    }
+
+    /// The rows set aside, oldest first, at most `limit`; only those whose reason starts with
+    /// `reason` when given.
+    pub fn aside(&self, reason: Option<&str>, limit: usize) -> Result<Vec<AsideRow>, StoreError> {
+        let mut q = self.conn.prepare(
+            "SELECT seq, ts_ms, topic, reason FROM aside WHERE reason LIKE ?1 || '%' ORDER BY seq LIMIT ?2",
+        )?;
+        let rows = q
+            .query_map(params![reason.unwrap_or(""), limit as i64], |r| {
+                Ok(AsideRow {
+                    seq: r.get::<_, i64>(0)? as u64,
+                    ts_ms: r.get(1)?,
+                    topic: r.get(2)?,
+                    reason: r.get(3)?,
+                })
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
+    /// Puts the rows set aside (those whose reason starts with `reason`, or all) back in the
+    /// queue, oldest first, under new seqs (after everything queued: nobody has received them,
+    /// so no consumer holds the old seq) and with their original `ts`. Returns how many.
+    pub fn requeue(&mut self, reason: Option<&str>) -> Result<u64, StoreError> {
+        let tx = self.conn.transaction()?;
+        let pattern = reason.unwrap_or("");
+        let n = tx.execute(
+            "INSERT INTO queue (ts_ms, topic, qos, retain, body) SELECT ts_ms, topic, qos, retain, body FROM aside WHERE reason LIKE ?1 || '%' ORDER BY seq",
+            params![pattern],
+        )? as u64;
+        tx.execute(
+            "DELETE FROM aside WHERE reason LIKE ?1 || '%'",
+            params![pattern],
+        )?;
+        delete_pending(&tx, &self.pending_acks)?;
+        let last_seq = read_last_seq(&tx)?;
+        tx.commit()?;
+        self.durable();
+        self.depth += n;
+        self.last_seq = last_seq;
+        self.ages.committed(last_seq, std::time::Instant::now());
         Ok(n)
     }
 
@@ -656,6 +726,21 @@ impl Store {
             dropped_newest: meta_get(c, "dropped_newest")? as u64,
             dropped_expired: meta_get(c, "dropped_expired")? as u64,
             set_aside: meta_get(c, "set_aside")? as u64,
+            aside_by_reason: {
+                let mut q = c.prepare_cached(
+                    "SELECT reason, count(*) FROM aside GROUP BY reason ORDER BY reason",
+                )?;
+                q.query_map([], |r| {
+                    let reason: String = r.get(0)?;
+                    let reason = if reason.is_empty() {
+                        "unpublishable".to_string()
+                    } else {
+                        reason
+                    };
+                    Ok((reason, r.get::<_, i64>(1)? as u64))
+                })?
+                .collect::<Result<_, _>>()?
+            },
             clock_steps: meta_get(c, "clock_steps")? as u64,
             acked_total: acked,
             acked_since_start: acked.saturating_sub(meta_get(c, "acked_at_start")? as u64),

@@ -20,7 +20,7 @@ enum Cmd {
         reply: oneshot::Sender<Result<Vec<Stored>, String>>,
     },
     Ack(Vec<u64>),
-    SetAside(Vec<u64>),
+    SetAside(Vec<(u64, String)>),
     Stats(oneshot::Sender<Result<Stats, String>>),
 }
 
@@ -67,7 +67,8 @@ impl StoreHandle {
     }
 
     /// Moves rows that can never be published out of the queue, into its `aside` table.
-    pub fn set_aside(&self, seqs: Vec<u64>) -> Result<(), StoreError> {
+    /// Moves rows to the `aside` table, each with its reason.
+    pub fn set_aside(&self, seqs: Vec<(u64, String)>) -> Result<(), StoreError> {
         self.tx
             .send(Cmd::SetAside(seqs))
             .map_err(|_| StoreError::Closed)
@@ -141,6 +142,8 @@ struct Worker {
     acks_since: Option<std::time::Instant>,
     /// When the oldest reading not yet committed arrived (`commit_interval`).
     unsaved_since: Option<std::time::Instant>,
+    /// When a re-queue request was last looked for.
+    requeue_checked: std::time::Instant,
 }
 
 /// Most corrupt-file replacements an hour.
@@ -169,6 +172,7 @@ impl Worker {
             repairs: Vec::new(),
             acks_since: None,
             unsaved_since: None,
+            requeue_checked: std::time::Instant::now(),
         }
     }
 
@@ -243,6 +247,22 @@ impl Worker {
             }
             self.delete_acked();
             self.sync_acks();
+            // A `fieldgate queue requeue` request: looked for once a second.
+            let serve = self.requeue_checked.elapsed() >= Duration::from_secs(1);
+            if serve {
+                self.requeue_checked = std::time::Instant::now();
+            }
+            match serve.then(|| super::requeue::serve(&mut self.store)).flatten() {
+                None => {}
+                Some(Ok(n)) => {
+                    tracing::info!(
+                        rows = n,
+                        "queue: readings set aside are queued again (fieldgate queue requeue)"
+                    );
+                    self.committed.send_replace(self.store.last_seq);
+                }
+                Some(Err(e)) => tracing::warn!(error = %e, "queue: cannot re-queue the readings set aside"),
+            }
             if self.last_expiry.elapsed() >= Duration::from_secs(60) {
                 self.last_expiry = std::time::Instant::now();
                 match self.retried(|s| s.expire(std::time::Instant::now())) {

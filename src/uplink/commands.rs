@@ -52,30 +52,32 @@ impl Uplink {
     /// hands it to the device's bus task and publishes the result when it is done.
     pub(super) fn command(
         &self,
-        p: rumqttc::Publish,
+        topic: &str,
+        payload: &[u8],
+        retain: bool,
         results: &mpsc::Sender<super::session::Outbound>,
     ) {
-        let Some((device, point, spec)) = self.set_topics.get(&p.topic) else {
+        let Some((device, point, spec)) = self.set_topics.get(topic) else {
             return;
         };
         // An empty publish is how a retained message is cleared: not a command.
-        if p.payload.is_empty() {
-            tracing::debug!(topic = %p.topic, "empty command payload ignored");
+        if payload.is_empty() {
+            tracing::debug!(%topic, "empty command payload ignored");
             return;
         }
-        let result_topic = crate::topics::command_result(&p.topic);
+        let result_topic = crate::topics::command_result(topic);
         let refuse = |why: String| {
-            tracing::warn!(topic = %p.topic, reason = %why, "command refused; nothing written");
+            tracing::warn!(%topic, reason = %why, "command refused; nothing written");
             let body = serde_json::json!({"ok": false, "error": why});
             // A full result queue means a flood of commands: the answer is dropped (logged above),
             // the command was not carried out.
             let _ = results.try_send((result_topic.clone(), body.to_string().into_bytes(), false));
         };
         // A retained command would be carried out again at every reconnect, hours later.
-        if p.retain {
+        if retain {
             return refuse("retained commands are ignored; publish without retain".into());
         }
-        let data = match command_value(&p.payload).and_then(|v| spec.encode(&v)) {
+        let data = match command_value(payload).and_then(|v| spec.encode(&v)) {
             Ok(d) => d,
             Err(why) => return refuse(why),
         };

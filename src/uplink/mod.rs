@@ -27,13 +27,13 @@
 
 mod announce;
 mod commands;
+pub mod link;
 mod session;
 pub mod window;
 
 use std::collections::HashMap;
 use std::time::Duration;
 
-use rumqttc::{ConnectReturnCode, LastWill, MqttOptions, QoS};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep};
 use tokio_util::sync::CancellationToken;
@@ -52,23 +52,61 @@ use announce::Announcements;
 pub enum UplinkError {
     #[error("{0}")]
     Connection(Box<rumqttc::ConnectionError>),
-    #[error("the broker refused the connection: {0:?}")]
-    Refused(ConnectReturnCode),
+    #[error("{0}")]
+    Connection5(Box<rumqttc::v5::ConnectionError>),
+    #[error("the broker refused the connection: {0}")]
+    Refused(String),
+    #[error("the broker disconnected us: {reason}{}", .detail.as_ref().map(|d| format!(" ({d})")).unwrap_or_default())]
+    Disconnected {
+        reason: String,
+        detail: Option<String>,
+    },
     #[error("no CONNACK within {0:?}")]
     ConnectTimeout(Duration),
     #[error("client: {0}")]
     Client(#[from] rumqttc::ClientError),
+    #[error("client: {0}")]
+    Client5(Box<rumqttc::v5::ClientError>),
     #[error("{0}")]
     Store(#[from] StoreError),
     #[error("nothing acknowledged for {quiet:?} while packet {pkid} awaits its acknowledgement")]
     AckTimeout { pkid: u16, quiet: Duration },
+    #[error("the broker turned a publish down for now: {0}; sent again after a pause")]
+    Busy(link::Refusal),
 }
 
 impl From<rumqttc::ConnectionError> for UplinkError {
     fn from(e: rumqttc::ConnectionError) -> Self {
         match e {
-            rumqttc::ConnectionError::ConnectionRefused(code) => UplinkError::Refused(code),
+            rumqttc::ConnectionError::ConnectionRefused(code) => {
+                UplinkError::Refused(link::words(code))
+            }
             e => UplinkError::Connection(Box::new(e)),
+        }
+    }
+}
+
+impl From<rumqttc::v5::ClientError> for UplinkError {
+    fn from(e: rumqttc::v5::ClientError) -> Self {
+        UplinkError::Client5(Box::new(e))
+    }
+}
+
+impl From<rumqttc::v5::ConnectionError> for UplinkError {
+    fn from(e: rumqttc::v5::ConnectionError) -> Self {
+        use rumqttc::v5::{ConnectionError as C, StateError as S};
+        match e {
+            C::ConnectionRefused(code) | C::MqttState(S::ConnFail { reason: code }) => {
+                UplinkError::Refused(link::words(code))
+            }
+            C::MqttState(S::ServerDisconnect {
+                reason_code,
+                reason_string,
+            }) => UplinkError::Disconnected {
+                reason: link::words(reason_code),
+                detail: reason_string,
+            },
+            e => UplinkError::Connection5(Box::new(e)),
         }
     }
 }
@@ -128,6 +166,8 @@ pub struct Uplink {
     /// The gateway's own stop. When the uplink is stopped without it, the gateway is reloading:
     /// no `offline` is published, the next uplink says `online` again at once.
     gateway_stop: CancellationToken,
+    /// MQTT 5: a reading's topic → its device's `message_expiry`, seconds.
+    expiry: HashMap<String, u32>,
 }
 
 /// What a session achieved before it ended, for the reconnect policy.
@@ -165,6 +205,7 @@ impl Uplink {
             pending_commands: tokio_util::task::TaskTracker::new(),
             discovery: Announcements::new(config),
             gateway_stop,
+            expiry: expiry_of(config),
         }
     }
 
@@ -250,34 +291,18 @@ impl Uplink {
             }
         }
     }
+}
 
-    fn options(&self) -> MqttOptions {
-        let m = &self.mqtt;
-        let mut o = MqttOptions::new(m.client_id.clone(), m.host.clone(), m.port);
-        if let Some(tls) = &m.tls {
-            if m.insecure_skip_verify {
-                tracing::warn!(broker = %m.host, "TLS SERVER CERTIFICATE NOT VERIFIED (insecure_skip_verify): anyone on the path can read and forge this link; lab use only");
-            }
-            o.set_transport(rumqttc::Transport::tls_with_config(
-                rumqttc::TlsConfiguration::Rustls(tls.clone()),
-            ));
+/// Each published topic of a device with `message_expiry`, and its expiry in seconds.
+fn expiry_of(config: &Config) -> HashMap<String, u32> {
+    let mut out = HashMap::new();
+    for d in &config.devices {
+        let Some(e) = d.message_expiry else { continue };
+        let secs = e.as_secs().clamp(1, u32::MAX as u64) as u32;
+        out.insert(d.device_delivery.topic.clone(), secs);
+        for p in &d.points {
+            out.insert(p.delivery.topic.clone(), secs);
         }
-        o.set_keep_alive(m.keep_alive);
-        o.set_clean_session(true);
-        // rumqttc's `inflight` is its packet-id space; the window (mqtt.inflight) is enforced
-        // here, with ids to spare so out-of-order acknowledgements rarely hold a publish back.
-        o.set_inflight(Window::id_space(m.inflight));
-        o.set_max_packet_size(MAX_PACKET, MAX_PACKET);
-        o.set_last_will(LastWill::new(
-            &self.status_topic,
-            "offline",
-            QoS::AtLeastOnce,
-            true,
-        ));
-        if let Some(user) = &m.username {
-            let pass = m.password.as_ref().map(|p| p.0.clone()).unwrap_or_default();
-            o.set_credentials(user.clone(), pass);
-        }
-        o
     }
+    out
 }

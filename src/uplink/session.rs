@@ -10,14 +10,15 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, ConnectReturnCode, Event, EventLoop, Outgoing, Packet, QoS};
+use rumqttc::QoS;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, timeout};
 use tokio_util::sync::CancellationToken;
 
+use super::link::{Aliases, Client, Ev, Events, Extras, Granted, Refusal};
 use super::window::{Entry, Window};
 use super::{Report, Uplink, UplinkError};
-use crate::message::Stored;
+use crate::message::{Body, Stored};
 use crate::store::StoreError;
 
 /// A message of the gateway's own, waiting for room in the window: topic, payload, retain.
@@ -43,6 +44,11 @@ pub(super) fn qos(q: u8) -> QoS {
 /// Why a topic and payload can never be published: MQTT forbids wildcards and NUL in a topic
 /// name, an empty topic, and the packet must fit the size limit.
 pub fn unpublishable(topic: &str, payload_len: usize) -> Option<String> {
+    unpublishable_within(topic, payload_len, MAX_PACKET)
+}
+
+/// [`unpublishable`] under a packet size limit of `max` bytes (the broker's, under MQTT 5).
+fn unpublishable_within(topic: &str, payload_len: usize, max: usize) -> Option<String> {
     if topic.is_empty() {
         return Some("empty topic".into());
     }
@@ -52,8 +58,12 @@ pub fn unpublishable(topic: &str, payload_len: usize) -> Option<String> {
     if topic.len() > u16::MAX as usize {
         return Some("topic longer than 65535 bytes".into());
     }
-    if topic.len() + payload_len + 16 > MAX_PACKET {
-        return Some(format!("packet larger than {MAX_PACKET} bytes"));
+    if topic.len() + payload_len + 16 > max {
+        return Some(if max < MAX_PACKET {
+            format!("packet larger than the broker's maximum packet size ({max} bytes)")
+        } else {
+            format!("packet larger than {MAX_PACKET} bytes")
+        });
     }
     None
 }
@@ -63,39 +73,6 @@ fn wire_bytes(topic: &str, payload_len: usize) -> usize {
     topic.len() + payload_len + 8
 }
 
-/// rumqttc's events, from its event loop running in a task of its own (so that nothing here
-/// cancels a half-written packet). The task stops when this is dropped.
-struct Events {
-    rx: mpsc::Receiver<Result<Event, rumqttc::ConnectionError>>,
-    pump: tokio::task::JoinHandle<()>,
-}
-
-impl Events {
-    fn spawn(mut eventloop: EventLoop, capacity: usize) -> Events {
-        let (tx, rx) = mpsc::channel(capacity);
-        let pump = tokio::spawn(async move {
-            loop {
-                let ev = eventloop.poll().await;
-                let stop = ev.is_err();
-                if tx.send(ev).await.is_err() || stop {
-                    break;
-                }
-            }
-        });
-        Events { rx, pump }
-    }
-
-    async fn recv(&mut self) -> Option<Result<Event, rumqttc::ConnectionError>> {
-        self.rx.recv().await
-    }
-}
-
-impl Drop for Events {
-    fn drop(&mut self) {
-        self.pump.abort();
-    }
-}
-
 /// A queued row read for publishing, its payload rendered once.
 struct Ready {
     seq: u64,
@@ -103,26 +80,63 @@ struct Ready {
     qos: u8,
     retain: bool,
     payload: Vec<u8>,
-    /// On the wire, for the window's byte budget.
-    bytes: usize,
+    /// MQTT 5 properties (message expiry, `ts`/`seq` of a bare value); the alias is added when
+    /// it is sent.
+    extras: Extras,
+}
+
+/// What a session needs to know to turn rows into publishes.
+struct Publishing<'a> {
+    /// The largest packet the broker takes (ours, or the broker's under MQTT 5).
+    max_packet: usize,
+    /// MQTT 5: the properties are sent.
+    v5: bool,
+    expiry: &'a HashMap<String, u32>,
 }
 
 impl Ready {
     /// The row ready to publish, or why it can never be: (seq, topic, reason).
-    fn new(row: Stored) -> Result<Ready, (u64, String, String)> {
+    fn new(row: Stored, how: &Publishing<'_>) -> Result<Ready, (u64, String, String)> {
         let payload = row.payload();
+        let mut extras = Extras::default();
+        if how.v5 {
+            // Expiry counts from when the broker has it: a reading replayed late keeps only
+            // what is left of its time (at least a second: live subscribers still get it).
+            if let Some(&secs) = how.expiry.get(&row.message.topic) {
+                let age = (crate::message::now_ms() - row.message.ts_ms).max(0) / 1000;
+                extras.expiry = Some((secs as i64 - age).max(1) as u32);
+            }
+            if matches!(row.message.body, Body::Bare { .. }) {
+                extras.user = vec![
+                    ("ts".into(), crate::message::format_ts(row.message.ts_ms)),
+                    ("seq".into(), row.seq.to_string()),
+                ];
+            }
+        }
         let m = row.message;
-        if let Some(why) = unpublishable(&m.topic, payload.len()) {
+        if let Some(why) =
+            unpublishable_within(&m.topic, payload.len() + extras.wire_bytes(), how.max_packet)
+        {
             return Err((row.seq, m.topic, why));
         }
         Ok(Ready {
             seq: row.seq,
-            bytes: wire_bytes(&m.topic, payload.len()),
             topic: m.topic,
             qos: m.qos,
             retain: m.retain,
             payload,
+            extras,
         })
+    }
+
+    /// Bytes on the wire with this topic (the full one, or none behind an alias).
+    fn bytes(&self, topic: &str) -> usize {
+        wire_bytes(topic, self.payload.len())
+            + if self.extras.is_empty() {
+                0
+            } else {
+                self.extras.wire_bytes()
+            }
     }
 }
 
@@ -146,10 +160,18 @@ struct Rows<'a> {
 
 /// One connection's publishing state: the client, the window, acknowledged rows to delete.
 struct Session<'a> {
-    client: &'a AsyncClient,
+    client: &'a Client,
     win: Window,
     /// Rows acknowledged, not yet deleted from the queue.
     acks: Vec<u64>,
+    /// Rows the broker refused (MQTT 5), to be set aside with the reason.
+    refused: Vec<(u64, String)>,
+    /// A refusal worth retrying later (the broker's quota): the session ends, the rows stay.
+    busy: Option<Refusal>,
+    /// A refusal was logged at warn level in this session (later ones go to debug).
+    refusal_logged: bool,
+    /// MQTT 5 topic aliases of this connection.
+    aliases: Aliases,
     /// A surprise was logged at warn level in this session (later ones go to debug).
     surprised: bool,
     /// The gateway's status and command results waiting for room in the window (first in line).
@@ -168,25 +190,33 @@ impl Uplink {
         report: &mut Report,
         down_since: Option<Instant>,
     ) -> Result<(), UplinkError> {
-        let filters: Vec<rumqttc::SubscribeFilter> = self
-            .set_topics
-            .keys()
-            .map(|t| rumqttc::SubscribeFilter::new(t.clone(), QoS::AtLeastOnce))
-            .collect();
-        let limit = self.mqtt.inflight as usize;
+        let filters: Vec<String> = self.set_topics.keys().cloned().collect();
+        let mut limit = self.mqtt.inflight as usize;
         // Room for the whole window, the subscriptions and the odd control message: try_publish
         // never finds the request channel full.
         let capacity = limit + filters.len().div_ceil(64) + 1 + 16;
-        let (client, mut eventloop) = AsyncClient::new(self.options(), capacity);
-        // Small PUBLISHes paced by acknowledgements: with Nagle on, each waits for the peer's
-        // (delayed) ACK of the one before, and a 50 ms link behaved like a 100 ms one.
-        let mut network = rumqttc::NetworkOptions::new();
-        network.set_tcp_nodelay(true);
-        eventloop.set_network_options(network);
-        let mut events = Events::spawn(eventloop, capacity);
-        if !connected(&mut events, cancel).await? {
-            return Ok(());
+        let mut ids = Window::id_space(self.mqtt.inflight);
+        if self.mqtt.insecure_skip_verify && self.mqtt.tls.is_some() {
+            tracing::warn!(broker = %self.mqtt.host, "TLS SERVER CERTIFICATE NOT VERIFIED (insecure_skip_verify): anyone on the path can read and forge this link; lab use only");
         }
+        let (client, mut events) = super::link::connect(
+            &self.mqtt,
+            ids,
+            MAX_PACKET,
+            (&self.status_topic, "offline"),
+            capacity,
+        );
+        let Some(granted) = connected(&mut events, cancel).await? else {
+            return Ok(());
+        };
+        // The broker's Receive Maximum caps the window; rumqttc's packet ids wrap there too.
+        if let Some(rm) = granted.receive_max {
+            limit = limit.min(rm as usize).max(1);
+            ids = ids.min(rm.max(1));
+        }
+        let max_packet = granted
+            .max_packet
+            .map_or(MAX_PACKET, |m| (m as usize).min(MAX_PACKET));
         report.connected = true;
         {
             let mut b = self.shared.broker.lock().expect("not poisoned");
@@ -195,17 +225,20 @@ impl Uplink {
         }
         let backlog = self.store.stats().await.map(|s| s.depth).unwrap_or(0);
         tracing::info!(broker = %format!("{}:{}", self.mqtt.host, self.mqtt.port), client_id = %self.mqtt.client_id, backlog,
-            down_for = ?down_since.map(|t| t.elapsed()), "MQTT uplink connected");
+            protocol = %self.mqtt.protocol, down_for = ?down_since.map(|t| t.elapsed()), "MQTT uplink connected");
+        if granted != Granted::default() {
+            tracing::debug!(receive_max = ?granted.receive_max, max_packet = ?granted.max_packet,
+                topic_alias_max = granted.alias_max, window = limit, "the broker's limits");
+        }
 
         let mut s = Session {
             client: &client,
-            win: Window::new(
-                limit,
-                Window::id_space(self.mqtt.inflight),
-                self.mqtt.keep_alive,
-                Instant::now(),
-            ),
+            win: Window::new(limit, ids, self.mqtt.keep_alive, Instant::now()),
             acks: Vec::new(),
+            refused: Vec::new(),
+            busy: None,
+            refusal_logged: false,
+            aliases: Aliases::new(granted.alias_max),
             surprised: false,
             outbox: VecDeque::new(),
             announcing: VecDeque::new(),
@@ -214,21 +247,26 @@ impl Uplink {
         s.control(&self.status_topic, b"online".to_vec(), true)?;
         // Commands: every point's `…/set` (a non-writable one gets a refusal, not silence).
         for chunk in filters.chunks(64) {
-            client.try_subscribe_many(chunk.to_vec())?;
+            client.subscribe(chunk.to_vec())?;
             s.win.subscribed();
         }
         if let Some(a) = &self.discovery {
-            client.try_subscribe(a.status_topic(), QoS::AtLeastOnce)?;
+            client.subscribe(vec![a.status_topic().to_string()])?;
             s.win.subscribed();
             s.announcing = a.messages();
         }
         // Command results, published as the window allows; bounded.
         let (results_tx, mut results) = mpsc::channel::<Outbound>(RESULTS_QUEUED);
+        let how = Publishing {
+            max_packet,
+            v5: self.mqtt.protocol == crate::config::Protocol::V5,
+            expiry: &self.expiry,
+        };
         let result = self
-            .publish(&mut s, &mut events, &results_tx, &mut results, cancel)
+            .publish(&mut s, &how, &mut events, &results_tx, &mut results, cancel)
             .await;
         report.delivered |= s.win.acknowledged() > 0;
-        self.store.ack(std::mem::take(&mut s.acks))?;
+        s.flush(&self.store)?;
         result?;
         self.close(s, events, results).await
     }
@@ -237,6 +275,7 @@ impl Uplink {
     async fn publish(
         &self,
         s: &mut Session<'_>,
+        how: &Publishing<'_>,
         events: &mut Events,
         results_tx: &mpsc::Sender<Outbound>,
         results: &mut mpsc::Receiver<Outbound>,
@@ -285,16 +324,16 @@ impl Uplink {
                 _ = cancel.cancelled() => return Ok(()),
                 ev = events.recv() => match ev {
                     None => return Err(UplinkError::ConnectTimeout(CONNECT_TIMEOUT)),
-                    Some(Err(e)) => return Err(e.into()),
-                    Some(Ok(Event::Incoming(Packet::Publish(p)))) => {
+                    Some(Err(e)) => return Err(e),
+                    Some(Ok(Ev::Message { topic, payload, retain })) => {
                         // Home Assistant (re)started: it forgot the configs.
                         match &self.discovery {
-                            Some(a) if p.topic == a.status_topic() => {
-                                if p.payload.as_ref() == b"online" {
+                            Some(a) if topic == a.status_topic() => {
+                                if payload == b"online" {
                                     s.announcing = a.messages();
                                 }
                             }
-                            _ => self.command(p, results_tx),
+                            _ => self.command(&topic, &payload, retain, results_tx),
                         }
                     }
                     Some(Ok(ev)) => s.handle(ev),
@@ -304,7 +343,7 @@ impl Uplink {
                 }
                 read = async { rows.fetch.as_mut().expect("guarded").await }, if rows.fetch.is_some() => {
                     rows.fetch = None;
-                    self.take_rows(&mut rows, read?)?;
+                    self.take_rows(&mut rows, read?, how)?;
                 }
                 changed = committed.changed(), if rows.drained => {
                     if changed.is_err() {
@@ -325,14 +364,17 @@ impl Uplink {
                 _ = tick.tick() => {
                     // Deletes are batched per tick: few fsyncs, and a crash re-sends at most
                     // one tick's worth of acknowledged rows.
-                    self.store.ack(std::mem::take(&mut s.acks))?;
+                    s.flush(&self.store)?;
                     if let Some((pkid, quiet)) = s.win.stuck(Instant::now(), self.tuning.ack_timeout) {
                         return Err(UplinkError::AckTimeout { pkid, quiet });
                     }
                 }
             }
             if s.acks.len() >= 256 {
-                self.store.ack(std::mem::take(&mut s.acks))?;
+                s.flush(&self.store)?;
+            }
+            if let Some(r) = s.busy.take() {
+                return Err(UplinkError::Busy(r));
             }
         }
     }
@@ -365,7 +407,7 @@ impl Uplink {
         now: Instant,
     ) -> Result<(), UplinkError> {
         while let Some(next) = rows.ready.front() {
-            if !s.win.can_submit(next.qos, next.bytes, now)
+            if !s.win.can_submit(next.qos, next.bytes(&next.topic), now)
                 || (next.qos == 2 && s.win.qos2_in_flight() >= self.mqtt.inflight_qos2 as usize)
                 || !bucket
                     .as_mut()
@@ -373,15 +415,18 @@ impl Uplink {
             {
                 break;
             }
-            let next = rows.ready.pop_front().expect("front exists");
+            let mut next = rows.ready.pop_front().expect("front exists");
+            let (topic, alias) = s.aliases.apply(std::mem::take(&mut next.topic));
+            next.extras.alias = alias;
+            let bytes = next.bytes(&topic);
             s.client
-                .try_publish(next.topic, qos(next.qos), next.retain, next.payload)?;
+                .publish(topic, qos(next.qos), next.retain, next.payload, next.extras)?;
             s.win.submit(
                 Entry::Row {
                     seq: next.seq,
                     qos: next.qos,
                 },
-                next.bytes,
+                bytes,
             );
             // Rows go out in seq order: everything up to here may be in flight.
             self.store.in_flight_upto(next.seq);
@@ -391,18 +436,23 @@ impl Uplink {
 
     /// Takes rows read from the queue: each payload is rendered once, here; a row the broker
     /// could never take is set aside instead of blocking the ones behind it.
-    fn take_rows(&self, rows: &mut Rows<'_>, read: Vec<Stored>) -> Result<(), UplinkError> {
+    fn take_rows(
+        &self,
+        rows: &mut Rows<'_>,
+        read: Vec<Stored>,
+        how: &Publishing<'_>,
+    ) -> Result<(), UplinkError> {
         rows.drained = read.len() < rows.batch;
         if let Some(last) = read.last() {
             rows.cursor = last.seq;
         }
         for row in read {
-            match Ready::new(row) {
+            match Ready::new(row, how) {
                 Ok(r) => rows.ready.push_back(r),
                 Err((seq, topic, why)) => {
                     tracing::error!(seq, %topic, reason = %why,
-                        "a queued reading can never be published; set aside in the queue file (table aside)");
-                    self.store.set_aside(vec![seq])?;
+                        "a queued reading can never be published; set aside in the queue file (`fieldgate queue aside`)");
+                    self.store.set_aside(vec![(seq, why)])?;
                 }
             }
         }
@@ -448,12 +498,12 @@ impl Uplink {
                 _ => break,
             }
         }
-        self.store.ack(std::mem::take(&mut s.acks))?;
+        s.flush(&self.store)?;
         let left = s.win.rows_in_flight();
-        let _ = s.client.try_disconnect();
+        let _ = s.client.disconnect();
         let _ = timeout(Duration::from_millis(500), async {
             while let Some(Ok(ev)) = events.recv().await {
-                if matches!(ev, Event::Outgoing(Outgoing::Disconnect)) {
+                if matches!(ev, Ev::DisconnectSent) {
                     break;
                 }
             }
@@ -468,23 +518,22 @@ impl Uplink {
     }
 }
 
-/// Waits for the CONNACK: Ok(true) when connected, Ok(false) when cancelled first.
-async fn connected(events: &mut Events, cancel: &CancellationToken) -> Result<bool, UplinkError> {
+/// Waits for the CONNACK: what the broker granted when connected, None when cancelled first.
+async fn connected(
+    events: &mut Events,
+    cancel: &CancellationToken,
+) -> Result<Option<Granted>, UplinkError> {
     let deadline = Instant::now() + CONNECT_TIMEOUT;
     loop {
         let ev = tokio::select! {
-            _ = cancel.cancelled() => return Ok(false),
+            _ = cancel.cancelled() => return Ok(None),
             ev = timeout(deadline.saturating_duration_since(Instant::now()), events.recv()) => ev,
         };
         match ev {
             Err(_) | Ok(None) => return Err(UplinkError::ConnectTimeout(CONNECT_TIMEOUT)),
-            Ok(Some(Err(e))) => return Err(e.into()),
-            Ok(Some(Ok(Event::Incoming(Packet::ConnAck(ack))))) => {
-                if ack.code != ConnectReturnCode::Success {
-                    return Err(UplinkError::Refused(ack.code));
-                }
-                return Ok(true);
-            }
+            Ok(Some(Err(e))) => return Err(e),
+            Ok(Some(Ok(Ev::Refused(why)))) => return Err(UplinkError::Refused(why)),
+            Ok(Some(Ok(Ev::Connected(granted)))) => return Ok(Some(granted)),
             Ok(Some(Ok(_))) => {}
         }
     }
@@ -492,14 +541,20 @@ async fn connected(events: &mut Events, cancel: &CancellationToken) -> Result<bo
 
 /// Publishes a message of the gateway's own (QoS 1) and counts it in the window.
 fn control(
-    client: &AsyncClient,
+    client: &Client,
     win: &mut Window,
     topic: &str,
     payload: Vec<u8>,
     retain: bool,
 ) -> Result<(), UplinkError> {
     let bytes = wire_bytes(topic, payload.len());
-    client.try_publish(topic, QoS::AtLeastOnce, retain, payload)?;
+    client.publish(
+        topic.to_string(),
+        QoS::AtLeastOnce,
+        retain,
+        payload,
+        Extras::default(),
+    )?;
     win.submit(Entry::Control { qos: 1 }, bytes);
     Ok(())
 }
@@ -532,22 +587,39 @@ impl Session<'_> {
         Ok(())
     }
 
-    /// Applies one of rumqttc's events to the window; acknowledged rows go to `acks`.
-    fn handle(&mut self, ev: Event) {
+    /// Hands acknowledged rows to the store for deletion, refused ones to be set aside.
+    fn flush(&mut self, store: &crate::store::StoreHandle) -> Result<(), UplinkError> {
+        store.ack(std::mem::take(&mut self.acks))?;
+        if !self.refused.is_empty() {
+            store.set_aside(std::mem::take(&mut self.refused))?;
+        }
+        Ok(())
+    }
+
+    /// Applies one of rumqttc's events to the window; acknowledged rows go to `acks`, refused
+    /// ones to `refused` — a refusal is never taken as a delivery.
+    fn handle(&mut self, ev: Ev) {
         let now = Instant::now();
         let surprise = match ev {
-            Event::Outgoing(Outgoing::Publish(pkid)) => {
+            Ev::Written(pkid) => {
                 let (done, surprise) = self.win.written(pkid, now);
                 self.acks.extend(done);
                 surprise
             }
-            Event::Outgoing(Outgoing::AwaitAck(pkid)) => Some(self.win.held_back(pkid)),
-            Event::Incoming(Packet::PubAck(a)) => {
-                self.acks.extend(self.win.ack(a.pkid, now));
+            Ev::HeldBack(pkid) => Some(self.win.held_back(pkid)),
+            Ev::Acked {
+                pkid,
+                refused: None,
+            } => {
+                self.acks.extend(self.win.ack(pkid, now));
                 None
             }
-            Event::Incoming(Packet::PubComp(c)) => {
-                self.acks.extend(self.win.ack(c.pkid, now));
+            Ev::Acked {
+                pkid,
+                refused: Some(r),
+            } => {
+                let seq = self.win.ack(pkid, now);
+                self.refusal(seq, r);
                 None
             }
             _ => None,
@@ -559,6 +631,33 @@ impl Session<'_> {
                 self.surprised = true;
                 tracing::warn!(surprise = %s, "MQTT bookkeeping surprise; session goes on, nothing is deleted unacknowledged (further ones at debug level)");
             }
+        }
+    }
+}
+
+impl Session<'_> {
+    /// The broker refused the publish of `seq` (None: one of the gateway's own messages).
+    fn refusal(&mut self, seq: Option<u64>, r: Refusal) {
+        let first = !self.refusal_logged;
+        self.refusal_logged = true;
+        match seq {
+            Some(_) if r.transient() => {
+                // Kept in the queue: the session ends and it is sent again after a pause.
+                tracing::warn!(seq, reason = %r, "the broker turned a reading down for now; it stays queued");
+                self.busy = Some(r);
+            }
+            Some(seq) => {
+                if first {
+                    tracing::warn!(seq, reason = %r, "the broker refused a reading; set aside, not deleted (`fieldgate queue aside`, `fieldgate queue requeue` once the broker takes it; further refusals at debug level)");
+                } else {
+                    tracing::debug!(seq, reason = %r, "the broker refused a reading; set aside");
+                }
+                self.refused.push((seq, r.to_string()));
+            }
+            None if first => {
+                tracing::warn!(reason = %r, "the broker refused one of the gateway's own messages (status, availability, command result or discovery); check its ACL")
+            }
+            None => tracing::debug!(reason = %r, "the broker refused a gateway message"),
         }
     }
 }

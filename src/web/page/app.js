@@ -72,7 +72,7 @@ function render(api, at) {
     ["oldest", q.oldest_age_s === null || q.oldest_age_s === undefined ? "—" : age(q.oldest_age_s * 1000)],
     ["drained", prev ? rate(q.acked_total, prev.api.status.queue.acked_total, dt) : "—"],
     ["dropped", num(d.total || 0) + " (oldest " + (d.oldest || 0) + ", newest " + (d.newest || 0) + ", expired " + (d.expired || 0) + ")"],
-    ["set aside", num(d.set_aside || 0)],
+    ["set aside", num(d.set_aside || 0) + asideReasons(d.aside_by_reason)],
     ["file", num(Math.round((q.bytes || 0) / 1024)) + " KiB in use"],
     ["last seq", num(q.last_seq)],
   ];
@@ -161,3 +161,9 @@ async function tick() {
 }
 
 tick();
+
+// "", or " (not authorized (0x87): 3, …)" for what the aside table holds now.
+function asideReasons(by) {
+  const parts = Object.entries(by || {}).map(([r, n]) => r + ": " + num(n));
+  return parts.length ? " (" + parts.join(", ") + ")" : "";
+}
