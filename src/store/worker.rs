@@ -252,7 +252,10 @@ impl Worker {
             if serve {
                 self.requeue_checked = std::time::Instant::now();
             }
-            match serve.then(|| super::requeue::serve(&mut self.store)).flatten() {
+            match serve
+                .then(|| super::requeue::serve(&mut self.store))
+                .flatten()
+            {
                 None => {}
                 Some(Ok(n)) => {
                     tracing::info!(
@@ -261,7 +264,9 @@ impl Worker {
                     );
                     self.committed.send_replace(self.store.last_seq);
                 }
-                Some(Err(e)) => tracing::warn!(error = %e, "queue: cannot re-queue the readings set aside"),
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "queue: cannot re-queue the readings set aside")
+                }
             }
             if self.last_expiry.elapsed() >= Duration::from_secs(60) {
                 self.last_expiry = std::time::Instant::now();

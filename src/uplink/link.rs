@@ -7,8 +7,8 @@
 //! Maximum), and the properties a v5 publish may carry (topic alias, message expiry, user
 //! properties). Reason codes are turned into words for the logs and the `aside` table.
 
-use rumqttc::v5::mqttbytes::v5 as p5;
 use rumqttc::v5::mqttbytes::QoS as QoS5;
+use rumqttc::v5::mqttbytes::v5 as p5;
 use rumqttc::{Event, Outgoing, Packet, QoS};
 use tokio::sync::mpsc;
 
@@ -112,7 +112,10 @@ pub enum Ev {
     /// rumqttc holds a publish back: its packet id is still in flight.
     HeldBack(u16),
     /// The final acknowledgement of a publish (PUBACK, PUBCOMP, or a refusing PUBREC).
-    Acked { pkid: u16, refused: Option<Refusal> },
+    Acked {
+        pkid: u16,
+        refused: Option<Refusal>,
+    },
     /// A publish from the broker (commands, Home Assistant's status).
     Message {
         topic: String,
@@ -355,11 +358,8 @@ pub fn connect(
             (Client::V4(client), events)
         }
         Protocol::V5 => {
-            let mut o = rumqttc::v5::MqttOptions::new(
-                mqtt.client_id.clone(),
-                mqtt.host.clone(),
-                mqtt.port,
-            );
+            let mut o =
+                rumqttc::v5::MqttOptions::new(mqtt.client_id.clone(), mqtt.host.clone(), mqtt.port);
             if let Some(t) = transport {
                 o.set_transport(t);
             }

@@ -114,9 +114,11 @@ impl Ready {
             }
         }
         let m = row.message;
-        if let Some(why) =
-            unpublishable_within(&m.topic, payload.len() + extras.wire_bytes(), how.max_packet)
-        {
+        if let Some(why) = unpublishable_within(
+            &m.topic,
+            payload.len() + extras.wire_bytes(),
+            how.max_packet,
+        ) {
             return Err((row.seq, m.topic, why));
         }
         Ok(Ready {
@@ -172,6 +174,8 @@ struct Session<'a> {
     refusal_logged: bool,
     /// MQTT 5 topic aliases of this connection.
     aliases: Aliases,
+    /// The largest packet the broker takes.
+    max_packet: usize,
     /// A surprise was logged at warn level in this session (later ones go to debug).
     surprised: bool,
     /// The gateway's status and command results waiting for room in the window (first in line).
@@ -239,6 +243,7 @@ impl Uplink {
             busy: None,
             refusal_logged: false,
             aliases: Aliases::new(granted.alias_max),
+            max_packet,
             surprised: false,
             outbox: VecDeque::new(),
             announcing: VecDeque::new(),
@@ -539,49 +544,45 @@ async fn connected(
     }
 }
 
-/// Publishes a message of the gateway's own (QoS 1) and counts it in the window.
-fn control(
-    client: &Client,
-    win: &mut Window,
-    topic: &str,
-    payload: Vec<u8>,
-    retain: bool,
-) -> Result<(), UplinkError> {
-    let bytes = wire_bytes(topic, payload.len());
-    client.publish(
-        topic.to_string(),
-        QoS::AtLeastOnce,
-        retain,
-        payload,
-        Extras::default(),
-    )?;
-    win.submit(Entry::Control { qos: 1 }, bytes);
-    Ok(())
-}
-
 impl Session<'_> {
-    /// Publishes a message of the gateway's own (QoS 1) and counts it in the window.
+    /// Publishes a message of the gateway's own (QoS 1) and counts it in the window. One
+    /// larger than the broker takes is logged and left out: sending it would only end the
+    /// session (the status message comes again; a refused command result is in the log).
     fn control(&mut self, topic: &str, payload: Vec<u8>, retain: bool) -> Result<(), UplinkError> {
-        control(self.client, &mut self.win, topic, payload, retain)
+        if let Some(why) = unpublishable_within(topic, payload.len(), self.max_packet) {
+            tracing::warn!(%topic, reason = %why, "a gateway message cannot be published; left out");
+            return Ok(());
+        }
+        let bytes = wire_bytes(topic, payload.len());
+        self.client.publish(
+            topic.to_string(),
+            QoS::AtLeastOnce,
+            retain,
+            payload,
+            Extras::default(),
+        )?;
+        self.win.submit(Entry::Control { qos: 1 }, bytes);
+        Ok(())
     }
 
     /// Publishes the outbox, then the Home Assistant configs, oldest first, while the window
     /// has room for them.
     fn send_outbox(&mut self, now: Instant) -> Result<(), UplinkError> {
-        let Session {
-            client,
-            win,
-            outbox,
-            announcing,
-            ..
-        } = self;
-        for queue in [outbox, announcing] {
-            while let Some((t, body, _)) = queue.front() {
-                if !win.can_submit(1, wire_bytes(t, body.len()), now) {
+        for announcing in [false, true] {
+            loop {
+                let queue = if announcing {
+                    &mut self.announcing
+                } else {
+                    &mut self.outbox
+                };
+                let Some((t, body, _)) = queue.front() else {
+                    break;
+                };
+                if !self.win.can_submit(1, wire_bytes(t, body.len()), now) {
                     return Ok(());
                 }
                 let (t, body, retain) = queue.pop_front().expect("front exists");
-                control(client, win, &t, body, retain)?;
+                self.control(&t, body, retain)?;
             }
         }
         Ok(())

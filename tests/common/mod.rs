@@ -300,6 +300,14 @@ impl Mosquitto {
         })
     }
 
+    /// Makes mosquitto read its configuration (and ACL file) again: SIGHUP.
+    pub fn reload(&self) {
+        let _ = Command::new("kill")
+            .arg("-HUP")
+            .arg(self.child.id().to_string())
+            .status();
+    }
+
     /// Stops the broker (SIGTERM: it saves its state) and starts it again on the same port.
     pub fn restart(self) -> Mosquitto {
         let persistent = self.persistent;
