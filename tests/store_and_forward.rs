@@ -96,10 +96,10 @@ async fn kill_9_at_random_moments_during_a_large_drain_loses_nothing() {
     // must land in the middle of the drain (#17).
     std::fs::write(
         &cfg,
-        format!(
+        common::with_test_protocol(&format!(
             "{}queue: {{ replay_rate: 2000 }}\n",
             config(&state, broker, sim.addr, FAST)
-        ),
+        )),
     )
     .unwrap();
     let sub = Subscriber::start(broker).await;
@@ -519,7 +519,12 @@ async fn mosquitto_publishes_the_last_will_when_the_gateway_is_killed() {
     let cfg = dir.path().join("config.yaml");
     std::fs::write(
         &cfg,
-        config(&dir.path().join("state"), broker.addr, sim.addr, FAST),
+        common::with_test_protocol(&config(
+            &dir.path().join("state"),
+            broker.addr,
+            sim.addr,
+            FAST,
+        )),
     )
     .unwrap();
     let sub = Subscriber::start(broker.addr).await;

@@ -151,10 +151,18 @@ async fn a_session_that_connects_but_delivers_nothing_does_not_reset_the_backoff
             tokio::spawn(async move {
                 let mut buf = [0u8; 1024];
                 // CONNECT in, CONNACK (accepted) out, then the first thing sent ends it.
-                if c.read(&mut buf).await.unwrap_or(0) == 0 {
+                let n = c.read(&mut buf).await.unwrap_or(0);
+                if n == 0 {
                     return;
                 }
-                let _ = c.write_all(&[0x20, 0x02, 0x00, 0x00]).await;
+                // In the client's version: MQTT 5's CONNACK has a (here empty) property list.
+                let v5 = n > 8 && buf[8] == 5;
+                let connack: &[u8] = if v5 {
+                    &[0x20, 0x03, 0x00, 0x00, 0x00]
+                } else {
+                    &[0x20, 0x02, 0x00, 0x00]
+                };
+                let _ = c.write_all(connack).await;
                 let _ = c.read(&mut buf).await;
             });
         }

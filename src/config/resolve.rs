@@ -393,6 +393,18 @@ impl Resolver<'_> {
                 Protocol::V311
             }
         };
+        // rumqttc's MQTT 5 client takes no keep-alive under 5 s (it would panic).
+        let keep_alive = if protocol == Protocol::V5 && keep_alive < Duration::from_secs(5) {
+            if m.keep_alive.is_some() {
+                self.warnings.push(ctx.diag(
+                    "mqtt.keep_alive",
+                    "under MQTT 5 the keep-alive is at least 5s; 5s is used",
+                ));
+            }
+            Duration::from_secs(5)
+        } else {
+            keep_alive
+        };
         Mqtt {
             protocol,
             host,

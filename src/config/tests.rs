@@ -134,3 +134,40 @@ fn a_status_page_beyond_loopback_without_a_password_is_warned_about() {
     .unwrap_err();
     assert_eq!(missing.0[0].path, "web.password_file");
 }
+
+#[test]
+fn the_mqtt_version_is_chosen_in_words_and_v5_only_settings_are_explained() {
+    let load = |mqtt: &str, devices: &str| {
+        Config::from_text(
+            Path::new("c.yaml"),
+            &format!("mqtt: {{ url: mqtt://127.0.0.1{mqtt} }}\n{devices}"),
+        )
+    };
+    assert_eq!(load("", "").unwrap().mqtt.protocol, Protocol::V311);
+    for five in [", protocol: 5", ", protocol: \"5\"", ", protocol: 5.0"] {
+        assert_eq!(load(five, "").unwrap().mqtt.protocol, Protocol::V5, "{five}");
+    }
+    assert_eq!(
+        load(", protocol: 3.1.1", "").unwrap().mqtt.protocol,
+        Protocol::V311
+    );
+    let bad = load(", protocol: 4", "").unwrap_err();
+    assert_eq!(bad.0[0].path, "mqtt.protocol");
+    assert!(bad.0[0].message.contains("expected 3.1.1 or 5"), "{}", bad.0[0].message);
+    // rumqttc's v5 client takes no keep-alive under 5 s: raised, and said so.
+    let short = load(", protocol: 5, keep_alive: 2s", "").unwrap();
+    assert_eq!(short.mqtt.keep_alive, std::time::Duration::from_secs(5));
+    assert_eq!(short.warnings[0].path, "mqtt.keep_alive");
+    // Message expiry is an MQTT 5 property: under 3.1.1 it would silently not be sent.
+    let devices = "buses: { plc: { modbus_tcp: { host: 127.0.0.1 } } }\ndevices:\n  d:\n    bus: plc\n    message_expiry: 10m\n    points: { p: { register: 0 } }\n";
+    let v311 = load("", devices).unwrap();
+    assert_eq!(v311.warnings[0].path, "devices.d.message_expiry");
+    let v5 = load(", protocol: 5", devices).unwrap();
+    assert!(v5.warnings.is_empty(), "{:?}", v5.warnings);
+    assert_eq!(
+        v5.devices[0].message_expiry,
+        Some(std::time::Duration::from_secs(600))
+    );
+    let zero = load(", protocol: 5", &devices.replace("10m", "500ms")).unwrap_err();
+    assert_eq!(zero.0[0].path, "devices.d.message_expiry");
+}

@@ -578,3 +578,104 @@ async fn with_a_commit_interval_readings_are_committed_together() {
     let s = Store::open(dir.path()).unwrap();
     assert_eq!(seqs(&s), (1..=14).collect::<Vec<_>>());
 }
+
+/// MQTT 5 (#15): a refused reading is kept with the broker's reason, listed, counted by
+/// reason, and re-queued under a new seq with its original time.
+#[test]
+fn rows_set_aside_keep_their_reason_and_requeue_puts_them_back_after_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Store::open(dir.path()).unwrap();
+    s.append(&msgs(1..=5)).unwrap();
+    s.set_aside(&[
+        (2, "not authorized (0x87)".to_string()),
+        (4, "not authorized (0x87)".to_string()),
+        (5, "packet larger than the broker's maximum packet size (100 bytes)".to_string()),
+    ])
+    .unwrap();
+    assert_eq!(seqs(&s), vec![1, 3]);
+    assert_eq!(s.depth(), 2);
+    let stats = s.stats().unwrap();
+    assert_eq!(stats.set_aside, 3);
+    assert_eq!(stats.aside_by_reason["not authorized (0x87)"], 2);
+    let listed = s.aside(Some("not auth"), 10).unwrap();
+    assert_eq!(
+        listed.iter().map(|r| (r.seq, r.topic.as_str())).collect::<Vec<_>>(),
+        vec![(2, "t/2"), (4, "t/4")]
+    );
+    // Only those refused as not authorized go back: after everything queued, original ts.
+    assert_eq!(s.requeue(Some("not authorized")).unwrap(), 2);
+    assert_eq!(seqs(&s), vec![1, 3, 6, 7]);
+    assert_eq!(s.depth(), 4);
+    let rows = s.peek(5, 10).unwrap();
+    assert_eq!(rows[0].message.ts_ms, T0 + 2);
+    assert_eq!(rows[1].message.ts_ms, T0 + 4);
+    assert_eq!(s.aside(None, 10).unwrap().len(), 1);
+    // The next reading gets the next seq: nothing reused.
+    s.append(&msgs(6..=6)).unwrap();
+    assert_eq!(*seqs(&s).last().unwrap(), 8);
+}
+
+#[test]
+fn a_queue_file_from_before_reasons_gains_the_column_and_keeps_its_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let c = rusqlite::Connection::open(dir.path().join("queue.db")).unwrap();
+        c.execute_batch(
+            "CREATE TABLE aside (seq INTEGER PRIMARY KEY, ts_ms INTEGER NOT NULL, topic TEXT NOT NULL, qos INTEGER NOT NULL, retain INTEGER NOT NULL, body TEXT NOT NULL);
+             INSERT INTO aside VALUES (7, 1, 'site/+/bad', 1, 0, '{\"point\":{\"value\":1,\"unit\":null}}');",
+        )
+        .unwrap();
+    }
+    let s = Store::open(dir.path()).unwrap();
+    let rows = s.aside(None, 10).unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!((rows[0].seq, rows[0].reason.as_str()), (7, ""));
+    assert_eq!(s.stats().unwrap().aside_by_reason["unpublishable"], 1);
+}
+
+/// Without a running gateway, `fieldgate queue requeue` withdraws its request and does the
+/// work on the file; with one, the store thread does it and answers.
+#[tokio::test]
+async fn a_requeue_request_is_served_by_the_store_thread_or_done_on_the_file() {
+    use super::requeue::{Requeued, request};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    {
+        let mut s = Store::open(&path).unwrap();
+        s.append(&msgs(1..=3)).unwrap();
+        s.set_aside(&[(2, "not authorized (0x87)".into())]).unwrap();
+    }
+    let p = path.clone();
+    let done = tokio::task::spawn_blocking(move || {
+        request(&p, None, std::time::Duration::from_millis(300))
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(done, Requeued::OnFile(1));
+    assert!(!path.join("requeue.request").exists(), "withdrawn");
+    {
+        let mut s = Store::open(&path).unwrap();
+        assert_eq!(seqs(&s), vec![1, 3, 4]);
+        s.set_aside(&[(4, "quota".into())]).unwrap();
+    }
+    let (handle, join) = spawn(Store::open(&path).unwrap()).unwrap();
+    let mut committed = handle.committed();
+    let p = path.clone();
+    let done = tokio::task::spawn_blocking(move || {
+        request(&p, Some("quota"), std::time::Duration::from_secs(5))
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(done, Requeued::ByGateway(1));
+    // The uplink hears of the new row.
+    tokio::time::timeout(std::time::Duration::from_secs(2), committed.changed())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(*committed.borrow(), 5);
+    assert_eq!(handle.stats().await.unwrap().depth, 3);
+    drop(handle);
+    join.join().unwrap();
+}

@@ -9,7 +9,14 @@ use std::time::Duration;
 /// rumqttd binds the address itself, so the port is chosen first: outside the kernel's
 /// ephemeral range (which outgoing connections keep drawing from, and could take it in the
 /// meantime), and then proven to be ours with an MQTT handshake.
+///
+/// When the suite runs under MQTT 5 (`FIELDGATE_TEST_MQTT_PROTOCOL=5`, see [`test_protocol`]) it
+/// is a mosquitto instead, which speaks 5 and 3.1.1 on one port (rumqttd needs a listener for
+/// each), tied to the calling thread: it is killed when the test's thread ends.
 pub fn start() -> std::io::Result<SocketAddr> {
+    if test_protocol() == "5" {
+        return start_mosquitto_for_thread();
+    }
     for _ in 0..20 {
         let addr = SocketAddr::from(([127, 0, 0, 1], quiet_port()?));
         let broker = rumqttd::Broker::new(broker_config(addr));
@@ -100,6 +107,58 @@ fn broker_config(addr: SocketAddr) -> rumqttd::Config {
         v4: Some(HashMap::from([("1".to_string(), server)])),
         ..Default::default()
     }
+}
+
+/// The MQTT version the tests' gateways speak: `FIELDGATE_TEST_MQTT_PROTOCOL` (`5`), or
+/// `3.1.1`. `.ci/run` runs the uplink tests under both.
+pub fn test_protocol() -> &'static str {
+    match std::env::var("FIELDGATE_TEST_MQTT_PROTOCOL").as_deref() {
+        Ok("5") => "5",
+        _ => "3.1.1",
+    }
+}
+
+/// A mosquitto on a free loopback port that dies with the calling thread (`setpriv
+/// --pdeathsig`): no Receive Maximum (`max_inflight_messages 0`), nothing kept.
+fn start_mosquitto_for_thread() -> std::io::Result<SocketAddr> {
+    let bin = mosquitto_bin().ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "FIELDGATE_TEST_MQTT_PROTOCOL=5 runs the tests against mosquitto, which is not installed",
+        )
+    })?;
+    let port = quiet_port()?;
+    let dir =
+        std::env::temp_dir().join(format!("fieldgate-mosquitto-{}-{port}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let conf = dir.join("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_inflight_messages 0\nmax_queued_messages 0\n"
+        ),
+    )?;
+    let mut cmd = if std::path::Path::new("/usr/bin/setpriv").exists() {
+        let mut c = std::process::Command::new("/usr/bin/setpriv");
+        c.args(["--pdeathsig", "KILL", "--", bin]);
+        c
+    } else {
+        std::process::Command::new(bin)
+    };
+    cmd.arg("-c")
+        .arg(&conf)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    for _ in 0..200 {
+        if answers_mqtt(addr) {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Ok(addr);
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    Err(std::io::Error::other("mosquitto did not start"))
 }
 
 /// Where Debian (and a local build) install mosquitto; None when it is not installed.

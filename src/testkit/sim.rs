@@ -421,6 +421,15 @@ fn pty_at(
     path: &std::path::Path,
 ) -> std::io::Result<(tokio_serial::SerialStream, tokio_serial::SerialStream)> {
     let (master, slave) = tokio_serial::SerialStream::pair().map_err(std::io::Error::from)?;
+    // Close-on-exec: a process the tests spawn (mosquitto) would otherwise inherit the pty,
+    // and an unplugged adapter would stay open in it.
+    for fd in [
+        std::os::fd::AsRawFd::as_raw_fd(&master),
+        std::os::fd::AsRawFd::as_raw_fd(&slave),
+    ] {
+        // SAFETY: fcntl on a descriptor we own; F_SETFD only changes its flags.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
     let name = tokio_serial::SerialPort::name(&slave)
         .ok_or_else(|| std::io::Error::other("pty without a name"))?;
     std::os::unix::fs::symlink(&name, path)?;

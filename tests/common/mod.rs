@@ -193,7 +193,7 @@ impl Gateway {
     pub fn start_with(dir: &Path, yaml: &str, tuning: Tuning) -> Gateway {
         logs();
         let path = dir.join("config.yaml");
-        std::fs::write(&path, yaml).unwrap();
+        std::fs::write(&path, with_test_protocol(yaml)).unwrap();
         let config = Config::load(&path).unwrap_or_else(|e| panic!("test config is invalid:\n{e}"));
         let state_dir = config.gateway.state_dir.clone();
         let cancel = CancellationToken::new();
@@ -225,6 +225,34 @@ pub fn test_tuning() -> Tuning {
         backoff_max: Duration::from_millis(500),
         refused_backoff: Duration::from_secs(30),
     }
+}
+
+/// `yaml` speaking the suite's MQTT version (`FIELDGATE_TEST_MQTT_PROTOCOL`, see
+/// `testkit::broker::test_protocol`) unless it names one itself: `.ci/run` runs the uplink
+/// tests under 3.1.1 and again under 5.
+pub fn with_test_protocol(yaml: &str) -> String {
+    let protocol = fieldgate::testkit::broker::test_protocol();
+    if protocol == "3.1.1" || yaml.contains("protocol:") {
+        return yaml.to_string();
+    }
+    let mut out = String::with_capacity(yaml.len() + 16);
+    let mut done = false;
+    for line in yaml.split_inclusive('\n') {
+        let t = line.trim_start();
+        if !done && t.starts_with("mqtt:") && t.contains('{') {
+            // Flow style: `mqtt: { url: …, … }`.
+            out.push_str(&line.replacen('{', &format!("{{ protocol: {protocol},"), 1));
+            done = true;
+        } else if !done && t.starts_with("url: mqtt") {
+            out.push_str(line);
+            let indent = &line[..line.len() - t.len()];
+            out.push_str(&format!("{indent}protocol: {protocol}\n"));
+            done = true;
+        } else {
+            out.push_str(line);
+        }
+    }
+    out
 }
 
 /// A config with one Modbus TCP bus `plc` at `modbus`, publishing to `mqtt`.
@@ -336,7 +364,7 @@ impl Mosquitto {
         };
         let child = fieldgate::testkit::broker::spawn_mosquitto(
             &dir.path().join("mosquitto.conf"),
-            &format!("listener {port} 127.0.0.1\nallow_anonymous true\n{persistence}max_queued_messages 0\n"),
+            &format!("listener {port} 127.0.0.1\nallow_anonymous true\n{persistence}max_queued_messages 0\nmax_inflight_messages 0\n"),
             port,
         )
         .expect("mosquitto starts");
