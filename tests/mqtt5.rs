@@ -622,3 +622,193 @@ fn which(bin: &str) -> Option<std::path::PathBuf> {
         .map(|d| std::path::Path::new(d).join(bin))
         .find(|p| p.exists())
 }
+
+/// What the scripted broker saw: per reading seq, the reason codes it answered.
+type Answers = Arc<Mutex<std::collections::BTreeMap<u64, Vec<u8>>>>;
+
+/// A scripted MQTT 5 broker: PUBREC "not authorized" for every QoS 2 publish, PUBACK "quota
+/// exceeded" for the first `busy` QoS 1 readings, success after. Records each reading's seq
+/// (from its JSON payload) and what it answered.
+async fn scripted_broker(busy: usize) -> (SocketAddr, Answers, Arc<Mutex<u64>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let answers: Answers = Arc::default();
+    let connects = Arc::new(Mutex::new(0u64));
+    let (a, n) = (answers.clone(), connects.clone());
+    tokio::spawn(async move {
+        let refused = Arc::new(Mutex::new(0usize));
+        while let Ok((mut c, _)) = listener.accept().await {
+            *n.lock().unwrap() += 1;
+            let (answers, refused) = (a.clone(), refused.clone());
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = vec![0u8; 16 * 1024];
+                loop {
+                    let got = match c.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(k) => k,
+                    };
+                    buf.extend_from_slice(&chunk[..got]);
+                    let mut out = Vec::new();
+                    for (first, p) in packets(&mut buf) {
+                        let b = body(&p);
+                        match first >> 4 {
+                            1 => out.extend([0x20, 0x03, 0x00, 0x00, 0x00]),
+                            8 => {
+                                // SUBACK: granted QoS 1 for each filter.
+                                let (n, plen) = varint(&b[2..]).unwrap();
+                                let mut i = 2 + n + plen;
+                                let mut codes = Vec::new();
+                                while i < b.len() {
+                                    i += 2 + u16_at(b, i) as usize + 1;
+                                    codes.push(1u8);
+                                }
+                                out.extend([0x90, (3 + codes.len()) as u8, b[0], b[1], 0]);
+                                out.extend(codes);
+                            }
+                            3 => {
+                                let qos = (first >> 1) & 3;
+                                let tlen = u16_at(b, 0) as usize;
+                                let mut i = 2 + tlen;
+                                let pkid = (qos > 0).then(|| u16_at(b, i));
+                                if qos > 0 {
+                                    i += 2;
+                                }
+                                let (n, plen) = varint(&b[i..]).unwrap();
+                                let payload: serde_json::Value =
+                                    serde_json::from_slice(&b[i + n + plen..])
+                                        .unwrap_or(serde_json::Value::Null);
+                                let seq = payload["seq"].as_u64();
+                                let Some(pkid) = pkid else { continue };
+                                let [hi, lo] = pkid.to_be_bytes();
+                                let reason = match (qos, seq) {
+                                    (2, _) => 0x87,
+                                    (_, Some(_)) => {
+                                        let mut r = refused.lock().unwrap();
+                                        if *r < busy {
+                                            *r += 1;
+                                            0x97
+                                        } else {
+                                            0x00
+                                        }
+                                    }
+                                    _ => 0x00,
+                                };
+                                if let Some(seq) = seq {
+                                    answers.lock().unwrap().entry(seq).or_default().push(reason);
+                                }
+                                let kind = if qos == 2 { 0x50 } else { 0x40 };
+                                out.extend([kind, 0x04, hi, lo, reason, 0x00]);
+                            }
+                            // PUBREL after a successful PUBREC (not sent after a refusal).
+                            6 => out.extend([0x70, 0x02, b[0], b[1]]),
+                            12 => out.extend([0xd0, 0x00]),
+                            14 => return,
+                            _ => {}
+                        }
+                    }
+                    if c.write_all(&out).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, answers, connects)
+}
+
+/// Reason codes of the kind a broker sends under load or by policy, from a scripted broker: a
+/// "quota exceeded" is never a delivery (the reading stays queued and goes again on the next
+/// connection); a PUBREC "not authorized" on a QoS 2 reading ends that exchange and sets the
+/// reading aside. Nothing else is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quota_exceeded_is_retried_and_a_refused_qos2_publish_is_set_aside() {
+    let (broker, answers, connects) = scripted_broker(3).await;
+    let sim = sim().await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let devices = "  meter:\n    bus: plc\n    every: 200ms\n    points:\n      voltage_l0: { register: 0 }\n      exact: { register: 1, qos: 2 }\n";
+    let gw = Gateway::start(dir.path(), &config(&state, broker, sim.addr, "5", devices));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let acked = answers
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|r| r.last() == Some(&0))
+            .count();
+        if acked >= 20 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {acked} readings taken in 20 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    gw.stop().await;
+    let answers = answers.lock().unwrap().clone();
+    let store = Store::open_read_only(&state).unwrap();
+    let aside = store.aside(None, 1000).unwrap();
+    let queued: Vec<u64> = store
+        .peek(0, 100_000)
+        .unwrap()
+        .iter()
+        .map(|r| r.seq)
+        .collect();
+    // Every reading refused as "quota exceeded" was offered again and taken (or is queued).
+    let busy: Vec<u64> = answers
+        .iter()
+        .filter(|(_, r)| r.contains(&0x97))
+        .map(|(s, _)| *s)
+        .collect();
+    let refusals: usize = answers
+        .values()
+        .map(|r| r.iter().filter(|c| **c == 0x97).count())
+        .sum();
+    assert_eq!(refusals, 3, "{answers:?}");
+    // What was in flight beside the refused one was acknowledged before the session ended:
+    // taken once, not sent again.
+    let twice = answers
+        .iter()
+        .filter(|(_, r)| r.iter().filter(|c| **c == 0).count() > 1)
+        .count();
+    assert_eq!(twice, 0, "{answers:?}");
+    for s in &busy {
+        assert!(
+            answers[s].last() == Some(&0) || queued.contains(s),
+            "seq {s}: {:?}",
+            answers[s]
+        );
+    }
+    assert!(
+        *connects.lock().unwrap() >= 2,
+        "quota exceeded ends the session"
+    );
+    // Each QoS 2 reading refused is set aside with the reason, never taken as delivered.
+    let refused: Vec<u64> = answers
+        .iter()
+        .filter(|(_, r)| r.contains(&0x87))
+        .map(|(s, _)| *s)
+        .collect();
+    assert!(!refused.is_empty());
+    for s in &refused {
+        let row = aside.iter().find(|r| r.seq == *s);
+        assert!(
+            row.is_some_and(
+                |r| r.reason == "not authorized (0x87)" && r.topic == format!("{T}/exact")
+            ) || queued.contains(s),
+            "seq {s} neither aside nor queued: {aside:?}"
+        );
+    }
+    // Nothing lost: every seq is acknowledged, aside or queued.
+    let last = store.last_seq().unwrap();
+    for s in 1..=last {
+        let taken = answers.get(&s).is_some_and(|r| r.last() == Some(&0));
+        assert!(
+            taken || queued.contains(&s) || aside.iter().any(|r| r.seq == s),
+            "seq {s} lost: {:?}",
+            answers.get(&s)
+        );
+    }
+}

@@ -145,7 +145,11 @@ fn the_mqtt_version_is_chosen_in_words_and_v5_only_settings_are_explained() {
     };
     assert_eq!(load("", "").unwrap().mqtt.protocol, Protocol::V311);
     for five in [", protocol: 5", ", protocol: \"5\"", ", protocol: 5.0"] {
-        assert_eq!(load(five, "").unwrap().mqtt.protocol, Protocol::V5, "{five}");
+        assert_eq!(
+            load(five, "").unwrap().mqtt.protocol,
+            Protocol::V5,
+            "{five}"
+        );
     }
     assert_eq!(
         load(", protocol: 3.1.1", "").unwrap().mqtt.protocol,
@@ -153,7 +157,11 @@ fn the_mqtt_version_is_chosen_in_words_and_v5_only_settings_are_explained() {
     );
     let bad = load(", protocol: 4", "").unwrap_err();
     assert_eq!(bad.0[0].path, "mqtt.protocol");
-    assert!(bad.0[0].message.contains("expected 3.1.1 or 5"), "{}", bad.0[0].message);
+    assert!(
+        bad.0[0].message.contains("expected 3.1.1 or 5"),
+        "{}",
+        bad.0[0].message
+    );
     // rumqttc's v5 client takes no keep-alive under 5 s: raised, and said so.
     let short = load(", protocol: 5, keep_alive: 2s", "").unwrap();
     assert_eq!(short.mqtt.keep_alive, std::time::Duration::from_secs(5));

@@ -589,7 +589,10 @@ fn rows_set_aside_keep_their_reason_and_requeue_puts_them_back_after_the_rest() 
     s.set_aside(&[
         (2, "not authorized (0x87)".to_string()),
         (4, "not authorized (0x87)".to_string()),
-        (5, "packet larger than the broker's maximum packet size (100 bytes)".to_string()),
+        (
+            5,
+            "packet larger than the broker's maximum packet size (100 bytes)".to_string(),
+        ),
     ])
     .unwrap();
     assert_eq!(seqs(&s), vec![1, 3]);
@@ -599,7 +602,10 @@ fn rows_set_aside_keep_their_reason_and_requeue_puts_them_back_after_the_rest() 
     assert_eq!(stats.aside_by_reason["not authorized (0x87)"], 2);
     let listed = s.aside(Some("not auth"), 10).unwrap();
     assert_eq!(
-        listed.iter().map(|r| (r.seq, r.topic.as_str())).collect::<Vec<_>>(),
+        listed
+            .iter()
+            .map(|r| (r.seq, r.topic.as_str()))
+            .collect::<Vec<_>>(),
         vec![(2, "t/2"), (4, "t/4")]
     );
     // Only those refused as not authorized go back: after everything queued, original ts.

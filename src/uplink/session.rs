@@ -168,8 +168,10 @@ struct Session<'a> {
     acks: Vec<u64>,
     /// Rows the broker refused (MQTT 5), to be set aside with the reason.
     refused: Vec<(u64, String)>,
-    /// A refusal worth retrying later (the broker's quota): the session ends, the rows stay.
-    busy: Option<Refusal>,
+    /// A refusal worth retrying later (the broker's quota) and when it came: nothing more is
+    /// sent, the acknowledgements of what is in flight are awaited (briefly), then the session
+    /// ends and the refused rows, still queued, go again after a pause.
+    busy: Option<(Refusal, Instant)>,
     /// A refusal was logged at warn level in this session (later ones go to debug).
     refusal_logged: bool,
     /// MQTT 5 topic aliases of this connection.
@@ -324,7 +326,9 @@ impl Uplink {
                 committed.borrow_and_update();
                 rows.fetch = Some(Box::pin(self.store.peek(rows.cursor, batch)));
             }
-            self.submit_rows(s, &mut rows, bucket.as_mut(), now)?;
+            if s.busy.is_none() {
+                self.submit_rows(s, &mut rows, bucket.as_mut(), now)?;
+            }
             tokio::select! {
                 _ = cancel.cancelled() => return Ok(()),
                 ev = events.recv() => match ev {
@@ -378,7 +382,10 @@ impl Uplink {
             if s.acks.len() >= 256 {
                 s.flush(&self.store)?;
             }
-            if let Some(r) = s.busy.take() {
+            if let Some((r, since)) = s.busy
+                && (s.win.rows_in_flight() == 0 || since.elapsed() >= self.tuning.drain_timeout)
+            {
+                s.flush(&self.store)?;
                 return Err(UplinkError::Busy(r));
             }
         }
@@ -645,7 +652,9 @@ impl Session<'_> {
             Some(_) if r.transient() => {
                 // Kept in the queue: the session ends and it is sent again after a pause.
                 tracing::warn!(seq, reason = %r, "the broker turned a reading down for now; it stays queued");
-                self.busy = Some(r);
+                if self.busy.is_none() {
+                    self.busy = Some((r, Instant::now()));
+                }
             }
             Some(seq) => {
                 if first {
