@@ -114,10 +114,11 @@ impl Config {
         );
         let _ = writeln!(
             s,
-            "gateway {} → {}:{} as {}; queue in {}",
+            "gateway {} → {}:{} (MQTT {}) as {}; queue in {}",
             self.gateway.id,
             self.mqtt.host,
             self.mqtt.port,
+            self.mqtt.protocol,
             self.mqtt.client_id,
             self.gateway.state_dir.join("queue.db").display()
         );
