@@ -48,6 +48,7 @@ pub mod modbus;
 pub mod parse;
 pub mod plan;
 pub mod poll;
+pub mod sparkplug;
 pub mod state;
 pub mod status;
 pub mod store;
