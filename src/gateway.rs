@@ -63,7 +63,12 @@ pub async fn run_reloadable(
     tracing::info!(gateway = %config.gateway.id, queue = %config.gateway.state_dir.join("queue.db").display(),
         queued = stats.depth, last_seq = stats.last_seq, "queue open");
     let (handle, store_thread) = store::spawn(store)?;
-    let shared = Shared::new(handle, &config.gateway.id, config.web.is_some());
+    let shared = Shared::new(
+        handle,
+        &config.gateway.id,
+        // The status page shows them; Sparkplug's DBIRTH carries them.
+        config.web.is_some() || config.sparkplug.is_some(),
+    );
     let health = shared.health.clone();
     let watchdog = tokio::spawn(systemd::watchdog(health, cancel.clone()));
     let started = std::time::Instant::now();

@@ -48,6 +48,24 @@ impl Shared {
     }
 }
 
+impl Shared {
+    /// The latest value of each point of `device` and its poll time (kept only while
+    /// `keep_values`).
+    pub fn device_values(&self, device: &str) -> BTreeMap<String, (Value, i64)> {
+        let stats = self.stats.lock().expect("not poisoned");
+        stats
+            .values()
+            .find_map(|b| b.devices.get(device))
+            .map(|d| {
+                d.values
+                    .iter()
+                    .map(|(k, r)| (k.clone(), (r.value.clone(), r.ts_ms)))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
 /// The broker link as the status views show it.
 #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]

@@ -72,10 +72,21 @@ pub struct Config {
     pub homeassistant: Option<Discovery>,
     /// The status page, if enabled.
     pub web: Option<Web>,
+    /// Sparkplug B, if enabled.
+    pub sparkplug: Option<Sparkplug>,
     pub buses: Vec<Bus>,
     pub devices: Vec<Device>,
     /// What works but is probably not meant: `check` prints these, `run` logs them.
     pub warnings: Vec<Diagnostic>,
+}
+
+/// `sparkplug:` in the config: the gateway as a Sparkplug B edge node.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sparkplug {
+    pub group_id: String,
+    pub edge_node_id: String,
+    /// fieldgate's JSON topics are published too.
+    pub json: bool,
 }
 
 /// `web:` in the config: the read-only status page.

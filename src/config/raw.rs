@@ -28,6 +28,18 @@ pub struct RawConfig {
     pub metrics: Option<RawMetrics>,
     pub homeassistant: Option<RawHomeAssistant>,
     pub web: Option<RawWeb>,
+    pub sparkplug: Option<RawSparkplug>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSparkplug {
+    /// Sparkplug group id.
+    pub group_id: String,
+    /// Edge node id (default: the gateway id).
+    pub edge_node_id: Option<String>,
+    /// Also publish fieldgate's own JSON topics (default true).
+    pub json: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

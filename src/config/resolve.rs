@@ -207,7 +207,39 @@ impl Resolver<'_> {
                 ));
             }
         }
+        let sparkplug = raw.sparkplug.as_ref().map(|sp| {
+            // Sparkplug ids are topic levels: no `/`, `+`, `#` (Sparkplug 3.0, 4.1.1).
+            let edge = sp
+                .edge_node_id
+                .clone()
+                .unwrap_or_else(|| gateway.id.clone());
+            for (key, id) in [
+                ("sparkplug.group_id", &sp.group_id),
+                ("sparkplug.edge_node_id", &edge),
+            ] {
+                if id.is_empty() || id.contains(['/', '+', '#']) {
+                    self.errors.push(ctx.diag(
+                        key,
+                        format!("{id:?} is not a Sparkplug id: not empty, no `/`, `+` or `#`"),
+                    ));
+                }
+            }
+            for d in &devices {
+                if d.name.contains(['/', '+', '#']) {
+                    self.errors.push(ctx.diag(
+                        &format!("devices.{}", d.name),
+                        "a Sparkplug device id has no `/`, `+` or `#`",
+                    ));
+                }
+            }
+            super::Sparkplug {
+                group_id: sp.group_id.clone(),
+                edge_node_id: edge,
+                json: sp.json.unwrap_or(true),
+            }
+        });
         Config {
+            sparkplug,
             path: path.to_path_buf(),
             gateway,
             mqtt,

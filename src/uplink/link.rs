@@ -301,12 +301,12 @@ impl Client {
 }
 
 /// The options of a client of `mqtt.protocol`: `inflight_ids` is its packet-id space, `will`
-/// the Last Will (topic, payload; QoS 1, retained).
+/// the Last Will (topic, payload, retain; QoS 1).
 pub fn connect(
     mqtt: &Mqtt,
     inflight_ids: u16,
     max_packet: usize,
-    will: (&str, &str),
+    will: (String, Vec<u8>, bool),
     capacity: usize,
 ) -> (Client, Events) {
     let mut network = rumqttc::NetworkOptions::new();
@@ -339,7 +339,7 @@ pub fn connect(
                 will.0,
                 will.1,
                 QoS::AtLeastOnce,
-                true,
+                will.2,
             ));
             if let Some((u, p)) = credentials {
                 o.set_credentials(u, p);
@@ -375,7 +375,7 @@ pub fn connect(
                 will.0,
                 will.1,
                 QoS5::AtLeastOnce,
-                true,
+                will.2,
                 None,
             ));
             if let Some((u, p)) = credentials {

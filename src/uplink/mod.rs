@@ -29,6 +29,7 @@ mod announce;
 mod commands;
 pub mod link;
 mod session;
+mod sparkplug;
 pub mod window;
 
 use std::collections::HashMap;
@@ -168,6 +169,8 @@ pub struct Uplink {
     gateway_stop: CancellationToken,
     /// MQTT 5: a reading's topic → its device's `message_expiry`, seconds.
     expiry: HashMap<String, u32>,
+    /// Sparkplug B, if configured.
+    edge: Option<sparkplug::Edge>,
 }
 
 /// What a session achieved before it ended, for the reconnect policy.
@@ -206,6 +209,7 @@ impl Uplink {
             discovery: Announcements::new(config),
             gateway_stop,
             expiry: expiry_of(config),
+            edge: sparkplug::Edge::new(config),
         }
     }
 

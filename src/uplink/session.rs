@@ -83,6 +83,8 @@ struct Ready {
     /// MQTT 5 properties (message expiry, `ts`/`seq` of a bare value); the alias is added when
     /// it is sent.
     extras: Extras,
+    /// Sparkplug: this is the reading's DDATA copy, encoded when it is sent.
+    sp: Option<super::sparkplug::SpRow>,
 }
 
 /// What a session needs to know to turn rows into publishes.
@@ -128,6 +130,7 @@ impl Ready {
             retain: m.retain,
             payload,
             extras,
+            sp: None,
         })
     }
 
@@ -178,6 +181,10 @@ struct Session<'a> {
     aliases: Aliases,
     /// The largest packet the broker takes.
     max_packet: usize,
+    /// Sparkplug B: this connection of the edge node.
+    sp: Option<super::sparkplug::SpSession>,
+    /// Rows sent both as JSON and as Sparkplug: acknowledgements still awaited per seq.
+    pairs: HashMap<u64, u8>,
     /// A surprise was logged at warn level in this session (later ones go to debug).
     surprised: bool,
     /// The gateway's status and command results waiting for room in the window (first in line).
@@ -205,13 +212,17 @@ impl Uplink {
         if self.mqtt.insecure_skip_verify && self.mqtt.tls.is_some() {
             tracing::warn!(broker = %self.mqtt.host, "TLS SERVER CERTIFICATE NOT VERIFIED (insecure_skip_verify): anyone on the path can read and forge this link; lab use only");
         }
-        let (client, mut events) = super::link::connect(
-            &self.mqtt,
-            ids,
-            MAX_PACKET,
-            (&self.status_topic, "offline"),
-            capacity,
-        );
+        // Sparkplug: a new bdSeq per connection, in the Will (NDEATH) and the NBIRTH.
+        let bd_seq = self.edge.as_ref().map(|e| e.next_bd_seq());
+        let will = match (&self.edge, bd_seq) {
+            (Some(edge), Some(bd)) => {
+                let (topic, payload) = edge.will(bd);
+                (topic, payload, false)
+            }
+            _ => (self.status_topic.clone(), b"offline".to_vec(), true),
+        };
+        let (client, mut events) =
+            super::link::connect(&self.mqtt, ids, MAX_PACKET, will, capacity);
         let Some(granted) = connected(&mut events, cancel).await? else {
             return Ok(());
         };
@@ -229,7 +240,12 @@ impl Uplink {
             b.connected = true;
             b.since_ms = Some(crate::message::now_ms());
         }
-        let backlog = self.store.stats().await.map(|s| s.depth).unwrap_or(0);
+        let (backlog, queued_upto) = self
+            .store
+            .stats()
+            .await
+            .map(|s| (s.depth, s.last_seq))
+            .unwrap_or((0, 0));
         tracing::info!(broker = %format!("{}:{}", self.mqtt.host, self.mqtt.port), client_id = %self.mqtt.client_id, backlog,
             protocol = %self.mqtt.protocol, down_for = ?down_since.map(|t| t.elapsed()), "MQTT uplink connected");
         if granted != Granted::default() {
@@ -246,16 +262,27 @@ impl Uplink {
             refusal_logged: false,
             aliases: Aliases::new(granted.alias_max),
             max_packet,
+            sp: bd_seq.map(|bd| super::sparkplug::SpSession::new(bd, queued_upto)),
+            pairs: HashMap::new(),
             surprised: false,
             outbox: VecDeque::new(),
             announcing: VecDeque::new(),
             announced: HashMap::new(),
         };
-        s.control(&self.status_topic, b"online".to_vec(), true)?;
-        // Commands: every point's `…/set` (a non-writable one gets a refusal, not silence).
-        for chunk in filters.chunks(64) {
-            client.subscribe(chunk.to_vec())?;
+        let json = self.edge.as_ref().is_none_or(|e| e.json);
+        if json {
+            s.control(&self.status_topic, b"online".to_vec(), true)?;
+            // Commands: every point's `…/set` (a non-writable one gets a refusal, not silence).
+            for chunk in filters.chunks(64) {
+                client.subscribe(chunk.to_vec())?;
+                s.win.subscribed();
+            }
+        }
+        if let (Some(edge), Some(sp)) = (&self.edge, s.sp.as_mut()) {
+            client.subscribe(edge.command_topics())?;
             s.win.subscribed();
+            let births = sp.births(edge, |d| self.shared.device_values(d));
+            s.outbox.extend(births);
         }
         if let Some(a) = &self.discovery {
             client.subscribe(vec![a.status_topic().to_string()])?;
@@ -326,8 +353,15 @@ impl Uplink {
                 committed.borrow_and_update();
                 rows.fetch = Some(Box::pin(self.store.peek(rows.cursor, batch)));
             }
-            if s.busy.is_none() {
+            // Sparkplug: no reading overtakes a birth or a death (its `seq` is already set).
+            if s.busy.is_none() && (s.sp.is_none() || s.outbox.is_empty()) {
                 self.submit_rows(s, &mut rows, bucket.as_mut(), now)?;
+            }
+            if rows.drained
+                && rows.ready.is_empty()
+                && s.sp.as_mut().is_some_and(|sp| sp.take_recheck())
+            {
+                availability_due = true;
             }
             tokio::select! {
                 _ = cancel.cancelled() => return Ok(()),
@@ -335,6 +369,10 @@ impl Uplink {
                     None => return Err(UplinkError::ConnectTimeout(CONNECT_TIMEOUT)),
                     Some(Err(e)) => return Err(e),
                     Some(Ok(Ev::Message { topic, payload, retain })) => {
+                        if let Some(requests) = self.edge.as_ref().and_then(|e| e.requests(&topic, &payload)) {
+                            self.sparkplug_requests(s, requests, results_tx);
+                            continue;
+                        }
                         // Home Assistant (re)started: it forgot the configs.
                         match &self.discovery {
                             Some(a) if topic == a.status_topic() => {
@@ -352,7 +390,7 @@ impl Uplink {
                 }
                 read = async { rows.fetch.as_mut().expect("guarded").await }, if rows.fetch.is_some() => {
                     rows.fetch = None;
-                    self.take_rows(&mut rows, read?, how)?;
+                    self.take_rows(s, &mut rows, read?, how)?;
                 }
                 changed = committed.changed(), if rows.drained => {
                     if changed.is_err() {
@@ -391,13 +429,66 @@ impl Uplink {
         }
     }
 
+    /// Carries out what a Sparkplug host asked: a rebirth, or writes through the checked
+    /// command path of `…/set` (their read-back reaches the host as DDATA).
+    fn sparkplug_requests(
+        &self,
+        s: &mut Session<'_>,
+        requests: Vec<crate::sparkplug::Request>,
+        results: &mpsc::Sender<Outbound>,
+    ) {
+        use crate::sparkplug::Request;
+        for r in requests {
+            match r {
+                Request::Rebirth => {
+                    if let (Some(edge), Some(sp)) = (&self.edge, s.sp.as_mut()) {
+                        tracing::info!("Sparkplug: rebirth requested by a host");
+                        let births = sp.births(edge, |d| self.shared.device_values(d));
+                        s.outbox.extend(births);
+                    }
+                }
+                Request::Write {
+                    device,
+                    point,
+                    value,
+                } => {
+                    let topic = self
+                        .set_topics
+                        .iter()
+                        .find(|(_, (d, i, _))| *d == device && *i == point)
+                        .map(|(t, _)| t.clone());
+                    if let Some(topic) = topic {
+                        let body = serde_json::json!({ "value": value }).to_string();
+                        self.command(&topic, body.as_bytes(), false, results);
+                    }
+                }
+                Request::Ignored(why) => {
+                    tracing::warn!(reason = %why, "Sparkplug command ignored")
+                }
+            }
+        }
+    }
+
     /// Publishes the device availability not yet published; Ok(true) when all of it went out
-    /// (Ok(false): the window was full, try again on the next pass).
+    /// (Ok(false): the window was full, try again on the next pass). Sparkplug: a device that
+    /// answers is born (DBIRTH), one that stopped answering dies (DDEATH).
     fn send_availability(&self, s: &mut Session<'_>, now: Instant) -> Result<bool, UplinkError> {
         let mut all = true;
+        let json = self.edge.as_ref().is_none_or(|e| e.json);
         for (topic, online, version) in self.shared.availability.snapshot() {
             let body: &[u8] = if online { b"online" } else { b"offline" };
+            if let (Some(edge), Some(sp)) = (&self.edge, s.sp.as_mut())
+                && let Some(device) = edge.device_of(&topic)
+                && let Some(msg) =
+                    sp.availability(edge, device, online, |d| self.shared.device_values(d))
+            {
+                s.outbox.push_back(msg);
+            }
             if s.announced.get(&topic) == Some(&version) {
+                continue;
+            }
+            if !json {
+                s.announced.insert(topic, version);
                 continue;
             }
             if s.win.can_submit(1, wire_bytes(&topic, body.len()), now) {
@@ -428,6 +519,45 @@ impl Uplink {
                 break;
             }
             let mut next = rows.ready.pop_front().expect("front exists");
+            if let Some(r) = next.sp.take() {
+                let (Some(edge), Some(sp)) = (&self.edge, s.sp.as_mut()) else {
+                    continue;
+                };
+                if let Some(device) = sp.device_of_row(edge, &r)
+                    && !sp.is_born(device)
+                {
+                    // Born first; the reading goes after the DBIRTH.
+                    let birth =
+                        sp.birth_for_reading(edge, device, &self.shared.device_values(device));
+                    s.outbox.push_back(birth);
+                    next.sp = Some(r);
+                    rows.ready.push_front(next);
+                    break;
+                }
+                match sp.ddata(edge, next.seq, &r) {
+                    Some((topic, payload)) => {
+                        let bytes = wire_bytes(&topic, payload.len());
+                        s.client.publish(
+                            topic,
+                            qos(next.qos),
+                            false,
+                            payload,
+                            Extras::default(),
+                        )?;
+                        s.win.submit(
+                            Entry::Row {
+                                seq: next.seq,
+                                qos: next.qos,
+                            },
+                            bytes,
+                        );
+                    }
+                    // Nothing in it is a metric: done as far as Sparkplug goes.
+                    None => s.done(next.seq),
+                }
+                self.store.in_flight_upto(next.seq);
+                continue;
+            }
             let (topic, alias) = s.aliases.apply(std::mem::take(&mut next.topic));
             next.extras.alias = alias;
             let bytes = next.bytes(&topic);
@@ -450,6 +580,7 @@ impl Uplink {
     /// could never take is set aside instead of blocking the ones behind it.
     fn take_rows(
         &self,
+        s: &mut Session<'_>,
         rows: &mut Rows<'_>,
         read: Vec<Stored>,
         how: &Publishing<'_>,
@@ -459,6 +590,27 @@ impl Uplink {
             rows.cursor = last.seq;
         }
         for row in read {
+            // Sparkplug: the reading as DDATA (encoded when it is sent: its `seq` is the
+            // node's), and as JSON too unless the gateway speaks Sparkplug only.
+            let sp = self.edge.as_ref().and_then(|e| e.row(&row));
+            let json = self.edge.as_ref().is_none_or(|e| e.json) || sp.is_none();
+            if let Some(sp) = sp {
+                rows.ready.push_back(Ready {
+                    seq: row.seq,
+                    topic: String::new(),
+                    qos: row.message.qos,
+                    retain: false,
+                    payload: Vec::new(),
+                    extras: Extras::default(),
+                    sp: Some(sp),
+                });
+                if json {
+                    s.pairs.insert(row.seq, 2);
+                }
+            }
+            if !json {
+                continue;
+            }
             match Ready::new(row, how) {
                 Ok(r) => rows.ready.push_back(r),
                 Err((seq, topic, why)) => {
@@ -495,9 +647,14 @@ impl Uplink {
         // `offline` in between (Home Assistant entities would blink unavailable). A clean
         // DISCONNECT keeps the broker from publishing the Will.
         let stopping = self.gateway_stop.is_cancelled();
-        if stopping {
+        if stopping && self.edge.as_ref().is_none_or(|e| e.json) {
             // If the publish cannot even be handed over, there is nothing to wait for.
             let _ = s.control(&self.status_topic, b"offline".to_vec(), true);
+        }
+        // Sparkplug: a clean disconnect sends no Will, so the NDEATH is published here.
+        if let (Some(edge), Some(sp)) = (&self.edge, &s.sp) {
+            let (topic, payload) = edge.will(sp.bd_seq);
+            let _ = s.control(&topic, payload, false);
         }
         while !s.win.is_empty() {
             match timeout(
@@ -611,7 +768,9 @@ impl Session<'_> {
         let surprise = match ev {
             Ev::Written(pkid) => {
                 let (done, surprise) = self.win.written(pkid, now);
-                self.acks.extend(done);
+                if let Some(seq) = done {
+                    self.done(seq);
+                }
                 surprise
             }
             Ev::HeldBack(pkid) => Some(self.win.held_back(pkid)),
@@ -619,7 +778,9 @@ impl Session<'_> {
                 pkid,
                 refused: None,
             } => {
-                self.acks.extend(self.win.ack(pkid, now));
+                if let Some(seq) = self.win.ack(pkid, now) {
+                    self.done(seq);
+                }
                 None
             }
             Ev::Acked {
@@ -644,6 +805,19 @@ impl Session<'_> {
 }
 
 impl Session<'_> {
+    /// One publish of row `seq` was acknowledged: the row is done when all its copies are
+    /// (JSON and Sparkplug).
+    fn done(&mut self, seq: u64) {
+        if let Some(left) = self.pairs.get_mut(&seq) {
+            *left -= 1;
+            if *left > 0 {
+                return;
+            }
+            self.pairs.remove(&seq);
+        }
+        self.acks.push(seq);
+    }
+
     /// The broker refused the publish of `seq` (None: one of the gateway's own messages).
     fn refusal(&mut self, seq: Option<u64>, r: Refusal) {
         let first = !self.refusal_logged;

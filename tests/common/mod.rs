@@ -19,6 +19,8 @@ use tokio_util::sync::CancellationToken;
 pub struct Received {
     pub topic: String,
     pub payload: String,
+    /// The payload as it came (binary payloads: Sparkplug).
+    pub bytes: Vec<u8>,
     pub retain: bool,
     pub json: Option<serde_json::Value>,
     /// When it arrived, ms since the Unix epoch.
@@ -92,6 +94,7 @@ impl Subscriber {
                         sink.lock().unwrap().push(Received {
                             topic: p.topic,
                             payload,
+                            bytes: p.payload.to_vec(),
                             retain: p.retain,
                             json,
                             at_ms: fieldgate::message::now_ms(),

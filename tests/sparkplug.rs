@@ -1,0 +1,382 @@
+//! fieldgate as a Sparkplug B edge node (issue #13), seen by a host that knows nothing of it:
+//! every message is decoded by `protoc` (Debian's protobuf-compiler) with Eclipse Tahu's
+//! `sparkplug_b.proto` (tests/sparkplug_b/), not by fieldgate's own prost messages, and the
+//! host's commands are encoded the same way.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{Gateway, Received, Subscriber};
+use fieldgate::testkit::proxy::{FaultProxy, Mode};
+use fieldgate::testkit::sim::Simulator;
+
+const PROTO_DIR: &str = "tests/sparkplug_b";
+
+/// protoc, or None (skipped) when it is not installed and not required.
+fn protoc() -> Option<&'static str> {
+    if std::path::Path::new("/usr/bin/protoc").exists() {
+        return Some("/usr/bin/protoc");
+    }
+    if std::env::var("FIELDGATE_REQUIRE_MOSQUITTO").as_deref() == Ok("1") {
+        panic!("protoc is required to decode Sparkplug (apt-get install protobuf-compiler)");
+    }
+    eprintln!("SKIPPED: protoc is not installed (apt-get install protobuf-compiler)");
+    None
+}
+
+fn protoc_run(mode: &str, input: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut child = Command::new("/usr/bin/protoc")
+        .arg(format!("--{mode}=org.eclipse.tahu.protobuf.Payload"))
+        .arg(format!("--proto_path={PROTO_DIR}"))
+        .arg(format!("{PROTO_DIR}/sparkplug_b.proto"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "protoc --{mode}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// A decoded message in protobuf's text format, as nested maps (every field a list).
+#[derive(Debug, Clone, Default)]
+struct Msg(BTreeMap<String, Vec<Field>>);
+
+#[derive(Debug, Clone)]
+enum Field {
+    Scalar(String),
+    Msg(Msg),
+}
+
+impl Msg {
+    fn parse(text: &str) -> Msg {
+        let tokens = tokenize(text);
+        let mut i = 0;
+        Msg::parse_fields(&tokens, &mut i)
+    }
+
+    fn parse_fields(t: &[String], i: &mut usize) -> Msg {
+        let mut m = Msg::default();
+        while *i < t.len() && t[*i] != "}" {
+            let key = t[*i].clone();
+            *i += 1;
+            let field = if t[*i] == ":" {
+                *i += 1;
+                let v = t[*i].clone();
+                *i += 1;
+                Field::Scalar(v)
+            } else {
+                assert_eq!(t[*i], "{");
+                *i += 1;
+                let inner = Msg::parse_fields(t, i);
+                *i += 1; // }
+                Field::Msg(inner)
+            };
+            m.0.entry(key).or_default().push(field);
+        }
+        m
+    }
+
+    fn get(&self, key: &str) -> Option<&str> {
+        match self.0.get(key)?.first()? {
+            Field::Scalar(s) => Some(s),
+            Field::Msg(_) => None,
+        }
+    }
+
+    fn num(&self, key: &str) -> Option<u64> {
+        self.get(key)?.parse().ok()
+    }
+
+    fn msgs(&self, key: &str) -> Vec<&Msg> {
+        self.0
+            .get(key)
+            .map(|v| {
+                v.iter()
+                    .filter_map(|f| match f {
+                        Field::Msg(m) => Some(m),
+                        _ => None,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn metric(&self, name: &str) -> Option<&Msg> {
+        self.msgs("metrics")
+            .into_iter()
+            .find(|m| m.get("name") == Some(&format!("\"{name}\"")))
+    }
+}
+
+fn tokenize(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut chars = text.chars().peekable();
+    while let Some(&c) = chars.peek() {
+        match c {
+            c if c.is_whitespace() => {
+                chars.next();
+            }
+            ':' | '{' | '}' => {
+                out.push(c.to_string());
+                chars.next();
+            }
+            '"' => {
+                let mut s = String::from('"');
+                chars.next();
+                while let Some(c) = chars.next() {
+                    s.push(c);
+                    if c == '\\' {
+                        s.push(chars.next().unwrap());
+                    } else if c == '"' {
+                        break;
+                    }
+                }
+                out.push(s);
+            }
+            _ => {
+                let mut s = String::new();
+                while let Some(&c) = chars.peek() {
+                    if c.is_whitespace() || matches!(c, ':' | '{' | '}') {
+                        break;
+                    }
+                    s.push(c);
+                    chars.next();
+                }
+                out.push(s);
+            }
+        }
+    }
+    out
+}
+
+/// A Sparkplug message as the host decoded it.
+#[derive(Debug, Clone)]
+struct Sp {
+    kind: String,
+    device: Option<String>,
+    msg: Msg,
+}
+
+impl Sp {
+    fn seq(&self) -> Option<u64> {
+        self.msg.num("seq")
+    }
+}
+
+/// The Sparkplug messages received so far, in order, decoded by protoc.
+fn sparkplug(sub: &Subscriber) -> Vec<Sp> {
+    sub.all().iter().filter_map(decode).collect()
+}
+
+fn decode(r: &Received) -> Option<Sp> {
+    let rest = r.topic.strip_prefix("spBv1.0/plant/")?;
+    let mut parts = rest.split('/');
+    let kind = parts.next()?.to_string();
+    assert_eq!(parts.next(), Some("gw1"), "edge node id: {}", r.topic);
+    let device = parts.next().map(str::to_string);
+    let text = String::from_utf8(protoc_run("decode", &r.bytes)).unwrap();
+    Some(Sp {
+        kind,
+        device,
+        msg: Msg::parse(&text),
+    })
+}
+
+/// Publishes a command the host's way: text format → protoc → MQTT.
+async fn host_command(broker: std::net::SocketAddr, topic: &str, text: &str) {
+    let payload = protoc_run("encode", text.as_bytes());
+    let mut o = rumqttc::MqttOptions::new("host", broker.ip().to_string(), broker.port());
+    o.set_keep_alive(Duration::from_secs(5));
+    let (client, mut el) = rumqttc::AsyncClient::new(o, 10);
+    client
+        .publish(topic, rumqttc::QoS::AtLeastOnce, false, payload)
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let ev = tokio::time::timeout_at(deadline, el.poll())
+            .await
+            .unwrap()
+            .unwrap();
+        if matches!(ev, rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) {
+            break;
+        }
+    }
+    let _ = client.disconnect().await;
+}
+
+const BOILER: &str = "  boiler:\n    bus: plc\n    every: 20ms\n    points:\n      temp: { register: 0, scale: 0.1, unit: bar }\n      count: { register: 1, type: i32 }\n      pump: { coil: 0, writable: true }\n";
+
+fn config(
+    state: &std::path::Path,
+    mqtt: std::net::SocketAddr,
+    sim: &Simulator,
+    extra: &str,
+) -> String {
+    format!(
+        "gateway:\n  id: gw1\n  state_dir: {}\nmqtt:\n  url: mqtt://{mqtt}\n  keep_alive: 5s\nsparkplug: {{ group_id: plant{extra} }}\nbuses:\n  plc:\n    modbus_tcp: {{ host: 127.0.0.1, port: {}, timeout: 300ms }}\ndevices:\n{BOILER}",
+        state.display(),
+        sim.addr.port(),
+    )
+}
+
+async fn boiler() -> Simulator {
+    let sim = Simulator::start(None).await.unwrap();
+    sim.with_unit(1, |b| {
+        b.set_holding(0, &[615, 0, 7]);
+        b.coils.insert(0, false);
+    });
+    sim
+}
+
+async fn wait_for(sub: &Subscriber, what: &str, secs: u64, ok: impl Fn(&[Sp]) -> bool) -> Vec<Sp> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        let got = sparkplug(sub);
+        if ok(&got) {
+            return got;
+        }
+        if tokio::time::Instant::now() > deadline {
+            let kinds: Vec<String> = got
+                .iter()
+                .map(|m| format!("{}{:?}/{:?}", m.kind, m.device, m.seq()))
+                .collect();
+            panic!("no {what} within {secs} s; got {}: {kinds:?}", got.len());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The node's messages carry consecutive seqs (0–255, wrapping), NBIRTH starting over at 0.
+fn assert_seq_consecutive(msgs: &[Sp]) {
+    let mut last: Option<u64> = None;
+    for m in msgs.iter().filter(|m| m.kind != "NDEATH") {
+        let seq = m.seq().unwrap_or_else(|| panic!("{} without seq", m.kind));
+        assert!(seq <= 255);
+        if m.kind == "NBIRTH" {
+            assert_eq!(seq, 0, "NBIRTH");
+        } else if let Some(l) = last {
+            assert_eq!(seq, (l + 1) % 256, "{} after seq {l}", m.kind);
+        }
+        last = Some(seq);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_sees_the_node_its_devices_and_live_metrics_by_alias_with_seq_wrapping() {
+    if protoc().is_none() {
+        return;
+    }
+    let broker = fieldgate::testkit::broker::start().unwrap();
+    let sim = boiler().await;
+    let sub = Subscriber::start(broker).await;
+    let dir = tempfile::tempdir().unwrap();
+    let gw = Gateway::start(
+        dir.path(),
+        &config(&dir.path().join("state"), broker, &sim, ""),
+    );
+    let got = wait_for(&sub, "300 DDATA", 30, |m| {
+        m.iter().filter(|m| m.kind == "DDATA").count() >= 300
+    })
+    .await;
+    gw.stop().await;
+
+    let nbirth = &got[0];
+    assert_eq!(nbirth.kind, "NBIRTH");
+    assert_eq!(nbirth.seq(), Some(0));
+    let bd = nbirth.msg.metric("bdSeq").expect("bdSeq in NBIRTH");
+    assert_eq!(bd.num("datatype"), Some(4), "Int64");
+    assert!(bd.num("long_value").is_some());
+    let rebirth = nbirth
+        .msg
+        .metric("Node Control/Rebirth")
+        .expect("rebirth metric");
+    assert_eq!(rebirth.num("datatype"), Some(11));
+    assert_eq!(rebirth.get("boolean_value"), Some("false"));
+
+    let dbirth = &got[1];
+    assert_eq!(
+        (dbirth.kind.as_str(), dbirth.device.as_deref()),
+        ("DBIRTH", Some("boiler"))
+    );
+    let temp = dbirth.msg.metric("temp").expect("temp in DBIRTH");
+    assert_eq!(
+        temp.num("datatype"),
+        Some(10),
+        "a scaled register is a Double"
+    );
+    let props = temp.msgs("properties")[0];
+    let keys: Vec<&str> = props.0["keys"]
+        .iter()
+        .map(|k| match k {
+            Field::Scalar(s) => s.as_str(),
+            _ => "",
+        })
+        .collect();
+    assert_eq!(keys, vec!["\"engUnit\"", "\"scale\""]);
+    assert_eq!(
+        dbirth.msg.metric("count").unwrap().num("datatype"),
+        Some(3),
+        "Int32"
+    );
+    assert_eq!(
+        dbirth.msg.metric("pump").unwrap().num("datatype"),
+        Some(11),
+        "Boolean"
+    );
+    let aliases: BTreeMap<u64, String> = dbirth
+        .msg
+        .msgs("metrics")
+        .iter()
+        .map(|m| (m.num("alias").unwrap(), m.get("name").unwrap().to_string()))
+        .collect();
+    assert_eq!(aliases.len(), 3, "one alias per metric");
+
+    // DATA: aliases only, the values the device holds.
+    let birth_ts = nbirth.msg.num("timestamp").unwrap();
+    let (mut historical, mut live) = (0, 0);
+    for d in got.iter().filter(|m| m.kind == "DDATA") {
+        for m in d.msg.msgs("metrics") {
+            assert_eq!(m.get("name"), None, "DDATA carries aliases, not names");
+            let name = &aliases[&m.num("alias").unwrap()];
+            match name.as_str() {
+                "\"temp\"" => assert_eq!(m.get("double_value"), Some("61.5")),
+                "\"count\"" => assert_eq!(m.num("int_value"), Some(7)),
+                "\"pump\"" => assert_eq!(m.get("boolean_value"), Some("false")),
+                other => panic!("{other}"),
+            }
+            // Readings taken before the first connection are history; the rest are live.
+            let ts = m.num("timestamp").unwrap();
+            if m.get("is_historical") == Some("true") {
+                assert!(ts <= birth_ts, "historical but read after the NBIRTH");
+                historical += 1;
+            } else {
+                live += 1;
+            }
+        }
+    }
+    assert!(live > historical, "{live} live, {historical} historical");
+    assert_seq_consecutive(&got);
+    assert!(
+        got.windows(2)
+            .any(|w| w[0].seq() == Some(255) && w[1].seq() == Some(0)),
+        "seq wrapped past 255"
+    );
+    // fieldgate's own JSON topics still go out (sparkplug.json defaults to true).
+    assert!(
+        sub.all()
+            .iter()
+            .any(|r| r.topic == "fieldgate/gw1/boiler/temp")
+    );
+}
