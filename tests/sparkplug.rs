@@ -174,15 +174,33 @@ impl Sp {
     }
 }
 
-/// The Sparkplug messages received so far, in order, decoded by protoc.
+/// The Sparkplug messages received so far, in order, decoded by protoc (each once: the
+/// decodings are kept per subscriber).
 fn sparkplug(sub: &Subscriber) -> Vec<Sp> {
-    sub.all().iter().filter_map(decode).collect()
+    type Cache = Vec<(usize, Option<Sp>)>;
+    static CACHE: std::sync::Mutex<Cache> = std::sync::Mutex::new(Vec::new());
+    let key = std::sync::Arc::as_ptr(&sub.got) as usize;
+    let all = sub.all();
+    let mut cache = CACHE.lock().unwrap();
+    let done = cache.iter().filter(|(k, _)| *k == key).count();
+    for r in all.iter().skip(done) {
+        cache.push((key, decode(r)));
+    }
+    cache
+        .iter()
+        .filter(|(k, _)| *k == key)
+        .filter_map(|(_, sp)| sp.clone())
+        .collect()
 }
 
 fn decode(r: &Received) -> Option<Sp> {
     let rest = r.topic.strip_prefix("spBv1.0/plant/")?;
     let mut parts = rest.split('/');
     let kind = parts.next()?.to_string();
+    // What the node sends (not what hosts send it).
+    if !["NBIRTH", "NDEATH", "DBIRTH", "DDEATH", "NDATA", "DDATA"].contains(&kind.as_str()) {
+        return None;
+    }
     assert_eq!(parts.next(), Some("gw1"), "edge node id: {}", r.topic);
     let device = parts.next().map(str::to_string);
     let text = String::from_utf8(protoc_run("decode", &r.bytes)).unwrap();
@@ -216,16 +234,18 @@ async fn host_command(broker: std::net::SocketAddr, topic: &str, text: &str) {
     let _ = client.disconnect().await;
 }
 
-const BOILER: &str = "  boiler:\n    bus: plc\n    every: 20ms\n    points:\n      temp: { register: 0, scale: 0.1, unit: bar }\n      count: { register: 1, type: i32 }\n      pump: { coil: 0, writable: true }\n";
+const BOILER: &str = "  boiler:\n    bus: plc\n    every: EVERY\n    points:\n      temp: { register: 0, scale: 0.1, unit: bar }\n      count: { register: 1, type: i32 }\n      pump: { coil: 0, writable: true }\n";
 
 fn config(
     state: &std::path::Path,
     mqtt: std::net::SocketAddr,
     sim: &Simulator,
     extra: &str,
+    every: &str,
 ) -> String {
+    let devices = BOILER.replace("EVERY", every);
     format!(
-        "gateway:\n  id: gw1\n  state_dir: {}\nmqtt:\n  url: mqtt://{mqtt}\n  keep_alive: 5s\nsparkplug: {{ group_id: plant{extra} }}\nbuses:\n  plc:\n    modbus_tcp: {{ host: 127.0.0.1, port: {}, timeout: 300ms }}\ndevices:\n{BOILER}",
+        "gateway:\n  id: gw1\n  state_dir: {}\nmqtt:\n  url: mqtt://{mqtt}\n  keep_alive: 5s\nsparkplug: {{ group_id: plant{extra} }}\nbuses:\n  plc:\n    modbus_tcp: {{ host: 127.0.0.1, port: {}, timeout: 300ms }}\ndevices:\n{devices}",
         state.display(),
         sim.addr.port(),
     )
@@ -248,11 +268,14 @@ async fn wait_for(sub: &Subscriber, what: &str, secs: u64, ok: impl Fn(&[Sp]) ->
             return got;
         }
         if tokio::time::Instant::now() > deadline {
-            let kinds: Vec<String> = got
+            let kinds: Vec<String> = got[got.len().saturating_sub(12)..]
                 .iter()
                 .map(|m| format!("{}{:?}/{:?}", m.kind, m.device, m.seq()))
                 .collect();
-            panic!("no {what} within {secs} s; got {}: {kinds:?}", got.len());
+            panic!(
+                "no {what} within {secs} s; got {}, the last: {kinds:?}",
+                got.len()
+            );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -284,7 +307,7 @@ async fn a_host_sees_the_node_its_devices_and_live_metrics_by_alias_with_seq_wra
     let dir = tempfile::tempdir().unwrap();
     let gw = Gateway::start(
         dir.path(),
-        &config(&dir.path().join("state"), broker, &sim, ""),
+        &config(&dir.path().join("state"), broker, &sim, "", "20ms"),
     );
     let got = wait_for(&sub, "300 DDATA", 30, |m| {
         m.iter().filter(|m| m.kind == "DDATA").count() >= 300
@@ -379,4 +402,216 @@ async fn a_host_sees_the_node_its_devices_and_live_metrics_by_alias_with_seq_wra
             .iter()
             .any(|r| r.topic == "fieldgate/gw1/boiler/temp")
     );
+}
+
+/// A cut link: the broker sends the Will (NDEATH, this connection's bdSeq); the next
+/// connection is born again with the next bdSeq, and what was read meanwhile arrives after the
+/// births as historical DDATA with its read time, in order; then live data again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_ends_in_ndeath_then_a_rebirth_with_the_next_bdseq_and_historical_data() {
+    if protoc().is_none() {
+        return;
+    }
+    let broker = fieldgate::testkit::broker::start().unwrap();
+    let proxy = FaultProxy::start(broker).await.unwrap();
+    let sim = boiler().await;
+    let sub = Subscriber::start(broker).await;
+    let dir = tempfile::tempdir().unwrap();
+    let gw = Gateway::start(
+        dir.path(),
+        &config(
+            &dir.path().join("state"),
+            proxy.addr(),
+            &sim,
+            ", json: false",
+            "50ms",
+        ),
+    );
+    wait_for(&sub, "live DDATA", 15, |m| {
+        m.iter().filter(|m| m.kind == "DDATA").count() >= 20
+    })
+    .await;
+    let first_bd = sparkplug(&sub)[0]
+        .msg
+        .metric("bdSeq")
+        .unwrap()
+        .num("long_value");
+    proxy.set(Mode::Cut);
+    let cut_at = fieldgate::message::now_ms() as u64;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    proxy.set(Mode::Pass);
+    let got = wait_for(&sub, "a second NBIRTH and live data after it", 30, |m| {
+        let Some(i) = m.iter().rposition(|m| m.kind == "NBIRTH") else {
+            return false;
+        };
+        i > 0
+            && m[i..].iter().any(|d| {
+                d.kind == "DDATA"
+                    && d.msg
+                        .msgs("metrics")
+                        .iter()
+                        .any(|x| x.get("is_historical").is_none())
+            })
+    })
+    .await;
+    gw.stop().await;
+
+    let death = got
+        .iter()
+        .find(|m| m.kind == "NDEATH")
+        .expect("the Will: NDEATH");
+    assert_eq!(
+        death.msg.metric("bdSeq").unwrap().num("long_value"),
+        first_bd
+    );
+    assert_eq!(death.seq(), None, "NDEATH has no seq");
+    let i = got.iter().rposition(|m| m.kind == "NBIRTH").unwrap();
+    let rebirth = &got[i];
+    // bdSeq goes up with every CONNECT (attempts during the cut included): a new one.
+    let next_bd = rebirth
+        .msg
+        .metric("bdSeq")
+        .unwrap()
+        .num("long_value")
+        .unwrap();
+    assert_ne!(Some(next_bd), first_bd, "the next connection's bdSeq");
+    assert!(next_bd < 256);
+    assert_eq!(
+        got[i + 1].kind,
+        "DBIRTH",
+        "devices are born before any data"
+    );
+    // After the births: historical readings first (read during the cut, in time order),
+    // then live ones; none marked live that was read before the reconnect.
+    let after: Vec<(u64, bool)> = got[i + 2..]
+        .iter()
+        .filter(|m| m.kind == "DDATA")
+        .flat_map(|m| m.msg.msgs("metrics"))
+        .map(|x| {
+            (
+                x.num("timestamp").unwrap(),
+                x.get("is_historical") == Some("true"),
+            )
+        })
+        .collect();
+    let first_live = after.iter().position(|(_, h)| !h).unwrap();
+    assert!(
+        first_live >= 30,
+        "readings of the 3 s cut replayed: {first_live}"
+    );
+    assert!(
+        after[first_live..].iter().all(|(_, h)| !h),
+        "history before live"
+    );
+    let history: Vec<u64> = after[..first_live].iter().map(|(t, _)| *t).collect();
+    assert!(history.windows(2).all(|w| w[0] <= w[1]), "in time order");
+    assert!(
+        history
+            .iter()
+            .filter(|t| **t >= cut_at + 500 && **t <= cut_at + 2500)
+            .count()
+            >= 20,
+        "read during the cut, stamped with their read time"
+    );
+    assert_seq_consecutive(&got[i..]);
+    // Sparkplug only: no JSON readings.
+    assert!(
+        !sub.all()
+            .iter()
+            .any(|r| r.topic.starts_with("fieldgate/gw1/boiler/"))
+    );
+}
+
+/// A host asks for a rebirth (NCMD) and writes the pump (DCMD): the node is born again with
+/// seq 0, the write goes through the checked command path to the device, and the new value
+/// comes back as DDATA. A device that stops answering dies (DDEATH) and is born again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebirth_on_request_a_setpoint_written_and_a_dead_device_reborn() {
+    if protoc().is_none() {
+        return;
+    }
+    let broker = fieldgate::testkit::broker::start().unwrap();
+    let sim = boiler().await;
+    let sub = Subscriber::start(broker).await;
+    let dir = tempfile::tempdir().unwrap();
+    let gw = Gateway::start(
+        dir.path(),
+        &config(&dir.path().join("state"), broker, &sim, "", "100ms"),
+    );
+    wait_for(&sub, "live DDATA", 15, |m| {
+        m.iter().filter(|m| m.kind == "DDATA").count() >= 10
+    })
+    .await;
+    host_command(
+        broker,
+        "spBv1.0/plant/NCMD/gw1",
+        r#"timestamp: 1 metrics { name: "Node Control/Rebirth" datatype: 11 boolean_value: true }"#,
+    )
+    .await;
+    let got = wait_for(&sub, "a rebirth", 10, |m| {
+        m.iter().filter(|m| m.kind == "NBIRTH").count() >= 2
+    })
+    .await;
+    let i = got.iter().rposition(|m| m.kind == "NBIRTH").unwrap();
+    assert_eq!(got[i].seq(), Some(0));
+    assert!(
+        got.iter().filter(|m| m.kind == "NDEATH").count() == 0,
+        "a rebirth is not a death"
+    );
+    assert_seq_consecutive(&got[i..]);
+
+    // The pump, written by name through DCMD: checked, written, read back, published.
+    let pump_alias = got[i + 1..]
+        .iter()
+        .find(|m| m.kind == "DBIRTH")
+        .and_then(|m| m.msg.metric("pump"))
+        .and_then(|m| m.num("alias"))
+        .unwrap();
+    host_command(
+        broker,
+        "spBv1.0/plant/DCMD/gw1/boiler",
+        r#"timestamp: 1 metrics { name: "pump" datatype: 11 boolean_value: true }"#,
+    )
+    .await;
+    wait_for(&sub, "the pump on in DDATA", 10, |m| {
+        m.iter().any(|d| {
+            d.kind == "DDATA"
+                && d.msg.msgs("metrics").iter().any(|x| {
+                    x.num("alias") == Some(pump_alias) && x.get("boolean_value") == Some("true")
+                })
+        })
+    })
+    .await;
+    assert_eq!(sim.with_unit(1, |b| b.coils.get(&0).copied()), Some(true));
+    // A write to a read-only metric is refused by the same checks as `…/set`: nothing written.
+    host_command(
+        broker,
+        "spBv1.0/plant/DCMD/gw1/boiler",
+        r#"timestamp: 1 metrics { name: "count" datatype: 3 int_value: 99 }"#,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(sim.with_unit(1, |b| b.holding.get(&1).copied()), Some(0));
+
+    // The device stops answering: DDEATH; it answers again: DBIRTH.
+    sim.state.lock().unwrap().silent.push(1);
+    wait_for(&sub, "DDEATH", 15, |m| {
+        m.iter()
+            .any(|d| d.kind == "DDEATH" && d.device.as_deref() == Some("boiler"))
+    })
+    .await;
+    sim.state.lock().unwrap().silent.clear();
+    let got = wait_for(&sub, "DBIRTH after the DDEATH", 30, |m| {
+        let Some(d) = m.iter().rposition(|d| d.kind == "DDEATH") else {
+            return false;
+        };
+        m[d..].iter().any(|b| b.kind == "DBIRTH")
+    })
+    .await;
+    gw.stop().await;
+    let last_birth = got.iter().rposition(|m| m.kind == "NBIRTH").unwrap();
+    assert_seq_consecutive(&got[last_birth..]);
+    // A clean stop publishes the NDEATH itself (no Will on a clean disconnect).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(sparkplug(&sub).iter().any(|m| m.kind == "NDEATH"));
 }
