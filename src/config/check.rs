@@ -122,6 +122,30 @@ impl Config {
             self.mqtt.client_id,
             self.gateway.state_dir.join("queue.db").display()
         );
+        if let Some(sp) = &self.sparkplug {
+            let devices: Vec<String> = self
+                .devices
+                .iter()
+                .map(|d| {
+                    let n = d.points.iter().filter(|p| !p.internal).count();
+                    format!("{} ({n} metric{})", d.name, plural(n))
+                })
+                .collect();
+            let _ = writeln!(
+                s,
+                "Sparkplug B: group {}, edge node {} (spBv1.0/{}/…/{}), {}; devices: {}",
+                sp.group_id,
+                sp.edge_node_id,
+                sp.group_id,
+                sp.edge_node_id,
+                if sp.json {
+                    "JSON topics too"
+                } else {
+                    "Sparkplug only"
+                },
+                devices.join(", ")
+            );
+        }
         for d in &self.devices {
             if let Some(line) = &d.line {
                 let how = match (&line.request, line.every) {

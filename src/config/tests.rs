@@ -179,3 +179,38 @@ fn the_mqtt_version_is_chosen_in_words_and_v5_only_settings_are_explained() {
     let zero = load(", protocol: 5", &devices.replace("10m", "500ms")).unwrap_err();
     assert_eq!(zero.0[0].path, "devices.d.message_expiry");
 }
+
+#[test]
+fn sparkplug_ids_are_topic_levels_and_check_names_them() {
+    let load = |sp: &str| {
+        Config::from_text(
+            Path::new("c.yaml"),
+            &format!(
+                "gateway: {{ id: gw1 }}\nmqtt: {{ url: mqtt://127.0.0.1 }}\nsparkplug: {sp}\nbuses: {{ plc: {{ modbus_tcp: {{ host: 127.0.0.1 }} }} }}\ndevices:\n  boiler:\n    bus: plc\n    points: {{ t: {{ register: 0 }}, raw: {{ register: 1, internal: true }} }}\n"
+            ),
+        )
+    };
+    let c = load("{ group_id: plant }").unwrap();
+    let sp = c.sparkplug.as_ref().unwrap();
+    assert_eq!(
+        (sp.group_id.as_str(), sp.edge_node_id.as_str(), sp.json),
+        ("plant", "gw1", true),
+        "the edge node id defaults to the gateway id"
+    );
+    assert!(
+        c.summary().contains(
+            "Sparkplug B: group plant, edge node gw1 (spBv1.0/plant/…/gw1), JSON topics too; devices: boiler (1 metric)"
+        ),
+        "{}",
+        c.summary()
+    );
+    let bad = load("{ group_id: \"a/b\", edge_node_id: \"#\" }").unwrap_err();
+    let paths: Vec<&str> = bad.0.iter().map(|d| d.path.as_str()).collect();
+    assert_eq!(paths, vec!["sparkplug.group_id", "sparkplug.edge_node_id"]);
+    let unknown = load("{ group_id: plant, groop: x }").unwrap_err();
+    assert!(
+        unknown.0[0].message.contains("groop"),
+        "{}",
+        unknown.0[0].message
+    );
+}
