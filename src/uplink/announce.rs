@@ -6,7 +6,7 @@
 use std::collections::VecDeque;
 use std::path::PathBuf;
 
-use super::session::Outbound;
+use super::link::Outbound;
 use crate::config::Config;
 
 /// The discovery messages of one config, and where the last published set is remembered.

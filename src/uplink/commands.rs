@@ -55,7 +55,7 @@ impl Uplink {
         topic: &str,
         payload: &[u8],
         retain: bool,
-        results: &mpsc::Sender<super::session::Outbound>,
+        results: &mpsc::Sender<super::link::Outbound>,
     ) {
         let Some((device, point, spec)) = self.set_topics.get(topic) else {
             return;

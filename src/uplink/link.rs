@@ -15,6 +15,9 @@ use tokio::sync::mpsc;
 use super::UplinkError;
 use crate::config::{Mqtt, Protocol};
 
+/// A message of the gateway's own, waiting for room in the window: topic, payload, retain.
+pub type Outbound = (String, Vec<u8>, bool);
+
 /// What the broker's CONNACK allows this session (MQTT 5; nothing under 3.1.1).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Granted {

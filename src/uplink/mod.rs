@@ -28,6 +28,7 @@
 mod announce;
 mod commands;
 pub mod link;
+mod ready;
 mod session;
 mod sparkplug;
 pub mod window;
@@ -40,7 +41,7 @@ use tokio::time::{Instant, sleep};
 use tokio_util::sync::CancellationToken;
 
 pub use commands::{command_topics, command_value};
-pub use session::{MAX_PACKET, unpublishable};
+pub use ready::{MAX_PACKET, unpublishable};
 pub use window::{Entry, Surprise, Window};
 
 use crate::backoff::{Backoff, Retry};

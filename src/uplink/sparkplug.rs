@@ -13,7 +13,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 
-use super::session::Outbound;
+use super::link::Outbound;
 use crate::config::Config;
 use crate::mapping::Value;
 use crate::message::{Body, Stored};

@@ -1,0 +1,174 @@
+//! Rows read from the queue, made ready to publish: the payload rendered once, what can never
+//! be published found out (and why), the MQTT 5 properties of each, and the pacing of a
+//! replay. Pure: no I/O.
+
+use std::collections::HashMap;
+
+use super::link::Extras;
+use crate::message::{Body, Stored};
+
+/// Largest packet the uplink sends (and accepts).
+pub const MAX_PACKET: usize = 1 << 20;
+
+/// Why a topic and payload can never be published: MQTT forbids wildcards and NUL in a topic
+/// name, an empty topic, and the packet must fit the size limit.
+pub fn unpublishable(topic: &str, payload_len: usize) -> Option<String> {
+    unpublishable_within(topic, payload_len, MAX_PACKET)
+}
+
+/// [`unpublishable`] under a packet size limit of `max` bytes (the broker's, under MQTT 5).
+pub(super) fn unpublishable_within(topic: &str, payload_len: usize, max: usize) -> Option<String> {
+    if topic.is_empty() {
+        return Some("empty topic".into());
+    }
+    if let Some(c) = topic.chars().find(|c| matches!(c, '+' | '#' | '\0')) {
+        return Some(format!("topic {topic:?} contains {c:?}"));
+    }
+    if topic.len() > u16::MAX as usize {
+        return Some("topic longer than 65535 bytes".into());
+    }
+    if topic.len() + payload_len + 16 > max {
+        return Some(if max < MAX_PACKET {
+            format!("packet larger than the broker's maximum packet size ({max} bytes)")
+        } else {
+            format!("packet larger than {MAX_PACKET} bytes")
+        });
+    }
+    None
+}
+
+/// Bytes a publish takes on the wire, near enough for the window's budget.
+pub(super) fn wire_bytes(topic: &str, payload_len: usize) -> usize {
+    topic.len() + payload_len + 8
+}
+
+/// A queued row read for publishing, its payload rendered once.
+pub(super) struct Ready {
+    pub(super) seq: u64,
+    pub(super) topic: String,
+    pub(super) qos: u8,
+    pub(super) retain: bool,
+    pub(super) payload: Vec<u8>,
+    /// MQTT 5 properties (message expiry, `ts`/`seq` of a bare value); the alias is added when
+    /// it is sent.
+    pub(super) extras: Extras,
+    /// Sparkplug: this is the reading's DDATA copy, encoded when it is sent.
+    pub(super) sp: Option<super::sparkplug::SpRow>,
+}
+
+/// What a session needs to know to turn rows into publishes.
+pub(super) struct Publishing<'a> {
+    /// The largest packet the broker takes (ours, or the broker's under MQTT 5).
+    pub(super) max_packet: usize,
+    /// MQTT 5: the properties are sent.
+    pub(super) v5: bool,
+    pub(super) expiry: &'a HashMap<String, u32>,
+}
+
+impl Ready {
+    /// The row ready to publish, or why it can never be: (seq, topic, reason).
+    pub(super) fn new(row: Stored, how: &Publishing<'_>) -> Result<Ready, (u64, String, String)> {
+        let payload = row.payload();
+        let mut extras = Extras::default();
+        if how.v5 {
+            // Expiry counts from when the broker has it: a reading replayed late keeps only
+            // what is left of its time (at least a second: live subscribers still get it).
+            if let Some(&secs) = how.expiry.get(&row.message.topic) {
+                let age = (crate::message::now_ms() - row.message.ts_ms).max(0) / 1000;
+                extras.expiry = Some((secs as i64 - age).max(1) as u32);
+            }
+            if matches!(row.message.body, Body::Bare { .. }) {
+                extras.user = vec![
+                    ("ts".into(), crate::message::format_ts(row.message.ts_ms)),
+                    ("seq".into(), row.seq.to_string()),
+                ];
+            }
+        }
+        let m = row.message;
+        if let Some(why) = unpublishable_within(
+            &m.topic,
+            payload.len() + extras.wire_bytes(),
+            how.max_packet,
+        ) {
+            return Err((row.seq, m.topic, why));
+        }
+        Ok(Ready {
+            seq: row.seq,
+            topic: m.topic,
+            qos: m.qos,
+            retain: m.retain,
+            payload,
+            extras,
+            sp: None,
+        })
+    }
+
+    /// Bytes on the wire with this topic (the full one, or none behind an alias).
+    pub(super) fn bytes(&self, topic: &str) -> usize {
+        wire_bytes(topic, self.payload.len())
+            + if self.extras.is_empty() {
+                0
+            } else {
+                self.extras.wire_bytes()
+            }
+    }
+}
+
+/// Paces publishing to `rate` messages per second, with at most one second of burst.
+#[derive(Debug)]
+pub(super) struct TokenBucket {
+    rate: f64,
+    tokens: f64,
+    last: std::time::Instant,
+}
+
+impl TokenBucket {
+    pub(super) fn new(rate: f64) -> TokenBucket {
+        TokenBucket {
+            rate,
+            tokens: 1.0,
+            last: std::time::Instant::now(),
+        }
+    }
+
+    /// Takes one token if there is one.
+    pub(super) fn take(&mut self, now: std::time::Instant) -> bool {
+        let dt = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + dt * self.rate).min(self.rate.max(1.0));
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn the_token_bucket_paces_to_its_rate() {
+        let t0 = std::time::Instant::now();
+        let mut b = TokenBucket::new(10.0);
+        b.last = t0;
+        assert!(b.take(t0));
+        assert!(!b.take(t0), "no burst beyond the first token at start");
+        // One second later: ten more, not eleven.
+        let t1 = t0 + Duration::from_secs(1);
+        let n = (0..20).filter(|_| b.take(t1)).count();
+        assert_eq!(n, 10);
+    }
+
+    #[test]
+    fn topics_mqtt_forbids_are_unpublishable() {
+        assert_eq!(unpublishable("site/a/temp", 10), None);
+        for bad in ["site/+/temp", "site/#", "a\0b", ""] {
+            assert!(unpublishable(bad, 10).is_some(), "{bad:?}");
+        }
+        assert!(unpublishable("a", MAX_PACKET).is_some());
+    }
+}
