@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::{Gateway, Received, Subscriber};
-use fieldgate::testkit::proxy::{FaultProxy, Mode};
+use fieldgate::testkit::proxy::{FaultProxy, Link, Mode};
 use fieldgate::testkit::sim::Simulator;
 
 const PROTO_DIR: &str = "tests/sparkplug_b";
@@ -409,11 +409,25 @@ async fn a_host_sees_the_node_its_devices_and_live_metrics_by_alias_with_seq_wra
 /// births as historical DDATA with its read time, in order; then live data again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outage_ends_in_ndeath_then_a_rebirth_with_the_next_bdseq_and_historical_data() {
+    outage_over(None).await;
+}
+
+/// The same over a 300 ms round trip: births, history and live data in order, `seq`
+/// consecutive, while the backlog drains through the window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_over_a_300ms_link_replays_in_order_after_the_births() {
+    outage_over(Some(Link::round_trip(Duration::from_millis(300)))).await;
+}
+
+async fn outage_over(link: Option<Link>) {
     if protoc().is_none() {
         return;
     }
     let broker = fieldgate::testkit::broker::start().unwrap();
     let proxy = FaultProxy::start(broker).await.unwrap();
+    if let Some(link) = link {
+        proxy.shape(link);
+    }
     let sim = boiler().await;
     let sub = Subscriber::start(broker).await;
     let dir = tempfile::tempdir().unwrap();

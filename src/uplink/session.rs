@@ -277,7 +277,10 @@ impl Uplink {
                     Some(Ok(ev)) => s.handle(ev),
                 },
                 Some(result) = results.recv(), if s.outbox.len() < RESULTS_QUEUED => {
-                    s.outbox.push_back(result);
+                    // Sparkplug only: the host sees a write's outcome as the new DDATA value.
+                    if self.edge.as_ref().is_none_or(|e| e.json) {
+                        s.outbox.push_back(result);
+                    }
                 }
                 read = async { rows.fetch.as_mut().expect("guarded").await }, if rows.fetch.is_some() => {
                     rows.fetch = None;
