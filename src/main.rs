@@ -66,26 +66,31 @@ enum Command {
     },
 }
 
+/// Where the queue is: a config's `gateway.state_dir`, or the directory itself.
+#[derive(clap::Args)]
+struct StateDir {
+    /// The gateway's config (its gateway.state_dir is read).
+    #[arg(long, conflicts_with = "state_dir")]
+    config: Option<PathBuf>,
+    /// Or the state directory itself (default /var/lib/fieldgate).
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+}
+
 #[derive(Subcommand)]
 enum QueueCommand {
-    /// Depth, oldest age, bytes, dropped and acknowledged counts.
+    /// Depth, oldest age, bytes, dropped, set-aside and acknowledged counts.
     Stats {
-        /// The gateway's config (its gateway.state_dir is read).
-        #[arg(long, conflicts_with = "state_dir")]
-        config: Option<PathBuf>,
-        /// Or the state directory itself (default /var/lib/fieldgate).
-        #[arg(long)]
-        state_dir: Option<PathBuf>,
+        #[command(flatten)]
+        dir: StateDir,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
     /// List the readings set aside (refused by the broker, or never publishable), with why.
     Aside {
-        #[arg(long, conflicts_with = "state_dir")]
-        config: Option<PathBuf>,
-        #[arg(long)]
-        state_dir: Option<PathBuf>,
+        #[command(flatten)]
+        dir: StateDir,
         /// Only those whose reason starts with this (e.g. "not authorized").
         #[arg(long)]
         reason: Option<String>,
@@ -98,10 +103,8 @@ enum QueueCommand {
     /// Put the readings set aside back in the queue (after fixing the broker's ACL): the
     /// running gateway publishes them with their original timestamps.
     Requeue {
-        #[arg(long, conflicts_with = "state_dir")]
-        config: Option<PathBuf>,
-        #[arg(long)]
-        state_dir: Option<PathBuf>,
+        #[command(flatten)]
+        dir: StateDir,
         /// Only those whose reason starts with this; all without it.
         #[arg(long)]
         reason: Option<String>,
@@ -192,41 +195,26 @@ fn main() -> ExitCode {
             Err(code) => code,
         },
         Command::Read(args) => report(runtime().block_on(cli::read::read(args))),
-        Command::Queue {
-            command:
-                QueueCommand::Stats {
-                    config,
-                    state_dir,
-                    json,
-                },
-        } => match state_dir_of(config, state_dir) {
-            Ok(dir) => report(cli::queue::stats(&dir, json)),
-            Err(code) => code,
-        },
-        Command::Queue {
-            command:
-                QueueCommand::Aside {
-                    config,
-                    state_dir,
-                    reason,
-                    limit,
-                    json,
-                },
-        } => match state_dir_of(config, state_dir) {
-            Ok(dir) => report(cli::queue::aside(&dir, reason.as_deref(), limit, json)),
-            Err(code) => code,
-        },
-        Command::Queue {
-            command:
-                QueueCommand::Requeue {
-                    config,
-                    state_dir,
-                    reason,
-                },
-        } => match state_dir_of(config, state_dir) {
-            Ok(dir) => report(cli::queue::requeue(&dir, reason.as_deref())),
-            Err(code) => code,
-        },
+        Command::Queue { command } => {
+            let (QueueCommand::Stats { dir, .. }
+            | QueueCommand::Aside { dir, .. }
+            | QueueCommand::Requeue { dir, .. }) = &command;
+            match state_dir_of(dir.config.clone(), dir.state_dir.clone()) {
+                Err(code) => code,
+                Ok(d) => report(match &command {
+                    QueueCommand::Stats { json, .. } => cli::queue::stats(&d, *json),
+                    QueueCommand::Aside {
+                        reason,
+                        limit,
+                        json,
+                        ..
+                    } => cli::queue::aside(&d, reason.as_deref(), *limit, *json),
+                    QueueCommand::Requeue { reason, .. } => {
+                        cli::queue::requeue(&d, reason.as_deref())
+                    }
+                }),
+            }
+        }
         #[cfg(feature = "testkit")]
         Command::Demo {
             duration,

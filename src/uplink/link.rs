@@ -62,32 +62,29 @@ impl std::fmt::Display for Refusal {
     }
 }
 
+/// The refusal in a PUBACK's or PUBREC's reason code (the two enums have the same variants).
+macro_rules! refusal {
+    ($reason:expr, $R:path) => {{
+        use $R as R;
+        match $reason {
+            R::Success | R::NoMatchingSubscribers => None,
+            R::UnspecifiedError => Some(Refusal(0x80)),
+            R::ImplementationSpecificError => Some(Refusal(0x83)),
+            R::NotAuthorized => Some(Refusal(0x87)),
+            R::TopicNameInvalid => Some(Refusal(0x90)),
+            R::PacketIdentifierInUse => Some(Refusal(0x91)),
+            R::QuotaExceeded => Some(Refusal(0x97)),
+            R::PayloadFormatInvalid => Some(Refusal(0x99)),
+        }
+    }};
+}
+
 fn puback_code(r: p5::PubAckReason) -> Option<Refusal> {
-    use p5::PubAckReason as R;
-    match r {
-        R::Success | R::NoMatchingSubscribers => None,
-        R::UnspecifiedError => Some(Refusal(0x80)),
-        R::ImplementationSpecificError => Some(Refusal(0x83)),
-        R::NotAuthorized => Some(Refusal(0x87)),
-        R::TopicNameInvalid => Some(Refusal(0x90)),
-        R::PacketIdentifierInUse => Some(Refusal(0x91)),
-        R::QuotaExceeded => Some(Refusal(0x97)),
-        R::PayloadFormatInvalid => Some(Refusal(0x99)),
-    }
+    refusal!(r, p5::PubAckReason)
 }
 
 fn pubrec_code(r: p5::PubRecReason) -> Option<Refusal> {
-    use p5::PubRecReason as R;
-    match r {
-        R::Success | R::NoMatchingSubscribers => None,
-        R::UnspecifiedError => Some(Refusal(0x80)),
-        R::ImplementationSpecificError => Some(Refusal(0x83)),
-        R::NotAuthorized => Some(Refusal(0x87)),
-        R::TopicNameInvalid => Some(Refusal(0x90)),
-        R::PacketIdentifierInUse => Some(Refusal(0x91)),
-        R::QuotaExceeded => Some(Refusal(0x97)),
-        R::PayloadFormatInvalid => Some(Refusal(0x99)),
-    }
+    refusal!(r, p5::PubRecReason)
 }
 
 /// `NotAuthorized` → "not authorized": rumqttc's reason enums, in the words of the spec.
