@@ -396,6 +396,17 @@ async fn a_host_sees_the_node_its_devices_and_live_metrics_by_alias_with_seq_wra
             .any(|w| w[0].seq() == Some(255) && w[1].seq() == Some(0)),
         "seq wrapped past 255"
     );
+    // What each form costs: payload bytes per reading (topic not counted).
+    let all = sub.all();
+    let avg = |f: &dyn Fn(&Received) -> bool| {
+        let v: Vec<usize> = all.iter().filter(|r| f(r)).map(|r| r.bytes.len()).collect();
+        v.iter().sum::<usize>() as f64 / v.len().max(1) as f64
+    };
+    eprintln!(
+        "payload bytes per reading: Sparkplug DDATA {:.1}, JSON {:.1}",
+        avg(&|r| r.topic.starts_with("spBv1.0/plant/DDATA/")),
+        avg(&|r| r.topic.starts_with("fieldgate/gw1/boiler/"))
+    );
     // fieldgate's own JSON topics still go out (sparkplug.json defaults to true).
     assert!(
         sub.all()
