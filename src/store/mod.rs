@@ -96,6 +96,7 @@ mod sql;
 mod worker;
 
 use ages::Ages;
+pub use requeue::AsideRow;
 use sql::*;
 pub use worker::{StoreHandle, spawn};
 
@@ -282,15 +283,6 @@ const SCHEMA: &str = "
         reason TEXT    NOT NULL DEFAULT ''
     );
 ";
-
-/// A row in the `aside` table, for `fieldgate queue aside`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct AsideRow {
-    pub seq: u64,
-    pub ts_ms: i64,
-    pub topic: String,
-    pub reason: String,
-}
 
 impl Store {
     /// Opens (or creates) `{state_dir}/queue.db` with the default limits.
@@ -632,49 +624,6 @@ impl Store {
         tx.commit()?;
         self.durable();
         self.depth -= n.min(self.depth);
-        Ok(n)
-    }
-
-    /// The rows set aside, oldest first, at most `limit`; only those whose reason starts with
-    /// `reason` when given.
-    pub fn aside(&self, reason: Option<&str>, limit: usize) -> Result<Vec<AsideRow>, StoreError> {
-        let mut q = self.conn.prepare(
-            "SELECT seq, ts_ms, topic, reason FROM aside WHERE reason LIKE ?1 || '%' ORDER BY seq LIMIT ?2",
-        )?;
-        let rows = q
-            .query_map(params![reason.unwrap_or(""), limit as i64], |r| {
-                Ok(AsideRow {
-                    seq: r.get::<_, i64>(0)? as u64,
-                    ts_ms: r.get(1)?,
-                    topic: r.get(2)?,
-                    reason: r.get(3)?,
-                })
-            })?
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(rows)
-    }
-
-    /// Puts the rows set aside (those whose reason starts with `reason`, or all) back in the
-    /// queue, oldest first, under new seqs (after everything queued: nobody has received them,
-    /// so no consumer holds the old seq) and with their original `ts`. Returns how many.
-    pub fn requeue(&mut self, reason: Option<&str>) -> Result<u64, StoreError> {
-        let tx = self.conn.transaction()?;
-        let pattern = reason.unwrap_or("");
-        let n = tx.execute(
-            "INSERT INTO queue (ts_ms, topic, qos, retain, body) SELECT ts_ms, topic, qos, retain, body FROM aside WHERE reason LIKE ?1 || '%' ORDER BY seq",
-            params![pattern],
-        )? as u64;
-        tx.execute(
-            "DELETE FROM aside WHERE reason LIKE ?1 || '%'",
-            params![pattern],
-        )?;
-        delete_pending(&tx, &self.pending_acks)?;
-        let last_seq = read_last_seq(&tx)?;
-        tx.commit()?;
-        self.durable();
-        self.depth += n;
-        self.last_seq = last_seq;
-        self.ages.committed(last_seq, std::time::Instant::now());
         Ok(n)
     }
 

@@ -1,4 +1,5 @@
-//! Re-queueing the rows set aside, while the gateway runs or not.
+//! The rows set aside (never publishable, or refused by the broker): listing them, and
+//! putting them back in the queue, while the gateway runs or not.
 //!
 //! The running gateway's store thread owns the queue file and keeps its depth and last seq in
 //! memory, so `fieldgate queue requeue` does not write the file behind its back: it leaves a
@@ -10,7 +11,65 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use rusqlite::params;
+use serde::Serialize;
+
+use super::sql::{delete_pending, read_last_seq};
 use super::{Store, StoreError};
+
+/// A row in the `aside` table, for `fieldgate queue aside`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AsideRow {
+    pub seq: u64,
+    pub ts_ms: i64,
+    pub topic: String,
+    pub reason: String,
+}
+
+impl Store {
+    /// The rows set aside, oldest first, at most `limit`; only those whose reason starts with
+    /// `reason` when given.
+    pub fn aside(&self, reason: Option<&str>, limit: usize) -> Result<Vec<AsideRow>, StoreError> {
+        let mut q = self.conn.prepare(
+            "SELECT seq, ts_ms, topic, reason FROM aside WHERE reason LIKE ?1 || '%' ORDER BY seq LIMIT ?2",
+        )?;
+        let rows = q
+            .query_map(params![reason.unwrap_or(""), limit as i64], |r| {
+                Ok(AsideRow {
+                    seq: r.get::<_, i64>(0)? as u64,
+                    ts_ms: r.get(1)?,
+                    topic: r.get(2)?,
+                    reason: r.get(3)?,
+                })
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
+    /// Puts the rows set aside (those whose reason starts with `reason`, or all) back in the
+    /// queue, oldest first, under new seqs (after everything queued: nobody has received them,
+    /// so no consumer holds the old seq) and with their original `ts`. Returns how many.
+    pub fn requeue(&mut self, reason: Option<&str>) -> Result<u64, StoreError> {
+        let tx = self.conn.transaction()?;
+        let pattern = reason.unwrap_or("");
+        let n = tx.execute(
+            "INSERT INTO queue (ts_ms, topic, qos, retain, body) SELECT ts_ms, topic, qos, retain, body FROM aside WHERE reason LIKE ?1 || '%' ORDER BY seq",
+            params![pattern],
+        )? as u64;
+        tx.execute(
+            "DELETE FROM aside WHERE reason LIKE ?1 || '%'",
+            params![pattern],
+        )?;
+        delete_pending(&tx, &self.pending_acks)?;
+        let last_seq = read_last_seq(&tx)?;
+        tx.commit()?;
+        self.durable();
+        self.depth += n;
+        self.last_seq = last_seq;
+        self.ages.committed(last_seq, std::time::Instant::now());
+        Ok(n)
+    }
+}
 
 const REQUEST: &str = "requeue.request";
 const TAKEN: &str = "requeue.taken";
