@@ -142,7 +142,8 @@ pub struct EdgeNode {
     /// Devices in config order, each with its metrics.
     pub devices: Vec<(String, Vec<MetricSpec>)>,
     by_alias: HashMap<u64, MetricSpec>,
-    by_name: HashMap<(String, String), u64>,
+    /// Device → point name → alias.
+    by_name: HashMap<String, HashMap<String, u64>>,
     /// A reading's JSON topic → where it belongs.
     topics: HashMap<String, Source>,
 }
@@ -179,7 +180,9 @@ impl EdgeNode {
                 next += 1;
                 node.by_alias.insert(m.alias, m.clone());
                 node.by_name
-                    .insert((d.name.clone(), p.name.clone()), m.alias);
+                    .entry(d.name.clone())
+                    .or_default()
+                    .insert(p.name.clone(), m.alias);
                 if d.publish == PublishMode::Point {
                     node.topics
                         .insert(p.delivery.topic.clone(), Source::Point(m.alias));
@@ -208,7 +211,8 @@ impl EdgeNode {
     /// The metric of a device's point by name.
     pub fn metric(&self, device: &str, point: &str) -> Option<&MetricSpec> {
         self.by_name
-            .get(&(device.to_string(), point.to_string()))
+            .get(device)?
+            .get(point)
             .and_then(|a| self.by_alias.get(a))
     }
 
