@@ -7,7 +7,8 @@
 //! its own, measured from /proc: CPU (user + system) per 1 000 messages, RSS at the start and
 //! the end of the window, and the queue's commits (each one fsync at synchronous=FULL) per
 //! second from the store's own count. A subscriber times each reading from its poll time (`ts`)
-//! to its arrival: p50 and p99.
+//! to its arrival: p50 and p99. `BENCH_MQTT=5` runs the uplink on MQTT 5, `BENCH_SPARKPLUG=1`
+//! adds a Sparkplug B edge node (each reading also as DDATA).
 
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
@@ -126,9 +127,23 @@ async fn main() {
     }
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
+    // BENCH_MQTT=5: the uplink speaks MQTT 5; BENCH_SPARKPLUG=1: also a Sparkplug B edge node
+    // (every reading as DDATA too).
+    let protocol = std::env::var("BENCH_MQTT").unwrap_or_else(|_| "3.1.1".into());
     let mut yaml = format!(
-        "gateway: {{ id: bench, state_dir: {}, status_interval: 1s }}\nmqtt: {{ url: mqtt://{broker_addr} }}\nbuses:\n",
+        "gateway: {{ id: bench, state_dir: {}, status_interval: 1s }}\nmqtt: {{ url: mqtt://{broker_addr}, protocol: {protocol} }}\nbuses:\n",
         state.display()
+    );
+    if std::env::var("BENCH_SPARKPLUG").as_deref() == Ok("1") {
+        yaml = yaml.replace("buses:\n", "sparkplug: { group_id: bench }\nbuses:\n");
+    }
+    eprintln!(
+        "MQTT {protocol}{}",
+        if yaml.contains("sparkplug:") {
+            ", Sparkplug B and JSON"
+        } else {
+            ""
+        }
     );
     for (u, sim) in sims.iter().enumerate() {
         yaml += &format!(
