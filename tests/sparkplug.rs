@@ -175,22 +175,28 @@ impl Sp {
 }
 
 /// The Sparkplug messages received so far, in order, decoded by protoc (each once: the
-/// decodings are kept per subscriber).
+/// decodings are kept per subscriber, which the cache keeps alive so that no later subscriber
+/// can take its place).
 fn sparkplug(sub: &Subscriber) -> Vec<Sp> {
-    type Cache = Vec<(usize, Option<Sp>)>;
-    static CACHE: std::sync::Mutex<Cache> = std::sync::Mutex::new(Vec::new());
-    let key = std::sync::Arc::as_ptr(&sub.got) as usize;
+    type Got = std::sync::Arc<std::sync::Mutex<Vec<Received>>>;
+    static CACHE: std::sync::Mutex<Vec<(Got, Vec<Option<Sp>>)>> = std::sync::Mutex::new(Vec::new());
     let all = sub.all();
     let mut cache = CACHE.lock().unwrap();
-    let done = cache.iter().filter(|(k, _)| *k == key).count();
-    for r in all.iter().skip(done) {
-        cache.push((key, decode(r)));
-    }
-    cache
+    let k = match cache
         .iter()
-        .filter(|(k, _)| *k == key)
-        .filter_map(|(_, sp)| sp.clone())
-        .collect()
+        .position(|(g, _)| std::sync::Arc::ptr_eq(g, &sub.got))
+    {
+        Some(k) => k,
+        None => {
+            cache.push((sub.got.clone(), Vec::new()));
+            cache.len() - 1
+        }
+    };
+    let decoded = &mut cache[k].1;
+    for r in all.iter().skip(decoded.len()) {
+        decoded.push(decode(r));
+    }
+    decoded.iter().flatten().cloned().collect()
 }
 
 fn decode(r: &Received) -> Option<Sp> {
@@ -420,17 +426,36 @@ async fn a_host_sees_the_node_its_devices_and_live_metrics_by_alias_with_seq_wra
 /// births as historical DDATA with its read time, in order; then live data again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outage_ends_in_ndeath_then_a_rebirth_with_the_next_bdseq_and_historical_data() {
-    outage_over(None).await;
+    outage_over(None, "50ms", "").await;
 }
 
 /// The same over a 300 ms round trip: births, history and live data in order, `seq`
 /// consecutive, while the backlog drains through the window.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outage_over_a_300ms_link_replays_in_order_after_the_births() {
-    outage_over(Some(Link::round_trip(Duration::from_millis(300)))).await;
+    outage_over(
+        Some(Link::round_trip(Duration::from_millis(300))),
+        "50ms",
+        "",
+    )
+    .await;
 }
 
-async fn outage_over(link: Option<Link>) {
+/// A GPRS modem (32 kbit/s, 600 ms round trip) and a backlog larger than the in-flight window
+/// (`mqtt.inflight: 20`): births first, the whole backlog as history in order, then live.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_over_gprs_with_a_backlog_larger_than_the_window_replays_in_order() {
+    outage_over(
+        Some(Link::round_trip(Duration::from_millis(600)).with_bits_per_second(32_000)),
+        "200ms",
+        "\n  inflight: 20",
+    )
+    .await;
+}
+
+/// Cuts the link (shaped as `link`) for 3 s while the boiler is read every `every`; `mqtt`
+/// is added to the `mqtt:` section.
+async fn outage_over(link: Option<Link>, every: &str, mqtt: &str) {
     if protoc().is_none() {
         return;
     }
@@ -449,10 +474,11 @@ async fn outage_over(link: Option<Link>) {
             proxy.addr(),
             &sim,
             ", json: false",
-            "50ms",
-        ),
+            every,
+        )
+        .replace("keep_alive: 5s", &format!("keep_alive: 5s{mqtt}")),
     );
-    wait_for(&sub, "live DDATA", 15, |m| {
+    wait_for(&sub, "live DDATA", 20, |m| {
         m.iter().filter(|m| m.kind == "DDATA").count() >= 20
     })
     .await;
