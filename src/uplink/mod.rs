@@ -214,6 +214,12 @@ impl Uplink {
         }
     }
 
+    /// Whether fieldgate's own JSON topics are published (always, unless Sparkplug B is
+    /// configured with `json: false`).
+    fn publishes_json(&self) -> bool {
+        self.edge.as_ref().is_none_or(|e| e.json)
+    }
+
     /// Promises the watchdog to be back by `within` from now.
     fn beat(&self, within: Duration) {
         self.shared.health.beat(

@@ -160,7 +160,7 @@ impl Uplink {
             announcing: VecDeque::new(),
             announced: HashMap::new(),
         };
-        let json = self.edge.as_ref().is_none_or(|e| e.json);
+        let json = self.publishes_json();
         if json {
             s.control(&self.status_topic, b"online".to_vec(), true)?;
             // Commands: every point's `…/set` (a non-writable one gets a refusal, not silence).
@@ -278,7 +278,7 @@ impl Uplink {
                 },
                 Some(result) = results.recv(), if s.outbox.len() < RESULTS_QUEUED => {
                     // Sparkplug only: the host sees a write's outcome as the new DDATA value.
-                    if self.edge.as_ref().is_none_or(|e| e.json) {
+                    if self.publishes_json() {
                         s.outbox.push_back(result);
                     }
                 }
@@ -368,7 +368,7 @@ impl Uplink {
     /// answers is born (DBIRTH), one that stopped answering dies (DDEATH).
     fn send_availability(&self, s: &mut Session<'_>, now: Instant) -> Result<bool, UplinkError> {
         let mut all = true;
-        let json = self.edge.as_ref().is_none_or(|e| e.json);
+        let json = self.publishes_json();
         for (topic, online, version) in self.shared.availability.snapshot() {
             let body: &[u8] = if online { b"online" } else { b"offline" };
             if let (Some(edge), Some(sp)) = (&self.edge, s.sp.as_mut())
@@ -487,7 +487,7 @@ impl Uplink {
             // Sparkplug: the reading as DDATA (encoded when it is sent: its `seq` is the
             // node's), and as JSON too unless the gateway speaks Sparkplug only.
             let sp = self.edge.as_ref().and_then(|e| e.row(&row));
-            let json = self.edge.as_ref().is_none_or(|e| e.json) || sp.is_none();
+            let json = self.publishes_json() || sp.is_none();
             if let Some(sp) = sp {
                 rows.ready.push_back(Ready {
                     seq: row.seq,
@@ -541,7 +541,7 @@ impl Uplink {
         // `offline` in between (Home Assistant entities would blink unavailable). A clean
         // DISCONNECT keeps the broker from publishing the Will.
         let stopping = self.gateway_stop.is_cancelled();
-        if stopping && self.edge.as_ref().is_none_or(|e| e.json) {
+        if stopping && self.publishes_json() {
             // If the publish cannot even be handed over, there is nothing to wait for.
             let _ = s.control(&self.status_topic, b"offline".to_vec(), true);
         }
