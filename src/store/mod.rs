@@ -566,15 +566,19 @@ impl Store {
     /// [`sync_acks`](Store::sync_acks) when none comes (see `## Durability`).
     pub fn ack(&mut self, seqs: &[u64]) -> Result<u64, StoreError> {
         let mut n = 0u64;
-        let mut exists = self
-            .conn
-            .prepare_cached("SELECT 1 FROM queue WHERE seq = ?1")?;
-        for s in seqs {
-            if !self.pending_acks.contains(s) && exists.exists(params![*s as i64])? {
-                self.pending_acks.insert(*s);
-                n += 1;
+        // One read transaction for the batch: outside a transaction every lookup would be one
+        // of its own, and each takes and drops the WAL read lock (two fcntl calls per reading).
+        let tx = self.conn.transaction()?;
+        {
+            let mut exists = tx.prepare_cached("SELECT 1 FROM queue WHERE seq = ?1")?;
+            for s in seqs {
+                if !self.pending_acks.contains(s) && exists.exists(params![*s as i64])? {
+                    self.pending_acks.insert(*s);
+                    n += 1;
+                }
             }
         }
+        tx.commit()?;
         self.depth -= n.min(self.depth);
         Ok(n)
     }
