@@ -75,8 +75,9 @@ impl Order {
     }
 }
 
-/// A decoded reading value, as it appears in a payload.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// A decoded reading value, as it appears in a payload. Serialized as the bare JSON value;
+/// read back (from the queue, at every publish) by the visitor below.
+#[derive(Debug, Clone, Serialize)]
 #[serde(untagged)]
 pub enum Value {
     /// No value: a float register holding NaN or an infinity, which meters use for "not
@@ -87,6 +88,47 @@ pub enum Value {
     UInt(u64),
     Float(f64),
     Text(String),
+}
+
+/// The bare JSON value back into a `Value`: integers that fit `i64` as `Int`, larger ones as
+/// `UInt`. Written out instead of `#[serde(untagged)]`, which buffers the value and tries each
+/// variant in turn, building (and formatting) an error for each that does not fit — for every
+/// row the queue hands to the uplink.
+impl<'de> Deserialize<'de> for Value {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Value, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Value;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("null, a boolean, a number or a string")
+            }
+            fn visit_unit<E>(self) -> Result<Value, E> {
+                Ok(Value::Null)
+            }
+            fn visit_none<E>(self) -> Result<Value, E> {
+                Ok(Value::Null)
+            }
+            fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+                Ok(Value::Bool(v))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+                Ok(Value::Int(v))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+                Ok(i64::try_from(v).map_or(Value::UInt(v), Value::Int))
+            }
+            fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+                Ok(Value::Float(v))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+                Ok(Value::Text(v.to_string()))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Value, E> {
+                Ok(Value::Text(v))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
 }
 
 /// Equal when the payload would be equal: `Int(2) == UInt(2)` (JSON has one kind of integer,

@@ -337,3 +337,37 @@ fn width_counts_registers_or_bits() {
     p.source.table = Table::Coil;
     assert_eq!(p.width(), 1);
 }
+
+#[test]
+fn values_read_back_from_json_as_they_were_written() {
+    let cases = [
+        (Value::Null, "null"),
+        (Value::Bool(true), "true"),
+        (Value::Int(-7), "-7"),
+        (Value::Int(42), "42"),
+        (Value::UInt(u64::MAX), "18446744073709551615"),
+        (Value::Float(230.125), "230.125"),
+        (Value::Float(-0.5), "-0.5"),
+        (Value::Text("on \"2\"".into()), r#""on \"2\"""#),
+    ];
+    for (value, json) in cases {
+        assert_eq!(serde_json::to_string(&value).unwrap(), json);
+        let back: Value = serde_json::from_str(json).unwrap();
+        assert_eq!(back, value, "{json}");
+        // The variant too, not only equality across Int/UInt.
+        assert_eq!(
+            std::mem::discriminant(&back),
+            std::mem::discriminant(&value),
+            "{json}"
+        );
+    }
+    // Integers that fit i64 come back as Int, however they were held.
+    assert!(matches!(serde_json::from_str("5").unwrap(), Value::Int(5)));
+    let err = serde_json::from_str::<Value>("[1]")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("null, a boolean, a number or a string"),
+        "{err}"
+    );
+}

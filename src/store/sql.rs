@@ -10,12 +10,10 @@ use super::StoreError;
 use crate::message::now_ms;
 
 pub(super) fn read_last_seq(c: &Connection) -> rusqlite::Result<u64> {
+    // Cached: run at every commit.
     let seq: Option<i64> = c
-        .query_row(
-            "SELECT seq FROM sqlite_sequence WHERE name = 'queue'",
-            [],
-            |r| r.get(0),
-        )
+        .prepare_cached("SELECT seq FROM sqlite_sequence WHERE name = 'queue'")?
+        .query_row([], |r| r.get(0))
         .optional()?;
     Ok(seq.unwrap_or(0) as u64)
 }
@@ -83,10 +81,10 @@ pub(super) fn meta_set(c: &Connection, key: &str, value: i64) -> rusqlite::Resul
 
 pub(super) fn meta_add(c: &Connection, key: &str, n: u64) -> rusqlite::Result<()> {
     if n > 0 {
-        c.execute(
+        c.prepare_cached(
             "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = value + excluded.value",
-            params![key, n as i64],
-        )?;
+        )?
+        .execute(params![key, n as i64])?;
     }
     Ok(())
 }
