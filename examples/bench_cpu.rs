@@ -6,7 +6,8 @@
 //! installed). The gateway is the release binary (`target/release/fieldgate run`), a process of
 //! its own, measured from /proc: CPU (user + system) per 1 000 messages, RSS at the start and
 //! the end of the window, and the queue's commits (each one fsync at synchronous=FULL) per
-//! second from the store's own count. A subscriber times each reading from its poll time (`ts`)
+//! second from the store's own count (read from the status page's live API; the gateway keeps
+//! its default status interval). A subscriber times each reading from its poll time (`ts`)
 //! to its arrival: p50 and p99. `BENCH_MQTT=5` runs the uplink on MQTT 5, `BENCH_SPARKPLUG=1`
 //! adds a Sparkplug B edge node (each reading also as DDATA).
 
@@ -95,11 +96,21 @@ fn subscribe(broker: SocketAddr, lat: Arc<Mutex<Vec<i64>>>) {
     });
 }
 
-fn commits(state: &std::path::Path) -> u64 {
-    std::fs::read(state.join("status.json"))
-        .ok()
-        .and_then(|b| fieldgate::status::Snapshot::from_json(&b).ok())
-        .map(|s| s.queue.commits)
+/// The queue's commits so far, from the running gateway's live snapshot (`GET /api/status`
+/// of its status page): exact at any moment, where `status.json` is only as fresh as the
+/// status interval, which stays at the gateway's default (a status every second would be
+/// a workload of its own).
+fn commits(web: SocketAddr) -> u64 {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(web) else {
+        return 0;
+    };
+    let _ = s.write_all(b"GET /api/status HTTP/1.0\r\nHost: bench\r\n\r\n");
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text);
+    text.split_once("\r\n\r\n")
+        .and_then(|(_, body)| serde_json::from_str::<serde_json::Value>(body).ok())
+        .and_then(|v| v["status"]["queue"]["commits"].as_u64())
         .unwrap_or(0)
 }
 
@@ -127,11 +138,15 @@ async fn main() {
     }
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
+    let web = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     // BENCH_MQTT=5: the uplink speaks MQTT 5; BENCH_SPARKPLUG=1: also a Sparkplug B edge node
     // (every reading as DDATA too).
     let protocol = std::env::var("BENCH_MQTT").unwrap_or_else(|_| "3.1.1".into());
     let mut yaml = format!(
-        "gateway: {{ id: bench, state_dir: {}, status_interval: 1s }}\nmqtt: {{ url: mqtt://{broker_addr}, protocol: {protocol} }}\nbuses:\n",
+        "gateway: {{ id: bench, state_dir: {} }}\nmqtt: {{ url: mqtt://{broker_addr}, protocol: {protocol} }}\nweb: {{ listen: \"{web}\" }}\nbuses:\n",
         state.display()
     );
     if std::env::var("BENCH_SPARKPLUG").as_deref() == Ok("1") {
@@ -177,7 +192,7 @@ async fn main() {
     tokio::time::sleep(Duration::from_secs(5)).await;
     lat.lock().unwrap().clear();
     let (cpu0, rss0) = usage(pid);
-    let commits0 = commits(&state);
+    let commits0 = commits(web);
     let t0 = Instant::now();
     // BENCH_ATTACH: a profiler to attach for the window, e.g.
     // `perf record -g -o /tmp/perf.data -p {pid} -- sleep {secs}` or
@@ -196,7 +211,7 @@ async fn main() {
     tokio::time::sleep(Duration::from_secs(seconds)).await;
     let (cpu1, rss1) = usage(pid);
     let (anon1, file1) = rss_split(pid);
-    let commits1 = commits(&state);
+    let commits1 = commits(web);
     let wall = t0.elapsed().as_secs_f64();
     let mut l = std::mem::take(&mut *lat.lock().unwrap());
     if let Some(mut a) = attached {
