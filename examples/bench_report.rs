@@ -131,20 +131,37 @@ struct Figures {
 
 /// One simulated hour; with `commit_every` > 1 s, the polls of that many seconds are committed
 /// together, as `queue.commit_interval` makes the store thread do.
-fn run(label: &str, device_yaml: &str, dir: &Path, commit_every: u64) -> Figures {
+/// A gateway with the meter (the shipped SDM630 model) and `device_yaml` added to its device.
+fn meter_config(device_yaml: &str) -> Config {
     let yaml = format!(
         "gateway: {{ id: bench }}\nmqtt: {{ url: mqtt://127.0.0.1 }}\nmodels: [mappings]\nbuses:\n  rs485: {{ modbus_rtu: {{ port: /dev/null }} }}\ndevices:\n  meter:\n    bus: rs485\n    model: eastron-sdm630\n{device_yaml}"
     );
-    let config =
-        Config::from_text(Path::new("bench.yaml"), &yaml).unwrap_or_else(|e| panic!("{e}"));
+    Config::from_text(Path::new("bench.yaml"), &yaml).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The meter's readings at second `t` as the device's decoded values.
+fn read_values(
+    meter: &mut Meter,
+    device: &fieldgate::config::Device,
+    t: u64,
+) -> Vec<(usize, Value)> {
+    meter
+        .read(t)
+        .into_iter()
+        .map(|(name, x)| {
+            let i = device
+                .points
+                .iter()
+                .position(|p| p.name == name)
+                .expect(name);
+            (i, Value::Float(f32_as_f64(x as f32)))
+        })
+        .collect()
+}
+
+fn run(label: &str, device_yaml: &str, dir: &Path, commit_every: u64) -> Figures {
+    let config = meter_config(device_yaml);
     let device = &config.devices[0];
-    let index = |name: &str| {
-        device
-            .points
-            .iter()
-            .position(|p| p.name == name)
-            .expect(name)
-    };
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir).unwrap();
     let mut store = Store::open(dir).unwrap();
@@ -165,11 +182,7 @@ fn run(label: &str, device_yaml: &str, dir: &Path, commit_every: u64) -> Figures
     let mut after_seq = 0;
     let mut waiting = Vec::new();
     for t in 0..HOUR {
-        let mut values: Vec<(usize, Value)> = meter
-            .read(t)
-            .into_iter()
-            .map(|(name, x)| (index(name), Value::Float(f32_as_f64(x as f32))))
-            .collect();
+        let mut values = read_values(&mut meter, device, t);
         f.readings += values.len() as u64;
         f.slow_readings += values
             .iter()
@@ -226,8 +239,7 @@ fn floor(label: &str, dir: &Path, aligned: bool) {
     use std::io::{Seek, SeekFrom, Write};
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir).unwrap();
-    let yaml = "gateway: { id: bench }\nmqtt: { url: mqtt://127.0.0.1 }\nmodels: [mappings]\nbuses:\n  rs485: { modbus_rtu: { port: /dev/null } }\ndevices:\n  meter:\n    bus: rs485\n    model: eastron-sdm630\n";
-    let config = Config::from_text(Path::new("bench.yaml"), yaml).unwrap_or_else(|e| panic!("{e}"));
+    let config = meter_config("");
     let device = &config.devices[0];
     let mut file = std::fs::File::create(dir.join("log")).unwrap();
     // Sized up front: growing a file past a hole rewrites the block at the old end.
@@ -237,14 +249,7 @@ fn floor(label: &str, dir: &Path, aligned: bool) {
     let (mut readings, mut row_bytes) = (0u64, 0u64);
     let before = write_bytes();
     for t in 0..HOUR {
-        let values: Vec<(usize, Value)> = meter
-            .read(t)
-            .into_iter()
-            .map(|(name, x)| {
-                let i = device.points.iter().position(|p| p.name == name).unwrap();
-                (i, Value::Float(f32_as_f64(x as f32)))
-            })
-            .collect();
+        let values = read_values(&mut meter, device, t);
         let mut poll = Vec::new();
         for m in messages(device, 1_795_665_600_000 + t as i64 * 1000, values) {
             let body = serde_json::to_string(&m.body).unwrap();
