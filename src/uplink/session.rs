@@ -27,6 +27,13 @@ const RESULTS_QUEUED: usize = 64;
 
 /// How long a CONNACK may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the session's housekeeping runs while there is work: acknowledged rows handed to
+/// the store (their deletes batched per tick), the acknowledgement timeout checked, rows that
+/// wait for the window's byte budget or the replay rate tried again.
+const TICK: Duration = Duration::from_millis(100);
+/// ...and while there is none (nothing in flight, queued or to hand over): only the watchdog
+/// promise is renewed. An idle gateway wakes once a second here, not ten times.
+const IDLE_TICK: Duration = Duration::from_secs(1);
 
 pub(super) fn qos(q: u8) -> QoS {
     match q {
@@ -216,8 +223,9 @@ impl Uplink {
             fetch: None,
             batch,
         };
-        let mut tick = tokio::time::interval(Duration::from_millis(100));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut ticked = Instant::now();
+        let tick = tokio::time::sleep_until(ticked + TICK);
+        tokio::pin!(tick);
         let mut bucket = self.replay_rate.map(TokenBucket::new);
         let mut status = tokio::time::interval(self.status_interval);
         status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -227,9 +235,9 @@ impl Uplink {
         self.beat(Duration::from_secs(1));
         loop {
             let now = Instant::now();
-            // The loop comes round at least every 100 ms (the tick below); promising the
-            // watchdog once per 100 ms is enough, not once per acknowledgement.
-            if now.saturating_duration_since(beaten) >= Duration::from_millis(100) {
+            // The loop comes round at least every IDLE_TICK (the tick below); promising the
+            // watchdog once per TICK is enough, not once per acknowledgement.
+            if now.saturating_duration_since(beaten) >= TICK {
                 self.beat(Duration::from_secs(1));
                 beaten = now;
             }
@@ -253,6 +261,18 @@ impl Uplink {
                 && s.sp.as_mut().is_some_and(|sp| sp.take_recheck())
             {
                 availability_due = true;
+            }
+            let idle = s.win.is_empty()
+                && s.acks.is_empty()
+                && s.refused.is_empty()
+                && s.busy.is_none()
+                && s.outbox.is_empty()
+                && s.announcing.is_empty()
+                && rows.ready.is_empty()
+                && !availability_due;
+            let due = ticked + if idle { IDLE_TICK } else { TICK };
+            if tick.deadline() != due {
+                tick.as_mut().reset(due);
             }
             tokio::select! {
                 _ = cancel.cancelled() => return Ok(()),
@@ -302,7 +322,8 @@ impl Uplink {
                     s.outbox.retain(|(t, _, _)| *t != topic);
                     s.outbox.push_back((topic, payload, true));
                 }
-                _ = tick.tick() => {
+                _ = &mut tick => {
+                    ticked = Instant::now();
                     // Deletes are batched per tick: few fsyncs, and a crash re-sends at most
                     // one tick's worth of acknowledged rows.
                     s.flush(&self.store)?;
