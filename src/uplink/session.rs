@@ -232,13 +232,13 @@ impl Uplink {
         // Device availability to publish: everything known on connect, then on each change.
         let mut availability_due = true;
         let mut beaten = Instant::now();
-        self.beat(Duration::from_secs(1));
+        self.beat(IDLE_TICK);
         loop {
             let now = Instant::now();
-            // The loop comes round at least every IDLE_TICK (the tick below); promising the
-            // watchdog once per TICK is enough, not once per acknowledgement.
+            // The loop comes round at least every IDLE_TICK (the tick below), so that is the
+            // promise to the watchdog; renewed once per TICK, not once per acknowledgement.
             if now.saturating_duration_since(beaten) >= TICK {
-                self.beat(Duration::from_secs(1));
+                self.beat(IDLE_TICK);
                 beaten = now;
             }
             if availability_due {
