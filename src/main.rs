@@ -231,9 +231,11 @@ fn main() -> ExitCode {
     }
 }
 
+/// One thread for every task: the gateway's work is I/O waits and a few microseconds per
+/// reading, so a second worker only adds cross-thread wake-ups and a stack. Nothing blocks it:
+/// the queue's SQLite calls run on the store thread, the file opens in `spawn_blocking`.
 fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("a tokio runtime")
