@@ -91,11 +91,13 @@ use serde::Serialize;
 use crate::message::{Body, Message, Stored, now_ms};
 
 mod ages;
+pub mod fresh;
 pub mod requeue;
 mod sql;
 mod worker;
 
 use ages::Ages;
+pub use fresh::Batch;
 pub use requeue::AsideRow;
 use sql::*;
 pub use worker::{StoreHandle, spawn};
