@@ -25,19 +25,7 @@ use fieldgate::testkit::sim::Simulator;
 /// ticks, too coarse for a gateway that uses a few ms a second. The gateway's threads live as
 /// long as it does (tokio's blocking pool only runs at connect), so none is missed.
 fn usage(pid: u32) -> (f64, u64) {
-    let mut ns = 0u64;
-    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .flatten()
-    {
-        if let Ok(s) = std::fs::read_to_string(task.path().join("schedstat")) {
-            ns += s
-                .split_whitespace()
-                .next()
-                .and_then(|v| v.parse::<u64>().ok())
-                .unwrap_or(0);
-        }
-    }
+    let ns: u64 = threads(pid).values().sum();
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let rss = status
         .lines()
@@ -45,6 +33,24 @@ fn usage(pid: u32) -> (f64, u64) {
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0);
     (ns as f64 / 1e6, rss)
+}
+
+/// CPU time in ns of each thread of a process, by thread name.
+fn threads(pid: u32) -> std::collections::BTreeMap<String, u64> {
+    let mut by_name = std::collections::BTreeMap::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let read = |f: &str| std::fs::read_to_string(task.path().join(f)).unwrap_or_default();
+        let ns = read("schedstat")
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+        *by_name.entry(read("comm").trim().to_string()).or_default() += ns;
+    }
+    by_name
 }
 
 /// RssAnon and RssFile in KiB: the process's own memory, and the pages of its binary and
@@ -203,6 +209,7 @@ async fn main() {
     tokio::time::sleep(Duration::from_secs(5)).await;
     lat.lock().unwrap().clear();
     let (cpu0, rss0) = usage(pid);
+    let threads0 = threads(pid);
     let commits0 = commits(web);
     let t0 = Instant::now();
     // BENCH_ATTACH: a profiler to attach for the window, e.g.
@@ -221,6 +228,7 @@ async fn main() {
     });
     tokio::time::sleep(Duration::from_secs(seconds)).await;
     let (cpu1, rss1) = usage(pid);
+    let threads1 = threads(pid);
     let (anon1, file1) = rss_split(pid);
     let commits1 = commits(web);
     let wall = t0.elapsed().as_secs_f64();
@@ -254,6 +262,14 @@ async fn main() {
         (cpu1 - cpu0) / wall / 10.0
     );
     println!("CPU per second:           {:.2} ms", (cpu1 - cpu0) / wall);
+    let by_thread: Vec<String> = threads1
+        .iter()
+        .map(|(name, ns)| {
+            let ms = (ns - threads0.get(name).copied().unwrap_or(0)) as f64 / 1e6;
+            format!("{name} {:.1}", ms / msgs.max(1.0) * 1000.0)
+        })
+        .collect();
+    println!("  by thread, per 1 000:   {}", by_thread.join(", "));
     println!(
         "RSS:                      {rss0} KiB at start, {rss1} KiB at end ({anon1} KiB anonymous, {file1} KiB of mapped files)"
     );

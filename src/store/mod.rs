@@ -568,15 +568,24 @@ impl Store {
     /// [`sync_acks`](Store::sync_acks) when none comes (see `## Durability`).
     pub fn ack(&mut self, seqs: &[u64]) -> Result<u64, StoreError> {
         let mut n = 0u64;
+        let mut seqs = seqs.to_vec();
+        seqs.sort_unstable();
+        seqs.dedup();
         // One read transaction for the batch: outside a transaction every lookup would be one
         // of its own, and each takes and drops the WAL read lock (two fcntl calls per reading).
+        // Acknowledgements come in runs of consecutive seqs: one range read per run finds
+        // which of them are still queued (a row may have expired or been dropped meanwhile).
         let tx = self.conn.transaction()?;
         {
-            let mut exists = tx.prepare_cached("SELECT 1 FROM queue WHERE seq = ?1")?;
-            for s in seqs {
-                if !self.pending_acks.contains(s) && exists.exists(params![*s as i64])? {
-                    self.pending_acks.insert(*s);
-                    n += 1;
+            let mut queued =
+                tx.prepare_cached("SELECT seq FROM queue WHERE seq BETWEEN ?1 AND ?2")?;
+            for (first, last) in runs(&seqs) {
+                let mut rows = queued.query(params![first as i64, last as i64])?;
+                while let Some(r) = rows.next()? {
+                    let s = r.get::<_, i64>(0)? as u64;
+                    if self.pending_acks.insert(s) {
+                        n += 1;
+                    }
                 }
             }
         }

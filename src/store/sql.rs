@@ -54,11 +54,29 @@ pub(super) fn delete_pending(c: &Connection, pending: &HashSet<u64>) -> rusqlite
         return Ok(());
     }
     let mut n = 0u64;
-    let mut stmt = c.prepare_cached("DELETE FROM queue WHERE seq = ?1")?;
-    for s in pending {
-        n += stmt.execute(params![*s as i64])? as u64;
+    // Acknowledgements come in runs of consecutive seqs: one statement per run, not per row.
+    let mut stmt = c.prepare_cached("DELETE FROM queue WHERE seq BETWEEN ?1 AND ?2")?;
+    let mut seqs: Vec<u64> = pending.iter().copied().collect();
+    seqs.sort_unstable();
+    for (first, last) in runs(&seqs) {
+        n += stmt.execute(params![first as i64, last as i64])? as u64;
     }
     meta_add(c, "acked_total", n)
+}
+
+/// The runs of consecutive values in `sorted` (ascending, no repeats), as (first, last).
+pub(super) fn runs(sorted: &[u64]) -> impl Iterator<Item = (u64, u64)> + '_ {
+    let mut i = 0;
+    std::iter::from_fn(move || {
+        let first = *sorted.get(i)?;
+        let mut last = first;
+        i += 1;
+        while sorted.get(i) == Some(&(last + 1)) {
+            last += 1;
+            i += 1;
+        }
+        Some((first, last))
+    })
 }
 
 pub(super) fn meta_get(c: &Connection, key: &str) -> rusqlite::Result<i64> {

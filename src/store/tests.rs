@@ -126,6 +126,31 @@ fn ack_out_of_order_deletes_only_those_rows_and_counts_them() {
     );
 }
 
+/// #16: acknowledgements are looked up and deleted per run of consecutive seqs; runs with
+/// gaps, repeats, rows already gone and rows acknowledged twice still count and delete exactly.
+#[test]
+fn acknowledged_runs_with_gaps_and_repeats_delete_exactly_those_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Store::open(dir.path()).unwrap();
+    s.append(&msgs(1..=20)).unwrap();
+    assert_eq!(s.ack(&[3, 4, 5, 9, 10, 7, 5, 15]).unwrap(), 7);
+    assert_eq!(
+        s.ack(&[10, 11, 12]).unwrap(),
+        2,
+        "10 was acknowledged already"
+    );
+    assert_eq!(s.ack(&[21, 22]).unwrap(), 0, "never queued");
+    s.append(&msgs(21..=21)).unwrap(); // the deletes ride on this commit
+    assert_eq!(seqs(&s), vec![1, 2, 6, 8, 13, 14, 16, 17, 18, 19, 20, 21]);
+    let st = s.stats().unwrap();
+    assert_eq!((st.depth, st.acked_total), (12, 9));
+    // A run that spans rows already deleted counts only what is left.
+    assert_eq!(s.ack(&[12, 13, 14, 15, 16]).unwrap(), 3);
+    s.sync_acks().unwrap();
+    assert_eq!(s.stats().unwrap().acked_total, 12);
+    assert_eq!(seqs(&s), vec![1, 2, 6, 8, 17, 18, 19, 20, 21]);
+}
+
 #[test]
 fn drop_oldest_keeps_the_newest_and_counts_exactly() {
     let dir = tempfile::tempdir().unwrap();
