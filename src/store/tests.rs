@@ -575,6 +575,26 @@ async fn idle_acknowledgement_deletes_are_made_durable_within_the_bound() {
     join.join().unwrap();
 }
 
+/// #16: acknowledgements are handed to the store thread without waking it; the bound holds
+/// when nothing else wakes it either (no readings, no questions), counted from the hand-over.
+#[tokio::test]
+async fn acknowledgements_nobody_asks_about_are_durable_within_the_bound_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let (h, join) = spawn(Store::open(dir.path()).unwrap()).unwrap();
+    h.enqueue(msgs(1..=5)).unwrap();
+    h.committed().wait_for(|s| *s >= 5).await.unwrap();
+    let before = h.stats().await.unwrap().commits;
+    h.ack(vec![1, 2, 3, 4, 5]).unwrap();
+    tokio::time::sleep(ACKS_DURABLE_WITHIN + std::time::Duration::from_millis(100)).await;
+    // Read from the file by another connection: what a restart after a power cut would find.
+    let other = Store::open_read_only(dir.path()).unwrap();
+    assert_eq!(other.stats().unwrap().depth, 0, "the deletes are committed");
+    let s = h.stats().await.unwrap();
+    assert_eq!((s.depth, s.commits), (0, before + 1));
+    drop(h);
+    join.join().unwrap();
+}
+
 /// #12: an acknowledgement writes nothing on its own; the next commit (a reading's append)
 /// deletes the rows in the same transaction, so a poll cycle costs one commit, not two.
 #[test]

@@ -20,7 +20,6 @@ enum Cmd {
         limit: usize,
         reply: oneshot::Sender<Result<Batch, String>>,
     },
-    Ack(Vec<u64>),
     SetAside(Vec<(u64, String)>),
     Stats(oneshot::Sender<Result<Stats, String>>),
 }
@@ -34,6 +33,21 @@ pub struct StoreHandle {
     in_flight: std::sync::Arc<std::sync::atomic::AtomicU64>,
     /// Rows just committed, for an uplink that has read everything before them.
     fresh: std::sync::Arc<Fresh>,
+    /// Acknowledged seqs, taken by the store thread whenever it wakes.
+    acks: std::sync::Arc<std::sync::Mutex<Acks>>,
+}
+
+/// Acknowledged seqs waiting for the store thread, and since when the oldest waits.
+///
+/// Handed over without a message: waking the store thread for them (the uplink flushes ten
+/// times a second) cost a thread switch and a read transaction each time. The store thread
+/// takes them whenever it wakes — for the next poll's readings, any question, or at least once
+/// a second — before anything else, so every question asked after an acknowledgement sees it,
+/// and their deletes are made durable within [`ACKS_DURABLE_WITHIN`] counted from here.
+#[derive(Debug, Default)]
+struct Acks {
+    seqs: Vec<u64>,
+    since: Option<std::time::Instant>,
 }
 
 impl StoreHandle {
@@ -74,12 +88,15 @@ impl StoreHandle {
         self.fresh.restart();
     }
 
-    /// Deletes acknowledged rows (batched by the store thread).
+    /// Deletes acknowledged rows (batched by the store thread; see [`Acks`]).
     pub fn ack(&self, seqs: Vec<u64>) -> Result<(), StoreError> {
         if seqs.is_empty() {
             return Ok(());
         }
-        self.tx.send(Cmd::Ack(seqs)).map_err(|_| StoreError::Closed)
+        let mut acks = self.acks.lock().unwrap_or_else(|p| p.into_inner());
+        acks.since.get_or_insert_with(std::time::Instant::now);
+        acks.seqs.extend(seqs);
+        Ok(())
     }
 
     /// Moves rows that can never be published out of the queue, into its `aside` table.
@@ -124,6 +141,7 @@ pub fn spawn(store: Store) -> Result<(StoreHandle, thread::JoinHandle<()>), Stor
     let fresh = std::sync::Arc::new(Fresh::new(store.last_seq()?));
     let mut worker = Worker::new(store, committed_tx, seen);
     worker.fresh = fresh.clone();
+    let acks = worker.acks.clone();
     let join = thread::Builder::new()
         .name("fieldgate-store".into())
         .spawn(move || worker.run(rx))
@@ -134,6 +152,7 @@ pub fn spawn(store: Store) -> Result<(StoreHandle, thread::JoinHandle<()>), Stor
             committed,
             in_flight,
             fresh,
+            acks,
         },
         join,
     ))
@@ -147,6 +166,8 @@ struct Worker {
     in_flight: std::sync::Arc<std::sync::atomic::AtomicU64>,
     /// Each commit's rows, handed to a caught-up uplink.
     fresh: std::sync::Arc<Fresh>,
+    /// Acknowledgements handed over by the uplink, taken at every wake-up.
+    acks: std::sync::Arc<std::sync::Mutex<Acks>>,
     /// Messages not yet committed (the disk refused them so far).
     unsaved: Vec<Message>,
     /// Acknowledged seqs not yet deleted.
@@ -183,6 +204,7 @@ impl Worker {
             committed,
             in_flight,
             fresh,
+            acks: Default::default(),
             unsaved: Vec::new(),
             unacked: Vec::new(),
             dropped_held: 0,
@@ -246,11 +268,11 @@ impl Worker {
                     None => break,
                 }
             }
+            self.take_acks();
             let mut queries = Vec::new();
             for c in cmds {
                 match c {
                     Cmd::Enqueue(m) => self.unsaved.extend(m),
-                    Cmd::Ack(s) => self.unacked.extend(s),
                     q => queries.push(q),
                 }
             }
@@ -330,7 +352,7 @@ impl Worker {
                             tracing::error!(error = %e, ?seqs, "queue: cannot set unpublishable rows aside");
                         }
                     }
-                    Cmd::Enqueue(_) | Cmd::Ack(_) => unreachable!("sorted out above"),
+                    Cmd::Enqueue(_) => unreachable!("sorted out above"),
                 }
             }
         }
@@ -462,6 +484,16 @@ impl Worker {
                     tracing::debug!(error = %e, "queue: cannot sync acknowledgement deletes yet")
                 }
             }
+        }
+    }
+
+    /// Takes the acknowledgements the uplink handed over; the wait for their durable delete
+    /// counts from when they were handed over.
+    fn take_acks(&mut self) {
+        let mut acks = self.acks.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(since) = acks.since.take() {
+            self.unacked.append(&mut acks.seqs);
+            self.acks_since = Some(self.acks_since.map_or(since, |s| s.min(since)));
         }
     }
 
