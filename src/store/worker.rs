@@ -88,7 +88,8 @@ impl StoreHandle {
         self.fresh.restart();
     }
 
-    /// Deletes acknowledged rows (batched by the store thread; see [`Acks`]).
+    /// Deletes acknowledged rows: handed over without waking the store thread, which takes
+    /// them at its next wake-up (at least once a second) and deletes them in batches.
     pub fn ack(&self, seqs: Vec<u64>) -> Result<(), StoreError> {
         if seqs.is_empty() {
             return Ok(());
