@@ -139,10 +139,8 @@ pub fn spawn(store: Store) -> Result<(StoreHandle, thread::JoinHandle<()>), Stor
     let (committed_tx, committed) = watch::channel(store.last_seq()?);
     let in_flight = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let seen = in_flight.clone();
-    let fresh = std::sync::Arc::new(Fresh::new(store.last_seq()?));
-    let mut worker = Worker::new(store, committed_tx, seen);
-    worker.fresh = fresh.clone();
-    let acks = worker.acks.clone();
+    let worker = Worker::new(store, committed_tx, seen);
+    let (fresh, acks) = (worker.fresh.clone(), worker.acks.clone());
     let join = thread::Builder::new()
         .name("fieldgate-store".into())
         .spawn(move || worker.run(rx))
