@@ -19,7 +19,8 @@ use super::link::{Aliases, Client, Ev, Events, Extras, Granted, Outbound, Refusa
 use super::ready::{MAX_PACKET, Publishing, Ready, TokenBucket, unpublishable_within, wire_bytes};
 use super::window::{Entry, Window};
 use super::{Report, Uplink, UplinkError};
-use crate::store::{Batch, StoreError};
+use crate::message::Stored;
+use crate::store::StoreError;
 
 /// Command results waiting for the window; beyond this, new commands are refused as busy.
 const RESULTS_QUEUED: usize = 64;
@@ -43,8 +44,9 @@ pub(super) fn qos(q: u8) -> QoS {
 }
 
 /// A read of the next rows from the queue, under way.
-type Fetch<'a> =
-    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Batch, StoreError>> + Send + 'a>>;
+type Fetch<'a> = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<Vec<Stored>, StoreError>> + Send + 'a>,
+>;
 
 /// Where the session is in the queue.
 struct Rows<'a> {
@@ -214,8 +216,6 @@ impl Uplink {
         let mut committed = self.store.committed();
         let mut availability = self.shared.availability.watch();
         let batch = (self.mqtt.inflight as usize).max(64);
-        // From the first row still queued: the last session's unacknowledged rows included.
-        self.store.new_reader();
         let mut rows = Rows {
             cursor: 0,
             drained: false,
@@ -250,11 +250,7 @@ impl Uplink {
             // may be in an fsync) must not leave the window empty.
             if rows.fetch.is_none() && !rows.drained && rows.ready.len() < batch / 2 {
                 committed.borrow_and_update();
-                // Caught up: the rows just committed, from memory; else from the file.
-                match self.store.take_fresh(rows.cursor, batch) {
-                    Some(read) => self.take_rows(s, &mut rows, read, how)?,
-                    None => rows.fetch = Some(Box::pin(self.store.peek(rows.cursor, batch))),
-                }
+                rows.fetch = Some(Box::pin(self.store.peek(rows.cursor, batch)));
             }
             // Sparkplug: no reading overtakes a birth or a death (its `seq` is already set).
             if s.busy.is_none() && (s.sp.is_none() || s.outbox.is_empty()) {
@@ -501,12 +497,14 @@ impl Uplink {
         &self,
         s: &mut Session<'_>,
         rows: &mut Rows<'_>,
-        read: Batch,
+        read: Vec<Stored>,
         how: &Publishing<'_>,
     ) -> Result<(), UplinkError> {
-        rows.drained = read.rows.len() < rows.batch;
-        rows.cursor = rows.cursor.max(read.upto);
-        for row in read.rows {
+        rows.drained = read.len() < rows.batch;
+        if let Some(last) = read.last() {
+            rows.cursor = last.seq;
+        }
+        for row in read {
             // Sparkplug: the reading as DDATA (encoded when it is sent: its `seq` is the
             // node's), and as JSON too unless the gateway speaks Sparkplug only.
             let sp = self.edge.as_ref().and_then(|e| e.row(&row));
