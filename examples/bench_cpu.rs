@@ -20,24 +20,24 @@ use std::time::{Duration, Instant};
 use fieldgate::message::now_ms;
 use fieldgate::testkit::sim::Simulator;
 
-/// (CPU in ms, RSS in KiB) of a process. CPU is the sum of its threads' time on a CPU from
-/// `/proc/PID/task/*/schedstat` (nanoseconds; user + system): `/proc/PID/stat` counts in 10 ms
-/// ticks, too coarse for a gateway that uses a few ms a second. The gateway's threads live as
-/// long as it does (tokio's blocking pool only runs at connect), so none is missed.
-fn usage(pid: u32) -> (f64, u64) {
-    let ns: u64 = threads(pid).values().sum();
+/// (CPU in ms of each thread, RSS in KiB) of a process. CPU is each thread's time on a CPU
+/// from `/proc/PID/task/*/schedstat` (nanoseconds; user + system): `/proc/PID/stat` counts in
+/// 10 ms ticks, too coarse for a gateway that uses a few ms a second.
+fn usage(pid: u32) -> (Threads, u64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let rss = status
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0);
-    (ns as f64 / 1e6, rss)
+    (threads(pid), rss)
 }
 
-/// CPU time in ns of each thread of a process, by thread name.
-fn threads(pid: u32) -> std::collections::BTreeMap<String, u64> {
-    let mut by_name = std::collections::BTreeMap::new();
+/// Thread id → (name, CPU time in ms).
+type Threads = std::collections::BTreeMap<String, (String, f64)>;
+
+fn threads(pid: u32) -> Threads {
+    let mut by_tid = Threads::new();
     for task in std::fs::read_dir(format!("/proc/{pid}/task"))
         .unwrap()
         .flatten()
@@ -48,7 +48,20 @@ fn threads(pid: u32) -> std::collections::BTreeMap<String, u64> {
             .next()
             .and_then(|v| v.parse::<u64>().ok())
             .unwrap_or(0);
-        *by_name.entry(read("comm").trim().to_string()).or_default() += ns;
+        let tid = task.file_name().to_string_lossy().into_owned();
+        by_tid.insert(tid, (read("comm").trim().to_string(), ns as f64 / 1e6));
+    }
+    by_tid
+}
+
+/// CPU used between two looks, by thread name, counting the threads alive at the second
+/// (one that ended in between — tokio's blocking pool lets its connect-time thread go after
+/// 10 s idle — loses its share of the window, instead of taking its whole past off the total).
+fn cpu_between(before: &Threads, after: &Threads) -> std::collections::BTreeMap<String, f64> {
+    let mut by_name = std::collections::BTreeMap::new();
+    for (tid, (name, ms)) in after {
+        let earlier = before.get(tid).map_or(0.0, |(_, ms)| *ms);
+        *by_name.entry(name.clone()).or_default() += ms - earlier;
     }
     by_name
 }
@@ -208,8 +221,7 @@ async fn main() {
     // Warm up: connected, every device polled a few times.
     tokio::time::sleep(Duration::from_secs(5)).await;
     lat.lock().unwrap().clear();
-    let (cpu0, rss0) = usage(pid);
-    let threads0 = threads(pid);
+    let (threads0, rss0) = usage(pid);
     let commits0 = commits(web);
     let t0 = Instant::now();
     // BENCH_ATTACH: a profiler to attach for the window, e.g.
@@ -227,8 +239,9 @@ async fn main() {
             .unwrap()
     });
     tokio::time::sleep(Duration::from_secs(seconds)).await;
-    let (cpu1, rss1) = usage(pid);
-    let threads1 = threads(pid);
+    let (threads1, rss1) = usage(pid);
+    let by_name = cpu_between(&threads0, &threads1);
+    let cpu: f64 = by_name.values().sum();
     let (anon1, file1) = rss_split(pid);
     let commits1 = commits(web);
     let wall = t0.elapsed().as_secs_f64();
@@ -258,16 +271,13 @@ async fn main() {
     );
     println!(
         "CPU per 1 000 messages:   {:.1} ms  ({:.1} % of one core)",
-        (cpu1 - cpu0) / msgs.max(1.0) * 1000.0,
-        (cpu1 - cpu0) / wall / 10.0
+        cpu / msgs.max(1.0) * 1000.0,
+        cpu / wall / 10.0
     );
-    println!("CPU per second:           {:.2} ms", (cpu1 - cpu0) / wall);
-    let by_thread: Vec<String> = threads1
+    println!("CPU per second:           {:.2} ms", cpu / wall);
+    let by_thread: Vec<String> = by_name
         .iter()
-        .map(|(name, ns)| {
-            let ms = (ns - threads0.get(name).copied().unwrap_or(0)) as f64 / 1e6;
-            format!("{name} {:.1}", ms / msgs.max(1.0) * 1000.0)
-        })
+        .map(|(name, ms)| format!("{name} {:.1}", ms / msgs.max(1.0) * 1000.0))
         .collect();
     println!("  by thread, per 1 000:   {}", by_thread.join(", "));
     println!(
