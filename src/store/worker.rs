@@ -74,14 +74,13 @@ impl StoreHandle {
 
     /// Deletes acknowledged rows: handed over without waking the store thread, which takes
     /// them at its next wake-up (at least once a second) and deletes them in batches.
-    pub fn ack(&self, seqs: Vec<u64>) -> Result<(), StoreError> {
+    pub fn ack(&self, seqs: Vec<u64>) {
         if seqs.is_empty() {
-            return Ok(());
+            return;
         }
         let mut acks = self.acks.lock().unwrap_or_else(|p| p.into_inner());
         acks.since.get_or_insert_with(std::time::Instant::now);
         acks.seqs.extend(seqs);
-        Ok(())
     }
 
     /// Moves rows that can never be published out of the queue, into its `aside` table.

@@ -669,7 +669,7 @@ impl Session<'_> {
 
     /// Hands acknowledged rows to the store for deletion, refused ones to be set aside.
     fn flush(&mut self, store: &crate::store::StoreHandle) -> Result<(), UplinkError> {
-        store.ack(std::mem::take(&mut self.acks))?;
+        store.ack(std::mem::take(&mut self.acks));
         if !self.refused.is_empty() {
             store.set_aside(std::mem::take(&mut self.refused))?;
         }
