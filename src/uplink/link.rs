@@ -1,5 +1,7 @@
 //! The two MQTT protocol versions behind one face: the session talks to a [`Client`] and reads
-//! [`Ev`]ents, whichever of rumqttc's clients (3.1.1 or 5) is underneath.
+//! [`Ev`]ents, whichever is underneath: 3.1.1 on our own I/O loop around rumqttc's packets and
+//! session state ([`wire`](super::wire): every waiting request in one write), 5 on rumqttc's
+//! event loop.
 //!
 //! What differs is kept here: the options each version connects with, how a broker's refusal
 //! reads (a 3.1.1 PUBACK cannot refuse; an MQTT 5 PUBACK, PUBREC or PUBCOMP carries a reason
@@ -237,7 +239,8 @@ impl Extras {
 
 /// A connected client of either version.
 pub enum Client {
-    V4(rumqttc::AsyncClient),
+    /// Requests for our own 3.1.1 loop ([`wire`](super::wire)).
+    V4(mpsc::Sender<rumqttc::Request>),
     V5(rumqttc::v5::AsyncClient),
 }
 
@@ -260,7 +263,12 @@ impl Client {
         extras: Extras,
     ) -> Result<(), UplinkError> {
         match self {
-            Client::V4(c) => Ok(c.try_publish(topic, qos, retain, payload)?),
+            Client::V4(c) => {
+                let mut p = rumqttc::Publish::new(topic, qos, payload);
+                p.retain = retain;
+                let valid = rumqttc::valid_topic(&p.topic);
+                request(c, rumqttc::Request::Publish(p), valid)
+            }
             Client::V5(c) if extras.is_empty() => {
                 Ok(c.try_publish(topic, qos5(qos), retain, payload)?)
             }
@@ -279,11 +287,14 @@ impl Client {
     /// Subscribes to `topics` at QoS 1 in one SUBSCRIBE.
     pub fn subscribe(&self, topics: Vec<String>) -> Result<(), UplinkError> {
         match self {
-            Client::V4(c) => Ok(c.try_subscribe_many(
-                topics
+            Client::V4(c) => {
+                let valid = !topics.is_empty() && topics.iter().all(|t| rumqttc::valid_filter(t));
+                let filters = topics
                     .into_iter()
-                    .map(|t| rumqttc::SubscribeFilter::new(t, QoS::AtLeastOnce)),
-            )?),
+                    .map(|t| rumqttc::SubscribeFilter::new(t, QoS::AtLeastOnce));
+                let s = rumqttc::Subscribe::new_many(filters);
+                request(c, rumqttc::Request::Subscribe(s), valid)
+            }
             Client::V5(c) => Ok(c.try_subscribe_many(
                 topics
                     .into_iter()
@@ -294,10 +305,28 @@ impl Client {
 
     pub fn disconnect(&self) -> Result<(), UplinkError> {
         match self {
-            Client::V4(c) => Ok(c.try_disconnect()?),
+            Client::V4(c) => request(c, rumqttc::Request::Disconnect(rumqttc::Disconnect), true),
             Client::V5(c) => Ok(c.try_disconnect()?),
         }
     }
+}
+
+/// Hands a request to the 3.1.1 loop without waiting; one that is not valid, or finds the
+/// channel full or closed, comes back in the error as rumqttc's client would return it.
+fn request(
+    c: &mpsc::Sender<rumqttc::Request>,
+    r: rumqttc::Request,
+    valid: bool,
+) -> Result<(), UplinkError> {
+    if !valid {
+        return Err(rumqttc::ClientError::TryRequest(r).into());
+    }
+    c.try_send(r).map_err(|e| {
+        let r = match e {
+            mpsc::error::TrySendError::Full(r) | mpsc::error::TrySendError::Closed(r) => r,
+        };
+        rumqttc::ClientError::TryRequest(r).into()
+    })
 }
 
 /// The options of a client of `mqtt.protocol`: `inflight_ids` is its packet-id space, `will`
@@ -326,36 +355,35 @@ pub fn connect(
     });
     match mqtt.protocol {
         Protocol::V311 => {
-            let mut o =
-                rumqttc::MqttOptions::new(mqtt.client_id.clone(), mqtt.host.clone(), mqtt.port);
-            if let Some(t) = transport {
-                o.set_transport(t);
-            }
-            o.set_keep_alive(mqtt.keep_alive);
-            o.set_clean_session(true);
-            o.set_inflight(inflight_ids);
-            o.set_max_packet_size(max_packet, max_packet);
-            o.set_last_will(rumqttc::LastWill::new(
+            let mut connect = rumqttc::Connect::new(mqtt.client_id.clone());
+            connect.keep_alive = mqtt.keep_alive.as_secs().min(u16::MAX as u64) as u16;
+            connect.clean_session = true;
+            connect.last_will = Some(rumqttc::LastWill::new(
                 will.0,
                 will.1,
                 QoS::AtLeastOnce,
                 will.2,
             ));
             if let Some((u, p)) = credentials {
-                o.set_credentials(u, p);
+                connect.set_login(u, p);
             }
-            let (client, mut eventloop) = rumqttc::AsyncClient::new(o, capacity);
-            eventloop.set_network_options(network);
+            let dial = super::wire::Dial {
+                host: mqtt.host.clone(),
+                port: mqtt.port,
+                tls: mqtt.tls.clone(),
+                connect,
+                inflight: inflight_ids,
+                max_packet,
+                keep_alive: mqtt.keep_alive,
+            };
+            let (requests, rx) = mpsc::channel(capacity);
             let events = Events::spawn(capacity, move |tx| async move {
-                loop {
-                    let ev = eventloop.poll().await;
-                    let stop = ev.is_err();
-                    if tx.send(ev.map(from_v4).map_err(Into::into)).await.is_err() || stop {
-                        break;
-                    }
+                let ok = |ev| Ok(from_v4(ev));
+                if let Err(e) = super::wire::run(dial, rx, &tx, ok).await {
+                    let _ = tx.send(Err(e.into())).await;
                 }
             });
-            (Client::V4(client), events)
+            (Client::V4(requests), events)
         }
         Protocol::V5 => {
             let mut o =

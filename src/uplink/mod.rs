@@ -32,6 +32,7 @@ mod ready;
 mod session;
 mod sparkplug;
 pub mod window;
+mod wire;
 
 use std::collections::HashMap;
 use std::time::Duration;
