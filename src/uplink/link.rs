@@ -1,7 +1,6 @@
 //! The two MQTT protocol versions behind one face: the session talks to a [`Client`] and reads
-//! [`Ev`]ents, whichever is underneath: 3.1.1 on our own I/O loop around rumqttc's packets and
-//! session state ([`wire`](super::wire): every waiting request in one write), 5 on rumqttc's
-//! event loop.
+//! [`Ev`]ents, whichever is underneath. Both run on our own I/O loop around rumqttc's packets
+//! and session state ([`wire`](super::wire): every waiting request in one write).
 //!
 //! What differs is kept here: the options each version connects with, how a broker's refusal
 //! reads (a 3.1.1 PUBACK cannot refuse; an MQTT 5 PUBACK, PUBREC or PUBCOMP carries a reason
@@ -237,11 +236,11 @@ impl Extras {
     }
 }
 
-/// A connected client of either version.
+/// A connected client of either version: the request channel of its loop
+/// ([`wire`](super::wire)).
 pub enum Client {
-    /// Requests for our own 3.1.1 loop ([`wire`](super::wire)).
     V4(mpsc::Sender<rumqttc::Request>),
-    V5(rumqttc::v5::AsyncClient),
+    V5(mpsc::Sender<rumqttc::v5::Request>),
 }
 
 fn qos5(q: QoS) -> QoS5 {
@@ -253,7 +252,7 @@ fn qos5(q: QoS) -> QoS5 {
 }
 
 impl Client {
-    /// Hands a publish to rumqttc (never waits: the request channel has room for the window).
+    /// Hands a publish to the loop (never waits: the request channel has room for the window).
     pub fn publish(
         &self,
         topic: String,
@@ -262,70 +261,77 @@ impl Client {
         payload: Vec<u8>,
         extras: Extras,
     ) -> Result<(), UplinkError> {
+        let valid = rumqttc::valid_topic(&topic);
         match self {
             Client::V4(c) => {
                 let mut p = rumqttc::Publish::new(topic, qos, payload);
                 p.retain = retain;
-                let valid = rumqttc::valid_topic(&p.topic);
-                request(c, rumqttc::Request::Publish(p), valid)
-            }
-            Client::V5(c) if extras.is_empty() => {
-                Ok(c.try_publish(topic, qos5(qos), retain, payload)?)
+                request(c, rumqttc::Request::Publish(p), valid, err4)
             }
             Client::V5(c) => {
-                let props = p5::PublishProperties {
+                let props = (!extras.is_empty()).then(|| p5::PublishProperties {
                     topic_alias: extras.alias,
                     message_expiry_interval: extras.expiry,
                     user_properties: extras.user,
                     ..Default::default()
-                };
-                Ok(c.try_publish_with_properties(topic, qos5(qos), retain, payload, props)?)
+                });
+                let mut p = p5::Publish::new(topic, qos5(qos), payload, props);
+                p.retain = retain;
+                request(c, rumqttc::v5::Request::Publish(p), valid, err5)
             }
         }
     }
 
     /// Subscribes to `topics` at QoS 1 in one SUBSCRIBE.
     pub fn subscribe(&self, topics: Vec<String>) -> Result<(), UplinkError> {
+        let valid = !topics.is_empty() && topics.iter().all(|t| rumqttc::valid_filter(t));
+        let topics = topics.into_iter();
         match self {
             Client::V4(c) => {
-                let valid = !topics.is_empty() && topics.iter().all(|t| rumqttc::valid_filter(t));
-                let filters = topics
-                    .into_iter()
-                    .map(|t| rumqttc::SubscribeFilter::new(t, QoS::AtLeastOnce));
+                let filters = topics.map(|t| rumqttc::SubscribeFilter::new(t, QoS::AtLeastOnce));
                 let s = rumqttc::Subscribe::new_many(filters);
-                request(c, rumqttc::Request::Subscribe(s), valid)
+                request(c, rumqttc::Request::Subscribe(s), valid, err4)
             }
-            Client::V5(c) => Ok(c.try_subscribe_many(
-                topics
-                    .into_iter()
-                    .map(|t| p5::Filter::new(t, QoS5::AtLeastOnce)),
-            )?),
+            Client::V5(c) => {
+                let filters = topics.map(|t| p5::Filter::new(t, QoS5::AtLeastOnce));
+                let s = p5::Subscribe::new_many(filters, None);
+                request(c, rumqttc::v5::Request::Subscribe(s), valid, err5)
+            }
         }
     }
 
     pub fn disconnect(&self) -> Result<(), UplinkError> {
         match self {
-            Client::V4(c) => request(c, rumqttc::Request::Disconnect(rumqttc::Disconnect), true),
-            Client::V5(c) => Ok(c.try_disconnect()?),
+            Client::V4(c) => {
+                let r = rumqttc::Request::Disconnect(rumqttc::Disconnect);
+                request(c, r, true, err4)
+            }
+            Client::V5(c) => request(c, rumqttc::v5::Request::Disconnect, true, err5),
         }
     }
 }
 
-/// Hands a request to the 3.1.1 loop without waiting; one that is not valid, or finds the
-/// channel full or closed, comes back in the error as rumqttc's client would return it.
-fn request(
-    c: &mpsc::Sender<rumqttc::Request>,
-    r: rumqttc::Request,
+fn err4(r: rumqttc::Request) -> UplinkError {
+    rumqttc::ClientError::TryRequest(r).into()
+}
+
+fn err5(r: rumqttc::v5::Request) -> UplinkError {
+    rumqttc::v5::ClientError::TryRequest(r).into()
+}
+
+/// Hands a request to the loop without waiting; one that is not valid, or finds the channel
+/// full or closed, comes back in the error as rumqttc's client would return it.
+fn request<R>(
+    c: &mpsc::Sender<R>,
+    r: R,
     valid: bool,
+    err: fn(R) -> UplinkError,
 ) -> Result<(), UplinkError> {
     if !valid {
-        return Err(rumqttc::ClientError::TryRequest(r).into());
+        return Err(err(r));
     }
-    c.try_send(r).map_err(|e| {
-        let r = match e {
-            mpsc::error::TrySendError::Full(r) | mpsc::error::TrySendError::Closed(r) => r,
-        };
-        rumqttc::ClientError::TryRequest(r).into()
+    c.try_send(r).map_err(|e| match e {
+        mpsc::error::TrySendError::Full(r) | mpsc::error::TrySendError::Closed(r) => err(r),
     })
 }
 
@@ -338,13 +344,6 @@ pub fn connect(
     will: (String, Vec<u8>, bool),
     capacity: usize,
 ) -> (Client, Events) {
-    let mut network = rumqttc::NetworkOptions::new();
-    // Small PUBLISHes paced by acknowledgements: with Nagle on, each waits for the peer's
-    // (delayed) ACK of the one before, and a 50 ms link behaved like a 100 ms one.
-    network.set_tcp_nodelay(true);
-    let transport = mqtt.tls.as_ref().map(|tls| {
-        rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(tls.clone()))
-    });
     let credentials = mqtt.username.as_ref().map(|user| {
         let pass = mqtt
             .password
@@ -353,10 +352,29 @@ pub fn connect(
             .unwrap_or_default();
         (user.clone(), pass)
     });
+    // What CONNECT carries beyond these is the version's own: built below.
+    fn dial<V: super::wire::Version>(
+        mqtt: &Mqtt,
+        connect: V::Packet,
+        inflight: u16,
+        max_packet: usize,
+    ) -> super::wire::Dial<V> {
+        super::wire::Dial {
+            host: mqtt.host.clone(),
+            port: mqtt.port,
+            tls: mqtt.tls.clone(),
+            connect,
+            inflight,
+            max_in: max_packet,
+            max_out: max_packet,
+            keep_alive: mqtt.keep_alive,
+        }
+    }
+    let keep_alive = mqtt.keep_alive.as_secs().min(u16::MAX as u64) as u16;
     match mqtt.protocol {
         Protocol::V311 => {
             let mut connect = rumqttc::Connect::new(mqtt.client_id.clone());
-            connect.keep_alive = mqtt.keep_alive.as_secs().min(u16::MAX as u64) as u16;
+            connect.keep_alive = keep_alive;
             connect.clean_session = true;
             connect.last_will = Some(rumqttc::LastWill::new(
                 will.0,
@@ -367,65 +385,47 @@ pub fn connect(
             if let Some((u, p)) = credentials {
                 connect.set_login(u, p);
             }
-            let dial = super::wire::Dial {
-                host: mqtt.host.clone(),
-                port: mqtt.port,
-                tls: mqtt.tls.clone(),
-                connect,
-                inflight: inflight_ids,
-                max_packet,
-                keep_alive: mqtt.keep_alive,
-            };
+            let dial = dial(mqtt, Packet::Connect(connect), inflight_ids, max_packet);
             let (requests, rx) = mpsc::channel(capacity);
             let events = Events::spawn(capacity, move |tx| async move {
-                let ok = |ev| Ok(from_v4(ev));
-                if let Err(e) = super::wire::run(dial, rx, &tx, ok).await {
+                let map = |ev| Ok(from_v4(ev));
+                if let Err(e) = super::wire::run::<super::wire::V4, _>(dial, rx, &tx, map).await {
                     let _ = tx.send(Err(e.into())).await;
                 }
             });
             (Client::V4(requests), events)
         }
         Protocol::V5 => {
-            let mut o =
-                rumqttc::v5::MqttOptions::new(mqtt.client_id.clone(), mqtt.host.clone(), mqtt.port);
-            if let Some(t) = transport {
-                o.set_transport(t);
-            }
-            o.set_keep_alive(mqtt.keep_alive);
-            // The queue, not the broker, keeps what is undelivered: a clean start, and a
-            // session that ends with the connection (commands sent while we were away are
-            // never replayed: a setpoint from an hour ago is not an order).
-            o.set_clean_start(true);
-            o.set_session_expiry_interval(Some(0));
-            o.set_outgoing_inflight_upper_limit(inflight_ids);
-            o.set_max_packet_size(Some(max_packet as u32));
-            o.set_last_will(p5::LastWill::new(
-                will.0,
-                will.1,
-                QoS5::AtLeastOnce,
-                will.2,
-                None,
-            ));
-            if let Some((u, p)) = credentials {
-                o.set_credentials(u, p);
-            }
-            o.set_network_options(network);
-            let (client, mut eventloop) = rumqttc::v5::AsyncClient::new(o, capacity);
+            let connect = p5::Connect {
+                client_id: mqtt.client_id.clone(),
+                keep_alive,
+                // The queue, not the broker, keeps what is undelivered: a clean start, and a
+                // session that ends with the connection (commands sent while we were away are
+                // never replayed: a setpoint from an hour ago is not an order).
+                clean_start: true,
+                properties: Some(p5::ConnectProperties {
+                    session_expiry_interval: Some(0),
+                    max_packet_size: Some(max_packet as u32),
+                    ..p5::ConnectProperties::new()
+                }),
+            };
+            let will = p5::LastWill::new(will.0, will.1, QoS5::AtLeastOnce, will.2, None);
+            let login = credentials.map(|(u, p)| p5::Login::new(u, p));
+            let packet = p5::Packet::Connect(connect, Some(will), login);
+            let dial = dial(mqtt, packet, inflight_ids, max_packet);
+            let (requests, rx) = mpsc::channel(capacity);
             let events = Events::spawn(capacity, move |tx| async move {
-                loop {
-                    let ev = eventloop.poll().await;
-                    let stop = ev.is_err();
-                    if tx.send(ev.map(from_v5).map_err(Into::into)).await.is_err() || stop {
-                        break;
-                    }
+                let map = |ev| Ok(from_v5(ev));
+                if let Err(e) = super::wire::run::<super::wire::V5, _>(dial, rx, &tx, map).await {
+                    let _ = tx.send(Err(e.into())).await;
                 }
             });
-            (Client::V5(client), events)
+            (Client::V5(requests), events)
         }
     }
 }
 
-/// rumqttc's events, from its event loop running in a task of its own (so that nothing here
+/// The connection's events, from its loop running in a task of its own (so that nothing here
 /// cancels a half-written packet). The task stops when this is dropped.
 pub struct Events {
     rx: mpsc::Receiver<Result<Ev, UplinkError>>,
