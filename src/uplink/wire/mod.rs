@@ -250,6 +250,33 @@ async fn send<V: Version>(
     Ok(())
 }
 
+/// The parts of rumqttc's `MqttState` that both versions spell alike.
+macro_rules! same_state_api {
+    ($state:ty) => {
+        fn state(inflight: u16) -> Self::State {
+            <$state>::new(inflight, false)
+        }
+        fn in_flight(s: &Self::State) -> (u16, bool) {
+            (s.inflight(), s.collision.is_some())
+        }
+        fn outgoing(
+            s: &mut Self::State,
+            r: Self::Request,
+        ) -> Result<Option<Self::Packet>, Self::StateError> {
+            s.handle_outgoing_packet(r)
+        }
+        fn incoming(
+            s: &mut Self::State,
+            p: Self::Packet,
+        ) -> Result<Option<Self::Packet>, Self::StateError> {
+            s.handle_incoming_packet(p)
+        }
+        fn next_event(s: &mut Self::State) -> Option<Self::Event> {
+            s.events.pop_front()
+        }
+    };
+}
+
 /// MQTT 3.1.1.
 pub struct V4;
 
@@ -261,27 +288,7 @@ impl Version for V4 {
     type StateError = rumqttc::StateError;
     type Error = rumqttc::ConnectionError;
 
-    fn state(inflight: u16) -> Self::State {
-        rumqttc::MqttState::new(inflight, false)
-    }
-    fn in_flight(s: &Self::State) -> (u16, bool) {
-        (s.inflight(), s.collision.is_some())
-    }
-    fn outgoing(
-        s: &mut Self::State,
-        r: Self::Request,
-    ) -> Result<Option<Self::Packet>, Self::StateError> {
-        s.handle_outgoing_packet(r)
-    }
-    fn incoming(
-        s: &mut Self::State,
-        p: Self::Packet,
-    ) -> Result<Option<Self::Packet>, Self::StateError> {
-        s.handle_incoming_packet(p)
-    }
-    fn next_event(s: &mut Self::State) -> Option<Self::Event> {
-        s.events.pop_front()
-    }
+    same_state_api!(rumqttc::MqttState);
     fn ping() -> Self::Request {
         rumqttc::Request::PingReq(rumqttc::PingReq)
     }
@@ -338,27 +345,7 @@ impl Version for V5 {
     type StateError = rumqttc::v5::StateError;
     type Error = rumqttc::v5::ConnectionError;
 
-    fn state(inflight: u16) -> Self::State {
-        rumqttc::v5::MqttState::new(inflight, false)
-    }
-    fn in_flight(s: &Self::State) -> (u16, bool) {
-        (s.inflight(), s.collision.is_some())
-    }
-    fn outgoing(
-        s: &mut Self::State,
-        r: Self::Request,
-    ) -> Result<Option<Self::Packet>, Self::StateError> {
-        s.handle_outgoing_packet(r)
-    }
-    fn incoming(
-        s: &mut Self::State,
-        p: Self::Packet,
-    ) -> Result<Option<Self::Packet>, Self::StateError> {
-        s.handle_incoming_packet(p)
-    }
-    fn next_event(s: &mut Self::State) -> Option<Self::Event> {
-        s.events.pop_front()
-    }
+    same_state_api!(rumqttc::v5::MqttState);
     fn ping() -> Self::Request {
         rumqttc::v5::Request::PingReq
     }
