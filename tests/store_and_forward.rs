@@ -39,11 +39,37 @@ async fn mosquitto_restarted_several_times_loses_nothing() {
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     let target = queue_stats(&state).last_seq;
-    sub.wait_for(Duration::from_secs(30), "every reading up to now", |g| {
-        let seqs: BTreeSet<u64> = g.iter().filter_map(|r| r.seq()).collect();
-        (1..=target).all(|s| seqs.contains(&s))
-    })
-    .await;
+    let missing = || {
+        let seqs: BTreeSet<u64> = sub.all().iter().filter_map(|r| r.seq()).collect();
+        (1..=target)
+            .filter(|s| !seqs.contains(s))
+            .collect::<Vec<_>>()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !missing().is_empty() {
+        if std::time::Instant::now() > deadline {
+            // Which ones, and whether the queue still holds them (not published) or not
+            // (acknowledged by the broker, then lost on the way to the subscriber).
+            let still_queued = Store::open_read_only(&state)
+                .unwrap()
+                .peek(0, 100_000)
+                .unwrap()
+                .iter()
+                .map(|r| r.seq)
+                .filter(|s| *s <= target)
+                .collect::<Vec<_>>();
+            let st = queue_stats(&state);
+            panic!(
+                "readings up to {target} not all delivered within 30 s: missing {:?}; still queued {:?}; set aside {} {:?}; dropped {}",
+                missing(),
+                still_queued,
+                st.set_aside,
+                st.aside_by_reason,
+                st.dropped()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     gw.stop().await;
     assert!(target > 150, "polling went on: {target}");
     assert_gapless(sub.by_seq().keys().copied());
