@@ -1,6 +1,6 @@
 //! The two MQTT protocol versions behind one face: the session talks to a [`Client`] and reads
 //! [`Ev`]ents, whichever is underneath. Both run on our own I/O loop around rumqttc's packets
-//! and session state ([`wire`](super::wire): every waiting request in one write).
+//! and session state (`wire`: every waiting request in one write).
 //!
 //! What differs is kept here: the options each version connects with, how a broker's refusal
 //! reads (a 3.1.1 PUBACK cannot refuse; an MQTT 5 PUBACK, PUBREC or PUBCOMP carries a reason
@@ -237,7 +237,7 @@ impl Extras {
 }
 
 /// A connected client of either version: the request channel of its loop
-/// ([`wire`](super::wire)).
+/// (`wire`).
 pub enum Client {
     V4(mpsc::Sender<rumqttc::Request>),
     V5(mpsc::Sender<rumqttc::v5::Request>),

@@ -1,8 +1,9 @@
 //! The uplink: publishes queued rows to the MQTT broker and deletes them when acknowledged.
 //!
-//! The queue, not rumqttc, is the truth. Each connection is a fresh rumqttc client and event
-//! loop with `clean_session = true`; when it ends for any reason, everything not yet
-//! acknowledged is simply read from the queue again by the next session, oldest first.
+//! The queue, not the MQTT client, is the truth. Each connection starts from fresh session
+//! state (rumqttc's `MqttState` behind our I/O loop, `wire`) with `clean_session = true`; when
+//! it ends for any reason, everything not yet acknowledged is simply read from the queue again
+//! by the next session, oldest first.
 //!
 //! Which publish is in flight under which packet id, and how much more may be sent, is the
 //! [`window`]'s business (pure, no I/O): it mirrors rumqttc's packet-id counter so ids never
@@ -21,6 +22,8 @@
 //!
 //! - this file: the reconnect loop, its backoff, and the client's options;
 //! - `session`: one connection, from CONNECT to DISCONNECT;
+//! - [`link`]: the two protocol versions behind one face; `wire`: the connection's I/O loop,
+//!   every waiting request in one write;
 //! - [`window`]: which publish is in flight under which packet id (pure);
 //! - `commands`: `…/set` topics to the devices' bus tasks and back;
 //! - `announce`: Home Assistant discovery configs.
