@@ -162,10 +162,8 @@ async fn serve<V: Version, T, S: AsyncRead + AsyncWrite + Unpin>(
         let room = dial.inflight.saturating_sub(n) as usize;
         let open_for_more = taken.is_empty() && room > 0 && !collided;
         tokio::select! {
-            r = io.read_buf(&mut inb) => {
-                if r? == 0 {
-                    return Err(V::aborted());
-                }
+            r = fill::<V>(&mut io, &mut inb) => {
+                r?;
                 incoming::<V>(&mut inb, &mut state, &mut out, &dial)?;
             }
             n = requests.recv_many(&mut batch, BATCH.min(room.max(1))), if open_for_more => {
@@ -215,6 +213,8 @@ async fn open<V: Version>(dial: &Dial<V>) -> Result<Box<dyn Stream>, V::Error> {
     Ok(Box::new(tls))
 }
 
+/// Reads what has arrived into `inb`; the connection's end is an error. Cancel-safe (a read
+/// abandoned by `select!` took nothing).
 async fn fill<V: Version>(
     io: &mut (impl AsyncRead + Unpin),
     inb: &mut BytesMut,
@@ -246,7 +246,6 @@ async fn send<V: Version>(
     timeout(STALL, io.flush())
         .await
         .map_err(|e| V::timed_out(e, true))??;
-    out.clear();
     Ok(())
 }
 
