@@ -352,18 +352,36 @@ impl Mosquitto {
             .arg(self.child.id().to_string())
             .status();
         let _ = self.child.wait();
+        if self.persistent {
+            // What a restart is for: a broker that could not save would forget every session.
+            let db = self._dir.path().join("mosquitto.db");
+            assert!(db.exists(), "mosquitto saved no state in {}", db.display());
+        }
         let dir = std::mem::replace(&mut self._dir, tempfile::tempdir().unwrap());
         (dir, self.addr.port())
     }
 
     fn launch(dir: tempfile::TempDir, port: u16, persistent: bool) -> Mosquitto {
+        // Started as root, mosquitto drops to the `mosquitto` user, which cannot write in the
+        // test's private directory: it then saves nothing (the error goes to its log only) and a
+        // restart forgets every session. `user root` keeps it as the invoking user (under
+        // root; as anyone else the line is ignored and it runs as that user anyway).
         let persistence = if persistent {
             format!(
-                "persistence true\npersistence_location {}/\nautosave_interval 1\n",
+                "persistence true\npersistence_location {}/\nautosave_interval 1\nuser root\n",
                 dir.path().display()
             )
         } else {
             "persistence false\n".to_string()
+        };
+        // FIELDGATE_TEST_MOSQ_LOG=DIR: each broker logs everything to a file in DIR (which
+        // must be writable by the broker), for following a failure packet by packet.
+        let persistence = match std::env::var("FIELDGATE_TEST_MOSQ_LOG") {
+            Ok(d) => format!(
+                "{persistence}log_dest file {d}/mosquitto-{port}-{}.log\nlog_type all\n",
+                fieldgate::message::now_ms()
+            ),
+            Err(_) => persistence,
         };
         let child = fieldgate::testkit::broker::spawn_mosquitto(
             &dir.path().join("mosquitto.conf"),
