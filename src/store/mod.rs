@@ -79,9 +79,11 @@
 //!
 //! Concurrency: one thread owns the connection ([`spawn`]); pollers and the uplink talk to it
 //! through a [`StoreHandle`]. Enqueueing never waits for the disk. Other processes (`fieldgate
-//! queue stats`) may read the file at any time ([`Store::open_read_only`]). Acknowledgements skip
-//! the round trip: they are left for the thread to take at its next wake-up rather than waking
-//! it (the bound above counts from the hand-over).
+//! queue stats`) may read the file at any time ([`Store::open_read_only`]). Two paths skip the
+//! round trip to the store thread: an uplink that has read everything takes each commit's rows
+//! from memory once they are committed ([`fresh`]), and acknowledgements are left for the
+//! thread to take at its next wake-up rather than waking it (the bound above counts from the
+//! hand-over).
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -93,11 +95,13 @@ use serde::Serialize;
 use crate::message::{Body, Message, Stored, now_ms};
 
 mod ages;
+pub mod fresh;
 pub mod requeue;
 mod sql;
 mod worker;
 
 use ages::Ages;
+pub use fresh::Batch;
 pub use requeue::AsideRow;
 use sql::*;
 pub use worker::{StoreHandle, spawn};

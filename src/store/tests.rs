@@ -429,7 +429,70 @@ async fn committed_tells_the_uplink_about_new_rows() {
     h.enqueue(vec![msg(1), msg(2)]).unwrap();
     c.changed().await.unwrap();
     assert_eq!(*c.borrow(), 2);
-    assert_eq!(h.peek(0, 10).await.unwrap().len(), 2);
+    assert_eq!(h.peek(0, 10).await.unwrap().rows.len(), 2);
+}
+
+/// Waits until the store thread has committed up to `seq`.
+async fn committed_upto(h: &StoreHandle, seq: u64) {
+    let mut c = h.committed();
+    tokio::time::timeout(Duration::from_secs(10), c.wait_for(|s| *s >= seq))
+        .await
+        .expect("committed in time")
+        .unwrap();
+}
+
+/// #16: an uplink that has read everything takes each new commit's rows from memory — the
+/// rows, seqs and bodies the file holds, none twice — and one behind them reads the file.
+#[tokio::test]
+async fn a_caught_up_reader_takes_each_commit_from_memory_as_the_file_holds_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (h, _join) = spawn(Store::open(dir.path()).unwrap()).unwrap();
+    h.enqueue(msgs(1..=2)).unwrap();
+    committed_upto(&h, 2).await;
+    assert!(h.take_fresh(0, 10).is_none(), "behind: read the file");
+    let read = h.peek(0, 10).await.unwrap();
+    assert_eq!(read.rows.len(), 2);
+    assert_eq!(read.upto, 2, "everything up to the last seq was read");
+    assert!(h.take_fresh(read.upto, 10).unwrap().rows.is_empty());
+
+    h.enqueue(msgs(3..=5)).unwrap();
+    committed_upto(&h, 5).await;
+    let memory = h.take_fresh(2, 10).expect("caught up: from memory");
+    let file = h.peek(2, 10).await.unwrap();
+    assert_eq!(memory.rows, file.rows);
+    assert_eq!(
+        memory.rows.iter().map(|r| r.seq).collect::<Vec<_>>(),
+        [3, 4, 5]
+    );
+    assert_eq!((memory.upto, file.upto), (5, 5));
+    assert!(h.take_fresh(5, 10).unwrap().rows.is_empty(), "none twice");
+}
+
+/// #16: with `drop_newest`, the readings refused by a full queue have no row, so they are not
+/// handed out from memory either.
+#[tokio::test]
+async fn readings_a_full_queue_refuses_are_not_handed_out_from_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = Limits {
+        max_messages: 3,
+        when_full: WhenFull::DropNewest,
+        ..Limits::default()
+    };
+    let (h, _join) = spawn(Store::open_with(dir.path(), limits).unwrap()).unwrap();
+    assert!(h.take_fresh(0, 10).unwrap().rows.is_empty());
+    h.enqueue(msgs(1..=5)).unwrap();
+    committed_upto(&h, 3).await;
+    let memory = h.take_fresh(0, 10).unwrap();
+    assert_eq!(memory.rows, h.peek(0, 10).await.unwrap().rows);
+    assert_eq!(
+        memory
+            .rows
+            .iter()
+            .map(|r| r.message.topic.as_str())
+            .collect::<Vec<_>>(),
+        ["t/1", "t/2", "t/3"]
+    );
+    assert_eq!(memory.upto, 3);
 }
 
 /// #16: acknowledgement deletes are not fsynced on their own; the next durable commit (a

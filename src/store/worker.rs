@@ -9,15 +9,16 @@ use std::time::Duration;
 
 use tokio::sync::{oneshot, watch};
 
+use super::fresh::{Batch, Fresh};
 use super::{ACKS_DURABLE_WITHIN, GATHER, MAX_HELD, Stats, Store, StoreError};
-use crate::message::{Message, Stored};
+use crate::message::Message;
 
 enum Cmd {
     Enqueue(Vec<Message>),
     Peek {
         after: u64,
         limit: usize,
-        reply: oneshot::Sender<Result<Vec<Stored>, String>>,
+        reply: oneshot::Sender<Result<Batch, String>>,
     },
     SetAside(Vec<(u64, String)>),
     Stats(oneshot::Sender<Result<Stats, String>>),
@@ -30,6 +31,8 @@ pub struct StoreHandle {
     committed: watch::Receiver<u64>,
     /// The highest seq the uplink has in flight (0: none).
     in_flight: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Rows just committed, for an uplink that has read everything before them.
+    fresh: std::sync::Arc<Fresh>,
     /// Acknowledged seqs, taken by the store thread whenever it wakes.
     acks: std::sync::Arc<std::sync::Mutex<Acks>>,
 }
@@ -58,7 +61,9 @@ impl StoreHandle {
             .map_err(|_| StoreError::Closed)
     }
 
-    pub async fn peek(&self, after: u64, limit: usize) -> Result<Vec<Stored>, StoreError> {
+    /// Up to `limit` rows with `seq > after`, oldest first, read from the file by the store
+    /// thread; see [`take_fresh`](StoreHandle::take_fresh) for the way without it.
+    pub async fn peek(&self, after: u64, limit: usize) -> Result<Batch, StoreError> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Cmd::Peek {
@@ -70,6 +75,17 @@ impl StoreHandle {
         rx.await
             .map_err(|_| StoreError::Closed)?
             .map_err(StoreError::Thread)
+    }
+
+    /// [`peek`](StoreHandle::peek) without the store thread, when the rows after `after` are
+    /// the ones just committed (the reader is caught up); `None`: peek.
+    pub fn take_fresh(&self, after: u64, limit: usize) -> Option<Batch> {
+        self.fresh.take(after, limit)
+    }
+
+    /// A new reader (an uplink session) starts from the file: see [`Fresh::restart`].
+    pub fn new_reader(&self) {
+        self.fresh.restart();
     }
 
     /// Deletes acknowledged rows: handed over without waking the store thread, which takes
@@ -123,7 +139,7 @@ pub fn spawn(store: Store) -> Result<(StoreHandle, thread::JoinHandle<()>), Stor
     let in_flight = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let seen = in_flight.clone();
     let worker = Worker::new(store, committed_tx, seen);
-    let acks = worker.acks.clone();
+    let (fresh, acks) = (worker.fresh.clone(), worker.acks.clone());
     let join = thread::Builder::new()
         .name("fieldgate-store".into())
         .spawn(move || worker.run(rx))
@@ -133,6 +149,7 @@ pub fn spawn(store: Store) -> Result<(StoreHandle, thread::JoinHandle<()>), Stor
             tx,
             committed,
             in_flight,
+            fresh,
             acks,
         },
         join,
@@ -145,6 +162,8 @@ struct Worker {
     committed: watch::Sender<u64>,
     /// What the uplink has in flight, see [`StoreHandle::in_flight_upto`].
     in_flight: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Each commit's rows, handed to a caught-up uplink.
+    fresh: std::sync::Arc<Fresh>,
     /// Acknowledgements handed over by the uplink, taken at every wake-up.
     acks: std::sync::Arc<std::sync::Mutex<Acks>>,
     /// Messages not yet committed (the disk refused them so far).
@@ -177,10 +196,12 @@ impl Worker {
         committed: watch::Sender<u64>,
         in_flight: std::sync::Arc<std::sync::atomic::AtomicU64>,
     ) -> Worker {
+        let fresh = std::sync::Arc::new(Fresh::new(store.last_seq));
         Worker {
             store,
             committed,
             in_flight,
+            fresh,
             acks: Default::default(),
             unsaved: Vec::new(),
             unacked: Vec::new(),
@@ -285,6 +306,7 @@ impl Worker {
                         rows = n,
                         "queue: readings set aside are queued again (fieldgate queue requeue)"
                     );
+                    self.fresh.reset(self.store.last_seq);
                     self.committed.send_replace(self.store.last_seq);
                 }
                 Some(Err(e)) => {
@@ -308,7 +330,15 @@ impl Worker {
                         limit,
                         reply,
                     } => {
-                        let rows = self.retried(|s| s.peek(after, limit));
+                        let rows = self.retried(|s| {
+                            let rows = s.peek(after, limit)?;
+                            // Fewer than asked: every row up to the last seq was there to read.
+                            let upto = match rows.last() {
+                                Some(last) if rows.len() >= limit => last.seq,
+                                _ => s.last_seq.max(after),
+                            };
+                            Ok(Batch { rows, upto })
+                        });
                         let _ = reply.send(rows.map_err(|e| e.to_string()));
                     }
                     Cmd::Stats(reply) => {
@@ -381,7 +411,10 @@ impl Worker {
                     }
                     // Held-and-dropped readings were counted as the oldest dropped in that commit.
                     self.dropped_held = 0;
-                    self.unsaved.drain(..n);
+                    // The first `inserted` got a row each, with consecutive seqs (the rest were
+                    // refused by `drop_newest`); a caught-up uplink takes them from memory.
+                    let rows = self.unsaved.drain(..n).take(a.inserted as usize);
+                    self.fresh.committed(rows, a.last_seq);
                     self.note_drops(a.dropped_oldest + a.dropped_newest);
                     self.committed.send_replace(a.last_seq);
                 }
@@ -411,7 +444,12 @@ impl Worker {
         }
         self.repairs.push(now);
         match self.store.replace_corrupt() {
-            Ok(_) => true,
+            Ok(_) => {
+                // The new file's seqs start past the old ones: rows kept for the uplink are
+                // the old file's.
+                self.fresh.reset(self.store.last_seq);
+                true
+            }
             Err(e) => {
                 tracing::error!(error = %e, "cannot replace the corrupt queue file");
                 false

@@ -19,8 +19,7 @@ use super::link::{Aliases, Client, Ev, Events, Extras, Granted, Outbound, Refusa
 use super::ready::{MAX_PACKET, Publishing, Ready, TokenBucket, unpublishable_within, wire_bytes};
 use super::window::{Entry, Window};
 use super::{Report, Uplink, UplinkError};
-use crate::message::Stored;
-use crate::store::StoreError;
+use crate::store::{Batch, StoreError};
 
 /// Command results waiting for the window; beyond this, new commands are refused as busy.
 const RESULTS_QUEUED: usize = 64;
@@ -44,9 +43,8 @@ pub(super) fn qos(q: u8) -> QoS {
 }
 
 /// A read of the next rows from the queue, under way.
-type Fetch<'a> = std::pin::Pin<
-    Box<dyn std::future::Future<Output = Result<Vec<Stored>, StoreError>> + Send + 'a>,
->;
+type Fetch<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Batch, StoreError>> + Send + 'a>>;
 
 /// Where the session is in the queue.
 struct Rows<'a> {
@@ -216,6 +214,8 @@ impl Uplink {
         let mut committed = self.store.committed();
         let mut availability = self.shared.availability.watch();
         let batch = (self.mqtt.inflight as usize).max(64);
+        // From the first row still queued: the last session's unacknowledged rows included.
+        self.store.new_reader();
         let mut rows = Rows {
             cursor: 0,
             drained: false,
@@ -250,7 +250,11 @@ impl Uplink {
             // may be in an fsync) must not leave the window empty.
             if rows.fetch.is_none() && !rows.drained && rows.ready.len() < batch / 2 {
                 committed.borrow_and_update();
-                rows.fetch = Some(Box::pin(self.store.peek(rows.cursor, batch)));
+                // Caught up: the rows just committed, from memory; else from the file.
+                match self.store.take_fresh(rows.cursor, batch) {
+                    Some(read) => self.take_rows(s, &mut rows, read, how)?,
+                    None => rows.fetch = Some(Box::pin(self.store.peek(rows.cursor, batch))),
+                }
             }
             // Sparkplug: no reading overtakes a birth or a death (its `seq` is already set).
             if s.busy.is_none() && (s.sp.is_none() || s.outbox.is_empty()) {
@@ -497,14 +501,12 @@ impl Uplink {
         &self,
         s: &mut Session<'_>,
         rows: &mut Rows<'_>,
-        read: Vec<Stored>,
+        read: Batch,
         how: &Publishing<'_>,
     ) -> Result<(), UplinkError> {
-        rows.drained = read.len() < rows.batch;
-        if let Some(last) = read.last() {
-            rows.cursor = last.seq;
-        }
-        for row in read {
+        rows.drained = read.rows.len() < rows.batch;
+        rows.cursor = rows.cursor.max(read.upto);
+        for row in read.rows {
             // Sparkplug: the reading as DDATA (encoded when it is sent: its `seq` is the
             // node's), and as JSON too unless the gateway speaks Sparkplug only.
             let sp = self.edge.as_ref().and_then(|e| e.row(&row));
