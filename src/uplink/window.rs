@@ -29,7 +29,8 @@
 //! Not when one packet has waited long — on a slow link every packet waits long — but when
 //! nothing at all has been acknowledged for the acknowledgement timeout while something waits.
 
-use std::collections::{HashMap, VecDeque};
+use std::cell::Cell;
+use std::collections::VecDeque;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -89,6 +90,48 @@ struct Awaiting {
     written: Instant,
 }
 
+/// Written publishes by packet id: a slot per id (ids are small and dense, `1..=ids`), so
+/// the per-publish lookups are an index, not a hash.
+#[derive(Debug, Default)]
+struct Slots {
+    slots: Vec<Option<Awaiting>>,
+    len: usize,
+}
+
+impl Slots {
+    fn insert(&mut self, id: u16, a: Awaiting) -> Option<Awaiting> {
+        let i = id as usize;
+        if i >= self.slots.len() {
+            // Only an id outside the mirrored space (a surprise) grows it past `ids`.
+            self.slots.resize(i + 1, None);
+        }
+        let old = self.slots[i].replace(a);
+        if old.is_none() {
+            self.len += 1;
+        }
+        old
+    }
+
+    fn remove(&mut self, id: u16) -> Option<Awaiting> {
+        let old = self.slots.get_mut(id as usize)?.take();
+        if old.is_some() {
+            self.len -= 1;
+        }
+        old
+    }
+
+    fn contains(&self, id: u16) -> bool {
+        self.slots.get(id as usize).is_some_and(Option::is_some)
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (u16, &Awaiting)> + '_ {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, a)| Some((i as u16, a.as_ref()?)))
+    }
+}
+
 /// Publishes submitted and not yet acknowledged, tied to their packet ids. No I/O.
 #[derive(Debug)]
 pub struct Window {
@@ -102,7 +145,7 @@ pub struct Window {
     /// Handed to rumqttc, not yet written (no packet id reported yet), in submission order.
     submitted: VecDeque<Submitted>,
     /// Written, awaiting PUBACK/PUBCOMP.
-    awaiting: HashMap<u16, Awaiting>,
+    awaiting: Slots,
     bytes: usize,
     /// Acknowledged bytes of the last [`RATE_SPAN`], oldest first.
     delivered: VecDeque<(Instant, usize)>,
@@ -115,6 +158,9 @@ pub struct Window {
     surprises: u64,
     /// Acknowledgements received in this session.
     acknowledged: u64,
+    /// The byte budget as last worked out, and for when: asked before every publish, it only
+    /// changes with the clock and with an acknowledgement.
+    budget_at: Cell<Option<(Instant, usize)>>,
 }
 
 impl Window {
@@ -126,7 +172,7 @@ impl Window {
             last_id: 0,
             keep_alive,
             submitted: VecDeque::new(),
-            awaiting: HashMap::new(),
+            awaiting: Slots::default(),
             bytes: 0,
             delivered: VecDeque::new(),
             delivered_bytes: 0,
@@ -135,6 +181,7 @@ impl Window {
             min_rtt: None,
             surprises: 0,
             acknowledged: 0,
+            budget_at: Cell::new(None),
         }
     }
 
@@ -146,7 +193,7 @@ impl Window {
 
     /// Everything submitted and not yet acknowledged.
     pub fn len(&self) -> usize {
-        self.submitted.len() + self.awaiting.len()
+        self.submitted.len() + self.awaiting.len
     }
 
     pub fn is_empty(&self) -> bool {
@@ -181,7 +228,7 @@ impl Window {
     }
 
     fn id_busy(&self, id: u16) -> bool {
-        self.awaiting.contains_key(&id) || self.submitted.iter().any(|s| s.id == id)
+        self.awaiting.contains(id) || self.submitted.iter().any(|s| s.id == id)
     }
 
     /// Delivered bytes per second, measured over the last couple of seconds.
@@ -203,8 +250,15 @@ impl Window {
 
     /// Most bytes to have in flight now.
     pub fn budget(&self, now: Instant) -> usize {
+        if let Some((at, b)) = self.budget_at.get()
+            && at == now
+        {
+            return b;
+        }
         let hold = (self.keep_alive / 2).max(self.min_rtt.unwrap_or_default() * 3);
-        ((self.rate(now) * hold.as_secs_f64()) as usize).max(MIN_BUDGET)
+        let b = ((self.rate(now) * hold.as_secs_f64()) as usize).max(MIN_BUDGET);
+        self.budget_at.set(Some((now, b)));
+        b
     }
 
     /// May a publish of `bytes` at `qos` be submitted now? Always when nothing is in flight.
@@ -271,7 +325,8 @@ impl Window {
     /// The broker acknowledged `pkid`. Returns the row's `seq` to delete, if it was a row.
     /// An acknowledgement for a packet id not awaited is ignored (a late duplicate).
     pub fn ack(&mut self, pkid: u16, now: Instant) -> Option<u64> {
-        let a = self.awaiting.remove(&pkid)?;
+        let a = self.awaiting.remove(pkid)?;
+        self.budget_at.set(None);
         self.bytes -= a.bytes;
         self.acknowledged += 1;
         self.progress = now;
@@ -296,7 +351,7 @@ impl Window {
         let (pkid, oldest) = self
             .awaiting
             .iter()
-            .map(|(p, a)| (*p, a.written))
+            .map(|(p, a)| (p, a.written))
             .min_by_key(|(_, t)| *t)?;
         let quiet = now.saturating_duration_since(oldest.max(self.progress));
         (quiet > timeout).then_some((pkid, quiet))
@@ -318,7 +373,7 @@ impl Window {
         self.submitted
             .iter()
             .map(|s| s.entry)
-            .chain(self.awaiting.values().map(|a| a.entry))
+            .chain(self.awaiting.iter().map(|(_, a)| a.entry))
     }
 }
 
@@ -448,6 +503,34 @@ mod tests {
         let (mut w, t) = window(10, 20);
         assert_eq!(w.written(3, t), (None, Some(Surprise::NothingSubmitted(3))));
         assert_eq!(w.surprises(), 1);
+    }
+
+    /// The ids are slots, not hash keys: an id rumqttc reports outside the mirrored space
+    /// (a surprise) is still tracked and acknowledged, and an acknowledgement for an id never
+    /// written, inside or outside the space, deletes nothing.
+    #[test]
+    fn an_id_outside_the_mirrored_space_is_tracked_and_strays_delete_nothing() {
+        let (mut w, t) = window(10, 20);
+        assert_eq!(w.ack(7, t), None);
+        assert_eq!(w.ack(60_000, t), None);
+        w.submit(row(1), 10);
+        let (_, surprise) = w.written(500, t);
+        assert_eq!(
+            surprise,
+            Some(Surprise::OtherId {
+                predicted: 1,
+                actual: 500
+            })
+        );
+        assert_eq!(w.len(), 1);
+        assert_eq!(
+            w.stuck(t + Duration::from_secs(9), Duration::from_secs(5))
+                .map(|s| s.0),
+            Some(500)
+        );
+        assert_eq!(w.ack(1, t), None, "not the id it was written with");
+        assert_eq!(w.ack(500, t), Some(1));
+        assert!(w.is_empty());
     }
 
     #[test]
