@@ -119,7 +119,9 @@ pub fn test_protocol() -> &'static str {
 }
 
 /// A mosquitto on a free loopback port that dies with the calling thread (`setpriv
-/// --pdeathsig`): no Receive Maximum (`max_inflight_messages 0`), nothing kept.
+/// --pdeathsig`): no Receive Maximum (`max_inflight_messages 0`), nothing kept. `user root`:
+/// started as root, mosquitto would switch to its own user, and a change of user clears the
+/// parent-death signal, so every broker outlived its test (hundreds after a suite run).
 fn start_mosquitto_for_thread() -> std::io::Result<SocketAddr> {
     let bin = mosquitto_bin().ok_or_else(|| {
         std::io::Error::new(
@@ -135,7 +137,7 @@ fn start_mosquitto_for_thread() -> std::io::Result<SocketAddr> {
     std::fs::write(
         &conf,
         format!(
-            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_inflight_messages 0\nmax_queued_messages 0\n"
+            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_inflight_messages 0\nmax_queued_messages 0\nuser root\n"
         ),
     )?;
     let mut cmd = if std::path::Path::new("/usr/bin/setpriv").exists() {
