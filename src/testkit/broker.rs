@@ -118,10 +118,16 @@ pub fn test_protocol() -> &'static str {
     }
 }
 
+/// Every mosquitto the test kit starts keeps the user it was started as. Started as root it
+/// would switch to the `mosquitto` user, which (1) cannot write in a test's private directory
+/// (a persistent broker then saves nothing and a restart forgets every session) nor read the
+/// files a test wrote there, and (2) loses the parent-death signal `setpriv --pdeathsig` set
+/// (a change of user clears it), so the broker outlives its test. As anyone but root the line
+/// changes nothing: mosquitto runs as that user anyway.
+const KEEP_USER: &str = "user root\n";
+
 /// A mosquitto on a free loopback port that dies with the calling thread (`setpriv
-/// --pdeathsig`): no Receive Maximum (`max_inflight_messages 0`), nothing kept. `user root`:
-/// started as root, mosquitto would switch to its own user, and a change of user clears the
-/// parent-death signal, so every broker outlived its test (hundreds after a suite run).
+/// --pdeathsig`): no Receive Maximum (`max_inflight_messages 0`), nothing kept.
 fn start_mosquitto_for_thread() -> std::io::Result<SocketAddr> {
     let bin = mosquitto_bin().ok_or_else(|| {
         std::io::Error::new(
@@ -137,7 +143,7 @@ fn start_mosquitto_for_thread() -> std::io::Result<SocketAddr> {
     std::fs::write(
         &conf,
         format!(
-            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_inflight_messages 0\nmax_queued_messages 0\nuser root\n"
+            "{KEEP_USER}listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_inflight_messages 0\nmax_queued_messages 0\n"
         ),
     )?;
     let mut cmd = if std::path::Path::new("/usr/bin/setpriv").exists() {
@@ -174,9 +180,9 @@ pub fn mosquitto_bin() -> Option<&'static str> {
     .find(|p| std::path::Path::new(p).exists())
 }
 
-/// Starts mosquitto with `conf` (written to `conf_file`) and waits, at most 5 s, until
-/// `127.0.0.1:port` accepts connections. For the tests and the benchmarks; mosquitto must be
-/// installed.
+/// Starts mosquitto with `conf` (written to `conf_file`, after [`KEEP_USER`]) and waits, at
+/// most 5 s, until `127.0.0.1:port` accepts connections. For the tests and the benchmarks;
+/// mosquitto must be installed.
 pub fn spawn_mosquitto(
     conf_file: &std::path::Path,
     conf: &str,
@@ -188,7 +194,7 @@ pub fn spawn_mosquitto(
             "mosquitto is not installed (apt-get install mosquitto)",
         )
     })?;
-    std::fs::write(conf_file, conf)?;
+    std::fs::write(conf_file, format!("{KEEP_USER}{conf}"))?;
     let child = std::process::Command::new(bin)
         .arg("-c")
         .arg(conf_file)

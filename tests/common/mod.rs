@@ -305,7 +305,7 @@ impl Mosquitto {
 
     /// A mosquitto with a plain anonymous listener (`addr`, for test subscribers) and `extra`
     /// configuration (more listeners; `per_listener_settings true` is set). Files written by
-    /// the test stay readable because it runs as the invoking user (`user root` under root).
+    /// the test stay readable: it runs as the invoking user (see `spawn_mosquitto`).
     pub fn start_custom(dir: tempfile::TempDir, extra: &str) -> Option<Mosquitto> {
         if mosquitto_bin().is_none() {
             if std::env::var("FIELDGATE_REQUIRE_MOSQUITTO").as_deref() == Ok("1") {
@@ -317,7 +317,7 @@ impl Mosquitto {
         let port = free_port();
         let child = fieldgate::testkit::broker::spawn_mosquitto(
             &dir.path().join("mosquitto.conf"),
-            &format!("per_listener_settings true\nuser root\nlistener {port} 127.0.0.1\nallow_anonymous true\n{extra}"),
+            &format!("per_listener_settings true\nlistener {port} 127.0.0.1\nallow_anonymous true\n{extra}"),
             port,
         )
         .expect("mosquitto starts");
@@ -362,13 +362,11 @@ impl Mosquitto {
     }
 
     fn launch(dir: tempfile::TempDir, port: u16, persistent: bool) -> Mosquitto {
-        // Started as root, mosquitto drops to the `mosquitto` user, which cannot write in the
-        // test's private directory: it then saves nothing (the error goes to its log only) and a
-        // restart forgets every session. `user root` keeps it as the invoking user (under
-        // root; as anyone else the line is ignored and it runs as that user anyway).
+        // It can write in the test's private directory because it runs as the invoking user
+        // (`spawn_mosquitto`); `stop` checks that it saved.
         let persistence = if persistent {
             format!(
-                "persistence true\npersistence_location {}/\nautosave_interval 1\nuser root\n",
+                "persistence true\npersistence_location {}/\nautosave_interval 1\n",
                 dir.path().display()
             )
         } else {
@@ -376,16 +374,16 @@ impl Mosquitto {
         };
         // FIELDGATE_TEST_MOSQ_LOG=DIR: each broker logs everything to a file in DIR (which
         // must be writable by the broker), for following a failure packet by packet.
-        let persistence = match std::env::var("FIELDGATE_TEST_MOSQ_LOG") {
+        let logging = match std::env::var("FIELDGATE_TEST_MOSQ_LOG") {
             Ok(d) => format!(
-                "{persistence}log_dest file {d}/mosquitto-{port}-{}.log\nlog_type all\n",
+                "log_dest file {d}/mosquitto-{port}-{}.log\nlog_type all\n",
                 fieldgate::message::now_ms()
             ),
-            Err(_) => persistence,
+            Err(_) => String::new(),
         };
         let child = fieldgate::testkit::broker::spawn_mosquitto(
             &dir.path().join("mosquitto.conf"),
-            &format!("listener {port} 127.0.0.1\nallow_anonymous true\n{persistence}max_queued_messages 0\nmax_inflight_messages 0\n"),
+            &format!("listener {port} 127.0.0.1\nallow_anonymous true\n{persistence}{logging}max_queued_messages 0\nmax_inflight_messages 0\n"),
             port,
         )
         .expect("mosquitto starts");
