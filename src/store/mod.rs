@@ -34,7 +34,9 @@
 //! ## Durability
 //! WAL journal with `synchronous = FULL`: a commit is on disk (the WAL fsynced) when
 //! [`Store::append`] returns, so a `kill -9` or a power loss after that loses nothing. (With
-//! `NORMAL`, a power loss could roll back the last commits: not acceptable for this queue.) To
+//! `NORMAL`, a power loss could roll back the last commits: not acceptable for this queue.) The
+//! sync is `fdatasync(2)` (`.cargo/config.toml` builds the bundled SQLite as Debian builds its
+//! own): the WAL's data and size are made durable, only its timestamps are not. To
 //! keep SD-card writes low, every message waiting when the store thread wakes goes into one
 //! transaction — one fsync per poll cycle, not per reading — and acknowledgements are deleted
 //! in batches (the uplink flushes them every 100 ms). A crash can therefore re-send at most the
@@ -55,8 +57,9 @@
 //! memory and commits them together: fewer writes, at the price of losing what waited on a
 //! power cut; see the configuration reference.
 //!
-//! Group commit: when a batch arrives, the store thread gathers what else arrives within
-//! [`GATHER`] before committing, so buses polled on the same tick share one fsync.
+//! Group commit: when a batch arrives, the store thread sleeps for [`GATHER`] and takes what
+//! else arrived meanwhile before committing, so buses polled on the same tick share one fsync and
+//! one wake-up of the thread; acknowledgements handed over by then are deleted by that commit.
 //!
 //! ## Bounds
 //! `max_messages` and `max_bytes` bound the queue; `max_bytes` is measured as the pages in use

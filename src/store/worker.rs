@@ -227,13 +227,13 @@ impl Worker {
             if !open && (!pending || self.failing) {
                 break;
             }
-            // Wake at least once a second for retries and expiry; sooner while acknowledgement
-            // deletes wait to be made durable.
-            let mut wait = if self.store.undurable_acks() > 0 {
-                Duration::from_millis(200)
-            } else {
-                Duration::from_secs(1)
-            };
+            // Wake at least once a second for retries and expiry, and when acknowledgement
+            // deletes are due to be made durable (with readings flowing, the next append
+            // carries them before that).
+            let mut wait = Duration::from_secs(1);
+            if let Some(due) = self.acks_due() {
+                wait = wait.min(due.saturating_duration_since(std::time::Instant::now()));
+            }
             let interval = self.store.limits().commit_interval;
             if let Some(since) = self.unsaved_since {
                 wait = wait
@@ -249,24 +249,18 @@ impl Worker {
             };
             // Group commit: readings from buses polled on the same tick arrive within
             // moments of each other; gathering them costs one fsync instead of one each.
+            // (With a commit interval, readings gather for that long anyway.) The thread
+            // sleeps through the gathering instead of waiting on the channel: a receiver that
+            // waits is woken by every send (a thread switch and a contended lock each, ten per
+            // tick at ten buses), one that sleeps is woken once.
             let mut cmds: Vec<Cmd> = first.into_iter().collect();
-            // (With a commit interval, readings gather for that long anyway.)
-            let gather_until = (interval.is_zero()
-                && matches!(cmds.first(), Some(Cmd::Enqueue(_))))
-            .then(|| std::time::Instant::now() + GATHER);
-            loop {
-                let next = match gather_until {
-                    Some(until) => rx
-                        .recv_timeout(until.saturating_duration_since(std::time::Instant::now()))
-                        .ok(),
-                    None => rx.try_recv().ok(),
-                };
-                match next {
-                    Some(c) => cmds.push(c),
-                    None => break,
-                }
+            if interval.is_zero() && matches!(cmds.first(), Some(Cmd::Enqueue(_))) {
+                thread::sleep(GATHER);
             }
+            cmds.extend(rx.try_iter());
+            // Acknowledgements first: the readings' commit below carries their deletes.
             self.take_acks();
+            self.delete_acked();
             let mut queries = Vec::new();
             for c in cmds {
                 match c {
@@ -289,7 +283,6 @@ impl Worker {
                     }
                 }
             }
-            self.delete_acked();
             self.sync_acks();
             // A `fieldgate queue requeue` request: looked for once a second.
             let serve = self.requeue_checked.elapsed() >= Duration::from_secs(1);
@@ -465,17 +458,31 @@ impl Worker {
         }
     }
 
-    /// Makes acknowledgement deletes durable once they have waited [`ACKS_DURABLE_WITHIN`]
-    /// without a durable commit (a reading's append) carrying them.
+    /// When the acknowledgement deletes waiting must be committed on their own: a little
+    /// before [`ACKS_DURABLE_WITHIN`] has passed since the oldest was handed over (with a
+    /// commit interval the deletes ride on its commits, so within that). `None`: none waits.
+    fn acks_due(&self) -> Option<std::time::Instant> {
+        if self.store.undurable_acks() == 0 {
+            return None;
+        }
+        let within = ACKS_DURABLE_WITHIN.max(self.store.limits().commit_interval);
+        let since = self.acks_since.unwrap_or_else(std::time::Instant::now);
+        Some(since + within.saturating_sub(Duration::from_millis(250)))
+    }
+
+    /// Makes acknowledgement deletes durable once they are due (see
+    /// [`acks_due`](Worker::acks_due)) without a durable commit (a reading's append) carrying
+    /// them.
     fn sync_acks(&mut self) {
         if self.store.undurable_acks() == 0 {
             self.acks_since = None;
             return;
         }
-        let since = *self.acks_since.get_or_insert_with(std::time::Instant::now);
-        // With a commit interval the deletes ride on its commits too.
-        let within = ACKS_DURABLE_WITHIN.max(self.store.limits().commit_interval);
-        if since.elapsed() >= within.saturating_sub(Duration::from_millis(250)) {
+        self.acks_since.get_or_insert_with(std::time::Instant::now);
+        if self
+            .acks_due()
+            .is_some_and(|due| std::time::Instant::now() >= due)
+        {
             match self.retried(|s| s.sync_acks()) {
                 Ok(()) => self.acks_since = None,
                 Err(e) => {
@@ -556,6 +563,49 @@ mod tests {
                 n.contains(".corrupt-") && !n.ends_with("-wal") && !n.ends_with("-shm")
             })
             .count()
+    }
+
+    fn readings(n: usize) -> Vec<Message> {
+        (0..n)
+            .map(|i| Message {
+                topic: format!("bus/r{i}"),
+                qos: 1,
+                retain: false,
+                ts_ms: crate::message::now_ms(),
+                body: crate::message::Body::Bare {
+                    value: crate::mapping::Value::Int(i as i64),
+                },
+            })
+            .collect()
+    }
+
+    /// #16: ten buses polled on the same tick hand their readings over within moments of each
+    /// other. The store thread sleeps through the gathering (one wake-up, not one per bus) and
+    /// commits them together; the acknowledgements handed over before the tick are deleted by
+    /// that same commit — not left for a commit of their own later.
+    #[tokio::test]
+    async fn a_tick_of_ten_buses_and_the_acknowledgements_before_it_cost_one_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let (h, join) = spawn(Store::open(dir.path()).unwrap()).unwrap();
+        let mut committed = h.committed();
+        h.enqueue(readings(4)).unwrap();
+        committed.wait_for(|s| *s >= 4).await.unwrap();
+        let before = h.stats().await.unwrap();
+        h.ack(vec![1, 2, 3, 4]);
+        for _bus in 0..10 {
+            h.enqueue(readings(2)).unwrap();
+        }
+        committed.wait_for(|s| *s >= 24).await.unwrap();
+        let after = h.stats().await.unwrap();
+        assert_eq!(after.commits, before.commits + 1, "one commit for the tick");
+        assert_eq!(
+            after.acked_total,
+            before.acked_total + 4,
+            "the deletes rode on the readings' commit"
+        );
+        assert_eq!(after.depth, 20);
+        drop(h);
+        join.join().unwrap();
     }
 
     /// Review of #10: corruption found on a read path (peek, ack, expire, stats) was not
