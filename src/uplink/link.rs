@@ -448,6 +448,16 @@ impl Events {
     pub async fn recv(&mut self) -> Option<Result<Ev, UplinkError>> {
         self.rx.recv().await
     }
+
+    /// Waits for an event, then moves every one waiting (at most `limit`) into `buf`; 0 when
+    /// the connection's task is gone. Cancel-safe.
+    pub async fn recv_many(
+        &mut self,
+        buf: &mut Vec<Result<Ev, UplinkError>>,
+        limit: usize,
+    ) -> usize {
+        self.rx.recv_many(buf, limit).await
+    }
 }
 
 impl Drop for Events {

@@ -24,6 +24,9 @@ use crate::store::{Batch, StoreError};
 /// Command results waiting for the window; beyond this, new commands are refused as busy.
 const RESULTS_QUEUED: usize = 64;
 
+/// Most connection events handled in one pass of the session loop.
+const EVENTS_PER_PASS: usize = 256;
+
 /// How long a CONNACK may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the session's housekeeping runs while there is work: acknowledged rows handed to
@@ -231,6 +234,7 @@ impl Uplink {
         status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Device availability to publish: everything known on connect, then on each change.
         let mut availability_due = true;
+        let mut arrived = Vec::with_capacity(EVENTS_PER_PASS);
         let mut beaten = Instant::now();
         self.beat(IDLE_TICK);
         loop {
@@ -280,26 +284,17 @@ impl Uplink {
             }
             tokio::select! {
                 _ = cancel.cancelled() => return Ok(()),
-                ev = events.recv() => match ev {
-                    None => return Err(UplinkError::ConnectTimeout(CONNECT_TIMEOUT)),
-                    Some(Err(e)) => return Err(e),
-                    Some(Ok(Ev::Message { topic, payload, retain })) => {
-                        if let Some(requests) = self.edge.as_ref().and_then(|e| e.requests(&topic, &payload)) {
-                            self.sparkplug_requests(s, requests, results_tx);
-                            continue;
-                        }
-                        // Home Assistant (re)started: it forgot the configs.
-                        match &self.discovery {
-                            Some(a) if topic == a.status_topic() => {
-                                if payload == b"online" {
-                                    s.announcing = a.messages();
-                                }
-                            }
-                            _ => self.command(&topic, &payload, retain, results_tx),
-                        }
+                // Every event waiting, in one pass of the loop: a burst of acknowledgements
+                // is handled together instead of one loop round (and one look at every other
+                // source) each.
+                n = events.recv_many(&mut arrived, EVENTS_PER_PASS) => {
+                    if n == 0 {
+                        return Err(UplinkError::ConnectTimeout(CONNECT_TIMEOUT));
                     }
-                    Some(Ok(ev)) => s.handle(ev),
-                },
+                    for ev in arrived.drain(..) {
+                        self.on_event(s, ev?, results_tx);
+                    }
+                }
                 Some(result) = results.recv(), if s.outbox.len() < RESULTS_QUEUED => {
                     // Sparkplug only: the host sees a write's outcome as the new DDATA value.
                     if self.publishes_json() {
@@ -345,6 +340,35 @@ impl Uplink {
                 s.flush(&self.store)?;
                 return Err(UplinkError::Busy(r));
             }
+        }
+    }
+
+    /// Applies one event of the connection: a publish from the broker (a command, a Sparkplug
+    /// request, Home Assistant's status) or one of the window's.
+    fn on_event(&self, s: &mut Session<'_>, ev: Ev, results_tx: &mpsc::Sender<Outbound>) {
+        let Ev::Message {
+            topic,
+            payload,
+            retain,
+        } = ev
+        else {
+            return s.handle(ev);
+        };
+        if let Some(requests) = self
+            .edge
+            .as_ref()
+            .and_then(|e| e.requests(&topic, &payload))
+        {
+            return self.sparkplug_requests(s, requests, results_tx);
+        }
+        // Home Assistant (re)started: it forgot the configs.
+        match &self.discovery {
+            Some(a) if topic == a.status_topic() => {
+                if payload == b"online" {
+                    s.announcing = a.messages();
+                }
+            }
+            _ => self.command(&topic, &payload, retain, results_tx),
         }
     }
 
