@@ -29,9 +29,8 @@ const EVENTS_PER_PASS: usize = 256;
 
 /// How long a CONNACK may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// How often the session's housekeeping runs while there is work: acknowledged rows handed to
-/// the store (their deletes batched per tick), the acknowledgement timeout checked, rows that
-/// wait for the window's byte budget or the replay rate tried again.
+/// How often the session's housekeeping runs while there is work: the acknowledgement timeout
+/// checked, rows that wait for the window's byte budget or the replay rate tried again.
 const TICK: Duration = Duration::from_millis(100);
 /// ...and while there is none (nothing in flight, queued or to hand over): only the watchdog
 /// promise is renewed. An idle gateway wakes once a second here, not ten times.
@@ -323,15 +322,16 @@ impl Uplink {
                 }
                 _ = &mut tick => {
                     ticked = Instant::now();
-                    // Deletes are batched per tick: few fsyncs, and a crash re-sends at most
-                    // one tick's worth of acknowledged rows.
-                    s.flush(&self.store)?;
                     if let Some((pkid, quiet)) = s.win.stuck(Instant::now(), self.tuning.ack_timeout) {
                         return Err(UplinkError::AckTimeout { pkid, quiet });
                     }
                 }
             }
-            if s.acks.len() >= 256 {
+            // Acknowledged rows go to the store after every pass: handing them over takes a
+            // lock, not a wake-up of its thread (which deletes them with its next commit), and
+            // with nothing left to hand over the session goes idle as soon as the window is
+            // empty instead of ticking on.
+            if !s.acks.is_empty() || !s.refused.is_empty() {
                 s.flush(&self.store)?;
             }
             if let Some((r, since)) = s.busy
