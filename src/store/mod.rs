@@ -39,7 +39,8 @@
 //! own): the WAL's data and size are made durable, only its timestamps are not. To
 //! keep SD-card writes low, every message waiting when the store thread wakes goes into one
 //! transaction — one fsync per poll cycle, not per reading — and acknowledgements are deleted
-//! in batches (the uplink flushes them every 100 ms). A crash can therefore re-send at most the
+//! in batches (the uplink hands them over as they come, the store thread takes them at its next
+//! wake-up). A crash can therefore re-send at most the
 //! acknowledged-but-not-yet-deleted rows plus the in-flight window, with their original `seq`.
 //!
 //! Acknowledgement deletes write nothing when they arrive: [`Store::ack`] takes the rows out of
