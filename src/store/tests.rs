@@ -19,7 +19,7 @@ fn msg(i: i64) -> Message {
     }
 }
 
-fn msgs(r: std::ops::RangeInclusive<i64>) -> Vec<Message> {
+pub(super) fn msgs(r: std::ops::RangeInclusive<i64>) -> Vec<Message> {
     r.map(msg).collect()
 }
 

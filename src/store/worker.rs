@@ -541,6 +541,7 @@ impl Worker {
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::msgs;
     use super::*;
 
     fn corrupt() -> StoreError {
@@ -565,20 +566,6 @@ mod tests {
             .count()
     }
 
-    fn readings(n: usize) -> Vec<Message> {
-        (0..n)
-            .map(|i| Message {
-                topic: format!("bus/r{i}"),
-                qos: 1,
-                retain: false,
-                ts_ms: crate::message::now_ms(),
-                body: crate::message::Body::Bare {
-                    value: crate::mapping::Value::Int(i as i64),
-                },
-            })
-            .collect()
-    }
-
     /// #16: ten buses polled on the same tick hand their readings over within moments of each
     /// other. The store thread sleeps through the gathering (one wake-up, not one per bus) and
     /// commits them together; the acknowledgements handed over before the tick are deleted by
@@ -588,12 +575,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (h, join) = spawn(Store::open(dir.path()).unwrap()).unwrap();
         let mut committed = h.committed();
-        h.enqueue(readings(4)).unwrap();
+        h.enqueue(msgs(1..=4)).unwrap();
         committed.wait_for(|s| *s >= 4).await.unwrap();
         let before = h.stats().await.unwrap();
         h.ack(vec![1, 2, 3, 4]);
-        for _bus in 0..10 {
-            h.enqueue(readings(2)).unwrap();
+        for bus in 0..10 {
+            h.enqueue(msgs(5 + bus * 2..=6 + bus * 2)).unwrap();
         }
         committed.wait_for(|s| *s >= 24).await.unwrap();
         let after = h.stats().await.unwrap();
