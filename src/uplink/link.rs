@@ -8,6 +8,9 @@
 //! Maximum), and the properties a v5 publish may carry (topic alias, message expiry, user
 //! properties). Reason codes are turned into words for the logs and the `aside` table.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use rumqttc::v5::mqttbytes::QoS as QoS5;
 use rumqttc::v5::mqttbytes::v5 as p5;
 use rumqttc::{Event, Outgoing, Packet, QoS};
@@ -236,9 +239,14 @@ impl Extras {
     }
 }
 
-/// A connected client of either version: the request channel of its loop
-/// (`wire`).
-pub enum Client {
+/// A connected client of either version: the request channel of its loop (`wire`), and the
+/// session's word to it on how soon acknowledgements must be read.
+pub struct Client {
+    requests: Requests,
+    unhurried: Arc<AtomicBool>,
+}
+
+enum Requests {
     V4(mpsc::Sender<rumqttc::Request>),
     V5(mpsc::Sender<rumqttc::v5::Request>),
 }
@@ -252,6 +260,13 @@ fn qos5(q: QoS) -> QoS5 {
 }
 
 impl Client {
+    /// `true` while nothing of the session waits for room in the window: the loop may then
+    /// gather acknowledgements for a moment before it reads them (see `wire::GATHER`); `false`
+    /// (the start) reads each as it comes.
+    pub fn unhurried(&self, yes: bool) {
+        self.unhurried.store(yes, Ordering::Relaxed);
+    }
+
     /// Hands a publish to the loop (never waits: the request channel has room for the window).
     pub fn publish(
         &self,
@@ -262,13 +277,13 @@ impl Client {
         extras: Extras,
     ) -> Result<(), UplinkError> {
         let valid = rumqttc::valid_topic(&topic);
-        match self {
-            Client::V4(c) => {
+        match &self.requests {
+            Requests::V4(c) => {
                 let mut p = rumqttc::Publish::new(topic, qos, payload);
                 p.retain = retain;
                 request(c, rumqttc::Request::Publish(p), valid, err4)
             }
-            Client::V5(c) => {
+            Requests::V5(c) => {
                 let props = (!extras.is_empty()).then(|| p5::PublishProperties {
                     topic_alias: extras.alias,
                     message_expiry_interval: extras.expiry,
@@ -286,13 +301,13 @@ impl Client {
     pub fn subscribe(&self, topics: Vec<String>) -> Result<(), UplinkError> {
         let valid = !topics.is_empty() && topics.iter().all(|t| rumqttc::valid_filter(t));
         let topics = topics.into_iter();
-        match self {
-            Client::V4(c) => {
+        match &self.requests {
+            Requests::V4(c) => {
                 let filters = topics.map(|t| rumqttc::SubscribeFilter::new(t, QoS::AtLeastOnce));
                 let s = rumqttc::Subscribe::new_many(filters);
                 request(c, rumqttc::Request::Subscribe(s), valid, err4)
             }
-            Client::V5(c) => {
+            Requests::V5(c) => {
                 let filters = topics.map(|t| p5::Filter::new(t, QoS5::AtLeastOnce));
                 let s = p5::Subscribe::new_many(filters, None);
                 request(c, rumqttc::v5::Request::Subscribe(s), valid, err5)
@@ -301,12 +316,12 @@ impl Client {
     }
 
     pub fn disconnect(&self) -> Result<(), UplinkError> {
-        match self {
-            Client::V4(c) => {
+        match &self.requests {
+            Requests::V4(c) => {
                 let r = rumqttc::Request::Disconnect(rumqttc::Disconnect);
                 request(c, r, true, err4)
             }
-            Client::V5(c) => request(c, rumqttc::v5::Request::Disconnect, true, err5),
+            Requests::V5(c) => request(c, rumqttc::v5::Request::Disconnect, true, err5),
         }
     }
 }
@@ -353,11 +368,13 @@ pub fn connect(
         (user.clone(), pass)
     });
     // What CONNECT carries beyond these is the version's own: built below.
+    let unhurried = Arc::new(AtomicBool::new(false));
     fn dial<V: super::wire::Version>(
         mqtt: &Mqtt,
         connect: V::Packet,
         inflight: u16,
         max_packet: usize,
+        unhurried: &Arc<AtomicBool>,
     ) -> super::wire::Dial<V> {
         super::wire::Dial {
             host: mqtt.host.clone(),
@@ -368,6 +385,7 @@ pub fn connect(
             max_in: max_packet,
             max_out: max_packet,
             keep_alive: mqtt.keep_alive,
+            unhurried: unhurried.clone(),
         }
     }
     let keep_alive = mqtt.keep_alive.as_secs().min(u16::MAX as u64) as u16;
@@ -385,7 +403,13 @@ pub fn connect(
             if let Some((u, p)) = credentials {
                 connect.set_login(u, p);
             }
-            let dial = dial(mqtt, Packet::Connect(connect), inflight_ids, max_packet);
+            let dial = dial(
+                mqtt,
+                Packet::Connect(connect),
+                inflight_ids,
+                max_packet,
+                &unhurried,
+            );
             let (requests, rx) = mpsc::channel(capacity);
             let events = Events::spawn(capacity, move |tx| async move {
                 let map = |ev| Ok(from_v4(ev));
@@ -393,7 +417,14 @@ pub fn connect(
                     let _ = tx.send(Err(e.into())).await;
                 }
             });
-            (Client::V4(requests), events)
+            let requests = Requests::V4(requests);
+            (
+                Client {
+                    requests,
+                    unhurried,
+                },
+                events,
+            )
         }
         Protocol::V5 => {
             let connect = p5::Connect {
@@ -412,7 +443,7 @@ pub fn connect(
             let will = p5::LastWill::new(will.0, will.1, QoS5::AtLeastOnce, will.2, None);
             let login = credentials.map(|(u, p)| p5::Login::new(u, p));
             let packet = p5::Packet::Connect(connect, Some(will), login);
-            let dial = dial(mqtt, packet, inflight_ids, max_packet);
+            let dial = dial(mqtt, packet, inflight_ids, max_packet, &unhurried);
             let (requests, rx) = mpsc::channel(capacity);
             let events = Events::spawn(capacity, move |tx| async move {
                 let map = |ev| Ok(from_v5(ev));
@@ -420,7 +451,14 @@ pub fn connect(
                     let _ = tx.send(Err(e.into())).await;
                 }
             });
-            (Client::V5(requests), events)
+            let requests = Requests::V5(requests);
+            (
+                Client {
+                    requests,
+                    unhurried,
+                },
+                events,
+            )
         }
     }
 }

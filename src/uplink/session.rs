@@ -277,6 +277,15 @@ impl Uplink {
                 && s.announcing.is_empty()
                 && rows.ready.is_empty()
                 && !availability_due;
+            // Nothing waits for room in the window: the loop may gather acknowledgements
+            // before reading them (fewer wake-ups); anything waiting, and it reads at once.
+            s.client.unhurried(
+                rows.drained
+                    && rows.ready.is_empty()
+                    && s.outbox.is_empty()
+                    && s.announcing.is_empty()
+                    && s.busy.is_none(),
+            );
             let due = ticked + if idle { IDLE_TICK } else { TICK };
             if tick.deadline() != due {
                 tick.as_mut().reset(due);

@@ -9,6 +9,12 @@
 //! writes it with one call: a device's poll of 20 registers goes out as one segment, not 20.
 //! Nothing waits to be batched: a request that arrives alone is written at once.
 //!
+//! Reads are the other way round. While the session has nothing waiting for room in the window
+//! ([`Dial::unhurried`]), a read is held for [`GATHER`] after the one before, with the socket's
+//! receive low-water mark raised so that the acknowledgements trickling in meanwhile do not
+//! wake the thread: a poll's PUBACKs are read in one or two reads instead of one per segment.
+//! The moment the session has more to send than the window holds, every read is immediate.
+//!
 //! The rules of rumqttc's loop are kept: a request is taken only while fewer than the
 //! in-flight limit of publishes await their acknowledgement and no packet id collides; a
 //! PINGREQ goes out every keep-alive interval and a second one without a PINGRESP in between
@@ -19,7 +25,9 @@
 //! [`link`](super::link).
 
 use std::collections::VecDeque;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
@@ -31,6 +39,19 @@ use tokio::time::{Instant, timeout};
 /// The longest a write may make no progress, and the longest the TCP connect, the TLS
 /// handshake and the CONNACK may take each (rumqttc's default connection timeout).
 pub const STALL: Duration = Duration::from_secs(5);
+
+/// How long acknowledgements may gather after a read before the next, while the session has
+/// nothing waiting for room in the window ([`Dial::unhurried`]). A broker answers a burst of
+/// publishes with PUBACKs a few at a time: on loopback, 200 publishes came back in ~25 reads,
+/// each a wake-up of this thread and of the session. Nothing waits on them then but the
+/// queue's deletes; the moment the session has rows the window cannot take, reads are
+/// immediate again.
+pub const GATHER: Duration = Duration::from_millis(2);
+
+/// While a read is held, the kernel wakes this thread only once this much has arrived
+/// (`SO_RCVLOWAT`): without it every segment that arrives in the hold still wakes the thread,
+/// for nothing. A thousand PUBACKs, or a large command, end the hold's quiet early.
+const QUIET_BYTES: i32 = 4096;
 
 /// At most this many requests are taken per wake-up (bounds the write buffer: 64 publishes
 /// of the largest packet the session sends).
@@ -88,6 +109,9 @@ pub struct Dial<V: Version> {
     /// Largest packet written.
     pub max_out: usize,
     pub keep_alive: Duration,
+    /// Set by the session while nothing of it waits for room in the window: a read is then
+    /// held until [`GATHER`] after the one before.
+    pub unhurried: Arc<AtomicBool>,
 }
 
 trait Stream: AsyncRead + AsyncWrite + Send + Unpin {}
@@ -102,15 +126,56 @@ pub async fn run<V: Version, T>(
     events: &mpsc::Sender<T>,
     map: fn(V::Event) -> T,
 ) -> Result<(), V::Error> {
-    let io = timeout(STALL, open::<V>(&dial))
+    let (io, socket) = timeout(STALL, open::<V>(&dial))
         .await
         .map_err(|e| V::timed_out(e, false))??;
-    serve(io, dial, requests, events, map).await
+    serve(io, Quiet::new(socket), dial, requests, events, map).await
+}
+
+/// The receive low-water mark of the connection's socket: raised while a read is held (see
+/// [`QUIET_BYTES`]), lowered to one byte (the default) before the next read. Linux raises
+/// EPOLLIN at once when lowering it finds data waiting (`tcp_set_rcvlowat`), so nothing that
+/// arrived in the hold waits for more. Best effort: where the option is refused the thread is
+/// merely woken more often.
+struct Quiet {
+    socket: Option<RawFd>,
+    raised: bool,
+}
+
+impl Quiet {
+    /// `socket`: the TCP socket under the stream (`None`: never raised).
+    fn new(socket: Option<RawFd>) -> Self {
+        Quiet {
+            socket,
+            raised: false,
+        }
+    }
+
+    fn set(&mut self, raised: bool) {
+        let Some(fd) = self.socket else { return };
+        if self.raised == raised {
+            return;
+        }
+        self.raised = raised;
+        let bytes: libc::c_int = if raised { QUIET_BYTES } else { 1 };
+        // SAFETY: `fd` is the socket of the stream this loop owns, open for as long as the
+        // loop runs; the option's value is a c_int that lives across the call.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVLOWAT,
+                (&bytes as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+    }
 }
 
 /// [`run`] on a stream already open.
 async fn serve<V: Version, T, S: AsyncRead + AsyncWrite + Unpin>(
     mut io: S,
+    mut quiet: Quiet,
     mut dial: Dial<V>,
     mut requests: mpsc::Receiver<V::Request>,
     events: &mpsc::Sender<T>,
@@ -140,6 +205,8 @@ async fn serve<V: Version, T, S: AsyncRead + AsyncWrite + Unpin>(
     let every = dial.keep_alive.max(Duration::from_millis(1));
     let mut ping = tokio::time::interval_at(Instant::now() + every, every);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The next read is held until then while the session is unhurried.
+    let mut read_at: Option<Instant> = None;
     // Whatever came in behind the CONNACK in the same read.
     incoming::<V>(&mut inb, &mut state, &mut out, &dial)?;
     loop {
@@ -161,10 +228,17 @@ async fn serve<V: Version, T, S: AsyncRead + AsyncWrite + Unpin>(
         let (n, collided) = V::in_flight(&state);
         let room = dial.inflight.saturating_sub(n) as usize;
         let open_for_more = taken.is_empty() && room > 0 && !collided;
+        let hold =
+            read_at.filter(|at| dial.unhurried.load(Ordering::Relaxed) && *at > Instant::now());
+        quiet.set(hold.is_some());
         tokio::select! {
-            r = fill::<V>(&mut io, &mut inb) => {
+            r = fill::<V>(&mut io, &mut inb), if hold.is_none() => {
                 r?;
                 incoming::<V>(&mut inb, &mut state, &mut out, &dial)?;
+                read_at = Some(Instant::now() + GATHER);
+            }
+            _ = tokio::time::sleep_until(hold.unwrap_or_else(Instant::now)), if hold.is_some() => {
+                read_at = None;
             }
             n = requests.recv_many(&mut batch, BATCH.min(room.max(1))), if open_for_more => {
                 if n == 0 {
@@ -196,13 +270,15 @@ fn incoming<V: Version>(
     Ok(())
 }
 
-async fn open<V: Version>(dial: &Dial<V>) -> Result<Box<dyn Stream>, V::Error> {
+/// The connection, and its TCP socket (for [`Quiet`]; the stream owns it).
+async fn open<V: Version>(dial: &Dial<V>) -> Result<(Box<dyn Stream>, Option<RawFd>), V::Error> {
     let tcp = tokio::net::TcpStream::connect((dial.host.as_str(), dial.port)).await?;
     // Small PUBLISHes paced by acknowledgements: with Nagle on, each waits for the peer's
     // (delayed) ACK of the one before.
     tcp.set_nodelay(true)?;
+    let socket = Some(tcp.as_raw_fd());
     let Some(config) = &dial.tls else {
-        return Ok(Box::new(tcp));
+        return Ok((Box::new(tcp), socket));
     };
     let name = rustls::pki_types::ServerName::try_from(dial.host.clone())
         .map_err(rumqttc::TlsError::DNSName)?;
@@ -210,7 +286,7 @@ async fn open<V: Version>(dial: &Dial<V>) -> Result<Box<dyn Stream>, V::Error> {
         .connect(name, tcp)
         .await
         .map_err(rumqttc::TlsError::Io)?;
-    Ok(Box::new(tls))
+    Ok((Box::new(tls), socket))
 }
 
 /// Reads what has arrived into `inb`; the connection's end is an error. Cancel-safe (a read

@@ -11,10 +11,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use tokio::net::{TcpListener, TcpStream};
 
-/// A stream that counts the writes that put bytes on the socket.
+/// A stream that counts the writes that put bytes on the socket, and the reads that took some.
 struct Counted {
     inner: TcpStream,
     writes: Arc<AtomicUsize>,
+    reads: Arc<AtomicUsize>,
 }
 
 impl AsyncRead for Counted {
@@ -23,7 +24,12 @@ impl AsyncRead for Counted {
         cx: &mut Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.reads.fetch_add(1, Ordering::SeqCst);
+        }
+        r
     }
 }
 
@@ -92,6 +98,9 @@ struct Running {
     requests: mpsc::Sender<Request>,
     events: mpsc::Receiver<Event>,
     writes: Arc<AtomicUsize>,
+    reads: Arc<AtomicUsize>,
+    /// The session's flag: nothing waits for room in the window.
+    unhurried: Arc<AtomicBool>,
     done: tokio::task::JoinHandle<Result<(), ConnectionError>>,
 }
 
@@ -103,11 +112,17 @@ async fn start(inflight: u16, keep_alive: Duration, queued: Vec<Request>) -> Run
         .await
         .unwrap();
     let (sock, _) = listener.accept().await.unwrap();
+    // A broker that writes each packet as it goes (mosquitto's `set_tcp_nodelay true`).
+    sock.set_nodelay(true).unwrap();
     let writes = Arc::new(AtomicUsize::new(0));
+    let reads = Arc::new(AtomicUsize::new(0));
+    let socket = Some(client.as_raw_fd());
     let io = Counted {
         inner: client,
         writes: writes.clone(),
+        reads: reads.clone(),
     };
+    let unhurried = Arc::new(AtomicBool::new(false));
     let (requests, rx) = mpsc::channel(256);
     for r in queued {
         requests.try_send(r).unwrap();
@@ -122,8 +137,10 @@ async fn start(inflight: u16, keep_alive: Duration, queued: Vec<Request>) -> Run
         max_in: 1 << 20,
         max_out: 1 << 20,
         keep_alive,
+        unhurried: unhurried.clone(),
     };
-    let done = tokio::spawn(async move { serve(io, dial, rx, &tx, |e| e).await });
+    let done =
+        tokio::spawn(async move { serve(io, Quiet::new(socket), dial, rx, &tx, |e| e).await });
     Running {
         peer: Peer {
             sock,
@@ -132,6 +149,8 @@ async fn start(inflight: u16, keep_alive: Duration, queued: Vec<Request>) -> Run
         requests,
         events,
         writes,
+        reads,
+        unhurried,
         done,
     }
 }
@@ -205,6 +224,86 @@ async fn no_more_publishes_await_acknowledgement_than_the_in_flight_limit() {
     let order: Vec<String> = got.into_iter().map(|(_, p)| p).collect();
     assert_eq!(order, (0..10).map(|i| i.to_string()).collect::<Vec<_>>());
     assert!(!r.done.is_finished());
+}
+
+/// Ten publishes written and reported, the first acknowledged and its event seen: the loop's
+/// read count at that moment.
+async fn ten_in_flight_first_acknowledged(r: &mut Running) -> usize {
+    r.peer.accept_session().await;
+    for _ in 0..10 {
+        r.peer.expect().await;
+    }
+    r.peer.send(Packet::PubAck(PubAck::new(1))).await;
+    loop {
+        match r.events.recv().await {
+            Some(Event::Incoming(Packet::PubAck(a))) => {
+                assert_eq!(a.pkid, 1);
+                return r.reads.load(Ordering::SeqCst);
+            }
+            Some(_) => {}
+            None => panic!("the loop ended"),
+        }
+    }
+}
+
+/// The next acknowledgement the loop reports. No timeout of its own: under a paused clock a
+/// pending timer would let the clock jump while the loop waits for the socket.
+async fn acked(r: &mut Running) -> u16 {
+    loop {
+        match r.events.recv().await {
+            Some(Event::Incoming(Packet::PubAck(a))) => return a.pkid,
+            Some(_) => {}
+            None => panic!("the loop ended"),
+        }
+    }
+}
+
+// The real clock (a paused one lumps a trickle into one read whatever the loop does): the
+// bound allows for a machine that stretches the trickle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledgements_trickling_in_are_read_together_while_the_session_is_unhurried() {
+    let mut r = start(100, Duration::ZERO, (0..10).map(publish).collect()).await;
+    r.unhurried.store(true, Ordering::SeqCst);
+    let before = ten_in_flight_first_acknowledged(&mut r).await;
+    let t0 = std::time::Instant::now();
+    // Eight more, one every 150 µs (this thread sleeps; the loop runs on the workers).
+    for pkid in 2..=9 {
+        std::thread::sleep(Duration::from_micros(150));
+        r.peer.send(Packet::PubAck(PubAck::new(pkid))).await;
+    }
+    let trickle = t0.elapsed();
+    // All of them, read after the hold without anything more arriving: lowering the mark
+    // again signals what waits.
+    for pkid in 2..=9 {
+        let next = timeout(Duration::from_secs(5), acked(&mut r)).await;
+        assert_eq!(next.expect("reported within 5 s"), pkid);
+    }
+    // At most one read per GATHER the trickle lasted (and one for a late straggler), where
+    // reading each as it came would take eight.
+    let reads = r.reads.load(Ordering::SeqCst) - before;
+    let bound = (trickle.as_micros() / GATHER.as_micros()) as usize + 2;
+    assert!(
+        reads <= bound.min(7),
+        "{reads} reads for 8 acknowledgements over {trickle:?}"
+    );
+    // The tenth, alone after the hold, is read and reported.
+    r.peer.send(Packet::PubAck(PubAck::new(10))).await;
+    let tenth = timeout(Duration::from_secs(5), acked(&mut r)).await;
+    assert_eq!(tenth.expect("reported within 5 s"), 10);
+}
+
+#[tokio::test(start_paused = true)]
+async fn each_acknowledgement_is_read_at_once_while_the_session_waits_for_room() {
+    let mut r = start(100, Duration::ZERO, (0..10).map(publish).collect()).await;
+    let before = ten_in_flight_first_acknowledged(&mut r).await;
+    for pkid in 2..=9 {
+        let sent = Instant::now();
+        r.peer.send(Packet::PubAck(PubAck::new(pkid))).await;
+        assert_eq!(acked(&mut r).await, pkid);
+        // Not a moment of the clock passed: no hold.
+        assert_eq!(Instant::now(), sent);
+    }
+    assert_eq!(r.reads.load(Ordering::SeqCst) - before, 8);
 }
 
 #[tokio::test]
@@ -298,8 +397,10 @@ async fn an_mqtt5_connack_sets_the_in_flight_limit_and_the_largest_packet() {
         max_in: 1 << 20,
         max_out: 1 << 20,
         keep_alive: Duration::ZERO,
+        unhurried: Default::default(),
     };
-    let done = tokio::spawn(async move { serve(client, dial, rx, &tx, |e| e).await });
+    let done =
+        tokio::spawn(async move { serve(client, Quiet::new(None), dial, rx, &tx, |e| e).await });
     let mut buf = BytesMut::new();
     let mut next = async |sock: &mut TcpStream, within| {
         timeout(within, async {
