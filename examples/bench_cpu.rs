@@ -10,7 +10,7 @@
 //! its default status interval). A subscriber times each reading from its poll time (`ts`)
 //! to its arrival: p50 and p99. `BENCH_MQTT=5` runs the uplink on MQTT 5, `BENCH_SPARKPLUG=1`
 //! adds a Sparkplug B edge node (each reading also as DDATA), `BENCH_EVERY=1h` measures an idle
-//! gateway.
+//! gateway, `BENCH_INFLIGHT=N` sets the uplink's window (`mqtt.inflight`).
 
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
@@ -175,8 +175,12 @@ async fn main() {
     // BENCH_MQTT=5: the uplink speaks MQTT 5; BENCH_SPARKPLUG=1: also a Sparkplug B edge node
     // (every reading as DDATA too).
     let protocol = std::env::var("BENCH_MQTT").unwrap_or_else(|_| "3.1.1".into());
+    // BENCH_INFLIGHT: the uplink's window (`mqtt.inflight`; default: the gateway's).
+    let inflight = std::env::var("BENCH_INFLIGHT")
+        .map(|n| format!(", inflight: {n}"))
+        .unwrap_or_default();
     let mut yaml = format!(
-        "gateway: {{ id: bench, state_dir: {} }}\nmqtt: {{ url: mqtt://{broker_addr}, protocol: {protocol} }}\nweb: {{ listen: \"{web}\" }}\nbuses:\n",
+        "gateway: {{ id: bench, state_dir: {} }}\nmqtt: {{ url: mqtt://{broker_addr}, protocol: {protocol}{inflight} }}\nweb: {{ listen: \"{web}\" }}\nbuses:\n",
         state.display()
     );
     if std::env::var("BENCH_SPARKPLUG").as_deref() == Ok("1") {
