@@ -284,6 +284,7 @@ impl Uplink {
                     && rows.ready.is_empty()
                     && s.outbox.is_empty()
                     && s.announcing.is_empty()
+                    && !availability_due
                     && s.busy.is_none(),
             );
             let due = ticked + if idle { IDLE_TICK } else { TICK };

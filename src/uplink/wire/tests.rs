@@ -234,16 +234,8 @@ async fn ten_in_flight_first_acknowledged(r: &mut Running) -> usize {
         r.peer.expect().await;
     }
     r.peer.send(Packet::PubAck(PubAck::new(1))).await;
-    loop {
-        match r.events.recv().await {
-            Some(Event::Incoming(Packet::PubAck(a))) => {
-                assert_eq!(a.pkid, 1);
-                return r.reads.load(Ordering::SeqCst);
-            }
-            Some(_) => {}
-            None => panic!("the loop ended"),
-        }
-    }
+    assert_eq!(acked(r).await, 1);
+    r.reads.load(Ordering::SeqCst)
 }
 
 /// The next acknowledgement the loop reports. No timeout of its own: under a paused clock a
