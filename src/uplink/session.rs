@@ -269,24 +269,17 @@ impl Uplink {
             {
                 availability_due = true;
             }
-            let idle = s.win.is_empty()
-                && s.acks.is_empty()
-                && s.refused.is_empty()
-                && s.busy.is_none()
+            // Nothing of the session waits to be sent (a quota pause counts as waiting).
+            let nothing_waits = rows.ready.is_empty()
                 && s.outbox.is_empty()
                 && s.announcing.is_empty()
-                && rows.ready.is_empty()
-                && !availability_due;
-            // Nothing waits for room in the window: the loop may gather acknowledgements
-            // before reading them (fewer wake-ups); anything waiting, and it reads at once.
-            s.client.unhurried(
-                rows.drained
-                    && rows.ready.is_empty()
-                    && s.outbox.is_empty()
-                    && s.announcing.is_empty()
-                    && !availability_due
-                    && s.busy.is_none(),
-            );
+                && !availability_due
+                && s.busy.is_none();
+            let idle =
+                nothing_waits && s.win.is_empty() && s.acks.is_empty() && s.refused.is_empty();
+            // Nor will the store's next rows: the loop may gather acknowledgements before
+            // reading them (fewer wake-ups); anything waiting, and it reads at once.
+            s.client.unhurried(nothing_waits && rows.drained);
             let due = ticked + if idle { IDLE_TICK } else { TICK };
             if tick.deadline() != due {
                 tick.as_mut().reset(due);
