@@ -60,7 +60,7 @@ async fn drain(broker: SocketAddr, link: Link, n: u64, label: &str) {
         proxy.addr()
     );
     let config = Config::from_text(&dir.join("bench.yaml"), &yaml).unwrap();
-    let arrived = subscribe(broker).await;
+    let (arrived, subscriber) = subscribe(broker).await;
     let cancel = CancellationToken::new();
     let t = Instant::now();
     let gw = tokio::spawn(fieldgate::gateway::run(config, cancel.clone()));
@@ -89,6 +89,8 @@ async fn drain(broker: SocketAddr, link: Link, n: u64, label: &str) {
         }
     }
     let total = t.elapsed();
+    // Gone before the next drain: a subscriber left behind would double the broker's work.
+    subscriber.abort();
     cancel.cancel();
     gw.await.unwrap().unwrap();
     let rtt = link.delay * 2;
@@ -129,8 +131,9 @@ async fn drain(broker: SocketAddr, link: Link, n: u64, label: &str) {
 }
 
 /// Readings that reached the broker so far, counted by a subscriber of its own (connected
-/// directly, not through the proxy) that is subscribed before this returns.
-async fn subscribe(broker: SocketAddr) -> Arc<AtomicU64> {
+/// directly, not through the proxy) that is subscribed before this returns; aborting its task
+/// disconnects it.
+async fn subscribe(broker: SocketAddr) -> (Arc<AtomicU64>, tokio::task::JoinHandle<()>) {
     let n = Arc::new(AtomicU64::new(0));
     let id = format!("bench-link-{}", now_ms());
     let o = rumqttc::MqttOptions::new(id, broker.ip().to_string(), broker.port());
@@ -141,7 +144,7 @@ async fn subscribe(broker: SocketAddr) -> Arc<AtomicU64> {
         .unwrap();
     let (ready_tx, ready) = tokio::sync::oneshot::channel();
     let count = n.clone();
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         let _client = client;
         let mut ready_tx = Some(ready_tx);
         while let Ok(ev) = el.poll().await {
@@ -159,7 +162,7 @@ async fn subscribe(broker: SocketAddr) -> Arc<AtomicU64> {
         }
     });
     ready.await.expect("subscribed");
-    n
+    (n, task)
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
