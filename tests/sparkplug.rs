@@ -599,8 +599,11 @@ async fn rebirth_on_request_a_setpoint_written_and_a_dead_device_reborn() {
         r#"timestamp: 1 metrics { name: "Node Control/Rebirth" datatype: 11 boolean_value: true }"#,
     )
     .await;
-    let got = wait_for(&sub, "a rebirth", 10, |m| {
+    // The NBIRTH and the DBIRTH after it: a look between their arrivals sees only the first.
+    let got = wait_for(&sub, "a rebirth (NBIRTH and DBIRTH)", 10, |m| {
         m.iter().filter(|m| m.kind == "NBIRTH").count() >= 2
+            && m.iter().rposition(|m| m.kind == "NBIRTH")
+                < m.iter().rposition(|m| m.kind == "DBIRTH")
     })
     .await;
     let i = got.iter().rposition(|m| m.kind == "NBIRTH").unwrap();
