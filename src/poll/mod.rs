@@ -14,6 +14,7 @@
 pub mod line;
 pub mod modbus;
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -96,6 +97,15 @@ pub struct Reporter {
     worst_request: Duration,
 }
 
+/// The figures kept under `name`, made on first use: the name is copied once, not on every
+/// poll (`entry` would take an owned key each time).
+fn named<'a, V: Default>(map: &'a mut BTreeMap<String, V>, name: &str) -> &'a mut V {
+    if !map.contains_key(name) {
+        map.insert(name.to_owned(), V::default());
+    }
+    map.get_mut(name).expect("just inserted")
+}
+
 impl Reporter {
     pub fn new(bus: &Bus, shared: Shared) -> Reporter {
         Reporter {
@@ -128,7 +138,7 @@ impl Reporter {
     /// Changes the figures of this bus.
     pub fn bus_stats<R>(&self, f: impl FnOnce(&mut crate::state::BusStats) -> R) -> R {
         let mut all = self.shared.stats.lock().expect("not poisoned");
-        f(all.entry(self.bus.clone()).or_default())
+        f(named(&mut all, &self.bus))
     }
 
     /// Counts one failed request or rejected line of `kind` on this bus.
@@ -144,7 +154,7 @@ impl Reporter {
         };
         self.bus_stats(|b| {
             if let Some(d) = device {
-                b.devices.entry(d.to_string()).or_default().last_error = Some(note.clone());
+                named(&mut b.devices, d).last_error = Some(note.clone());
             }
             b.last_error = Some(note);
         });
@@ -184,7 +194,7 @@ impl Reporter {
 
     /// Changes the figures of one device of this bus.
     pub fn device<R>(&self, name: &str, f: impl FnOnce(&mut DeviceStats) -> R) -> R {
-        self.bus_stats(|b| f(b.devices.entry(name.to_string()).or_default()))
+        self.bus_stats(|b| f(named(&mut b.devices, name)))
     }
 
     /// Hands the messages of one poll to the store (which never makes a poller wait).
