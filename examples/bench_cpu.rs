@@ -10,7 +10,10 @@
 //! its default status interval). A subscriber times each reading from its poll time (`ts`)
 //! to its arrival: p50 and p99. `BENCH_MQTT=5` runs the uplink on MQTT 5, `BENCH_SPARKPLUG=1`
 //! adds a Sparkplug B edge node (each reading also as DDATA), `BENCH_EVERY=1h` measures an idle
-//! gateway, `BENCH_INFLIGHT=N` sets the uplink's window (`mqtt.inflight`).
+//! gateway, `BENCH_INFLIGHT=N` sets the uplink's window (`mqtt.inflight`). `BENCH_FLOOR=1` runs
+//! no gateway: a bare publisher writes each second's messages (the same topics and payloads)
+//! in one write, stamped the moment it writes them, and the subscriber times them the same way:
+//! the broker's and the subscriber's share of the latency, which no gateway can go below here.
 
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
@@ -213,6 +216,11 @@ async fn main() {
     let lat = Arc::new(Mutex::new(Vec::new()));
     subscribe(broker_addr, lat.clone());
     tokio::time::sleep(Duration::from_millis(300)).await;
+    if std::env::var("BENCH_FLOOR").as_deref() == Ok("1") {
+        floor(broker_addr, units, seconds, &lat).await;
+        let _ = broker.kill();
+        return;
+    }
     let mut gw = Command::new(bin)
         .arg("run")
         .arg(&cfg)
@@ -293,6 +301,81 @@ async fn main() {
     );
     println!(
         "poll → subscriber:        p50 {} ms, p99 {} ms, max {} ms",
+        pct(0.50),
+        pct(0.99),
+        l.last().copied().unwrap_or(0)
+    );
+}
+
+/// The floor (`BENCH_FLOOR=1`): UNITS × 20 QoS 1 PUBLISH packets every second, built by hand
+/// and written in one `write` with `ts` = the moment of writing; PUBACKs read and dropped.
+async fn floor(broker: SocketAddr, units: usize, seconds: u64, lat: &Arc<Mutex<Vec<i64>>>) {
+    use std::io::{Read, Write};
+    fn remaining(mut n: usize, out: &mut Vec<u8>) {
+        loop {
+            let b = (n % 128) as u8;
+            n /= 128;
+            out.push(if n > 0 { b | 0x80 } else { b });
+            if n == 0 {
+                break;
+            }
+        }
+    }
+    let mut s = std::net::TcpStream::connect(broker).unwrap();
+    s.set_nodelay(true).unwrap();
+    // CONNECT, MQTT 3.1.1, clean session, keep-alive 60 s, client id "floor".
+    s.write_all(b"\x10\x11\x00\x04MQTT\x04\x02\x00\x3c\x00\x05floor")
+        .unwrap();
+    let mut acks = s.try_clone().unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 65536];
+        while matches!(acks.read(&mut buf), Ok(n) if n > 0) {}
+    });
+    let stop = Instant::now() + Duration::from_secs(5 + seconds);
+    let mut id: u16 = 0;
+    let publisher = std::thread::spawn(move || {
+        while Instant::now() < stop {
+            let now = now_ms();
+            std::thread::sleep(Duration::from_millis((1000 - now.rem_euclid(1000)) as u64));
+            let ts = fieldgate::message::format_ts(now_ms());
+            let mut out = Vec::with_capacity(units * 20 * 100);
+            for u in 0..units {
+                for r in 0..20 {
+                    id = id % 65535 + 1;
+                    let topic = format!("fieldgate/bench/unit{u}/r{r}");
+                    let body = format!(
+                        r#"{{"value":{},"unit":null,"ts":"{ts}","seq":{id}}}"#,
+                        u * 100 + r
+                    );
+                    out.push(0x32);
+                    remaining(2 + topic.len() + 2 + body.len(), &mut out);
+                    out.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+                    out.extend_from_slice(topic.as_bytes());
+                    out.extend_from_slice(&id.to_be_bytes());
+                    out.extend_from_slice(body.as_bytes());
+                }
+            }
+            s.write_all(&out).unwrap();
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    lat.lock().unwrap().clear();
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    let _ = tokio::task::spawn_blocking(move || publisher.join()).await;
+    let mut l = std::mem::take(&mut *lat.lock().unwrap());
+    l.sort_unstable();
+    let n = l.len().max(1);
+    let pct = |p: f64| {
+        l.get(((n as f64 * p) as usize).min(n - 1))
+            .copied()
+            .unwrap_or(0)
+    };
+    println!(
+        "floor: no gateway; {units} × 20 messages written at once every second, {} received",
+        l.len()
+    );
+    println!(
+        "write → subscriber:       p50 {} ms, p99 {} ms, max {} ms",
         pct(0.50),
         pct(0.99),
         l.last().copied().unwrap_or(0)
