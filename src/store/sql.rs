@@ -18,9 +18,15 @@ pub(super) fn read_last_seq(c: &Connection) -> rusqlite::Result<u64> {
     Ok(seq.unwrap_or(0) as u64)
 }
 
+/// Bytes the rows take in the file (pages in use). Asked once per append: the two statements
+/// are prepared once (a `PRAGMA` statement reads the count when it runs, not when prepared).
 pub(super) fn used_bytes(c: &Connection, page_size: u64) -> rusqlite::Result<u64> {
-    let pages: i64 = c.query_row("PRAGMA page_count", [], |r| r.get(0))?;
-    let free: i64 = c.query_row("PRAGMA freelist_count", [], |r| r.get(0))?;
+    let pages: i64 = c
+        .prepare_cached("PRAGMA page_count")?
+        .query_row([], |r| r.get(0))?;
+    let free: i64 = c
+        .prepare_cached("PRAGMA freelist_count")?
+        .query_row([], |r| r.get(0))?;
     Ok((pages - free).max(0) as u64 * page_size)
 }
 
