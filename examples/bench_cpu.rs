@@ -265,13 +265,7 @@ async fn main() {
     let _ = gw.wait();
     let _ = broker.kill();
 
-    l.sort_unstable();
-    let n = l.len().max(1);
-    let pct = |p: f64| {
-        l.get(((n as f64 * p) as usize).min(n - 1))
-            .copied()
-            .unwrap_or(0)
-    };
+    let (p50, p99, max) = spread(&mut l);
     let msgs = l.len() as f64;
     println!(
         "{units} units × 20 registers every {every}, QoS 1, mosquitto; {wall:.0} s measured after 5 s warm-up"
@@ -299,12 +293,19 @@ async fn main() {
         "queue commits (fsyncs)/s: {:.1}",
         (commits1 - commits0) as f64 / wall
     );
-    println!(
-        "poll → subscriber:        p50 {} ms, p99 {} ms, max {} ms",
-        pct(0.50),
-        pct(0.99),
-        l.last().copied().unwrap_or(0)
-    );
+    println!("poll → subscriber:        p50 {p50} ms, p99 {p99} ms, max {max} ms");
+}
+
+/// p50, p99 and the largest of latencies in ms (sorts them).
+fn spread(l: &mut [i64]) -> (i64, i64, i64) {
+    l.sort_unstable();
+    let n = l.len().max(1);
+    let pct = |p: f64| {
+        l.get(((n as f64 * p) as usize).min(n - 1))
+            .copied()
+            .unwrap_or(0)
+    };
+    (pct(0.50), pct(0.99), l.last().copied().unwrap_or(0))
 }
 
 /// The floor (`BENCH_FLOOR=1`): UNITS × 20 QoS 1 PUBLISH packets every second, built by hand
@@ -363,21 +364,10 @@ async fn floor(broker: SocketAddr, units: usize, seconds: u64, lat: &Arc<Mutex<V
     tokio::time::sleep(Duration::from_secs(seconds)).await;
     let _ = tokio::task::spawn_blocking(move || publisher.join()).await;
     let mut l = std::mem::take(&mut *lat.lock().unwrap());
-    l.sort_unstable();
-    let n = l.len().max(1);
-    let pct = |p: f64| {
-        l.get(((n as f64 * p) as usize).min(n - 1))
-            .copied()
-            .unwrap_or(0)
-    };
+    let (p50, p99, max) = spread(&mut l);
     println!(
         "floor: no gateway; {units} × 20 messages written at once every second, {} received",
         l.len()
     );
-    println!(
-        "write → subscriber:       p50 {} ms, p99 {} ms, max {} ms",
-        pct(0.50),
-        pct(0.99),
-        l.last().copied().unwrap_or(0)
-    );
+    println!("write → subscriber:       p50 {p50} ms, p99 {p99} ms, max {max} ms");
 }
