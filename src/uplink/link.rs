@@ -389,7 +389,7 @@ pub fn connect(
         }
     }
     let keep_alive = mqtt.keep_alive.as_secs().min(u16::MAX as u64) as u16;
-    match mqtt.protocol {
+    let (requests, events) = match mqtt.protocol {
         Protocol::V311 => {
             let mut connect = rumqttc::Connect::new(mqtt.client_id.clone());
             connect.keep_alive = keep_alive;
@@ -417,14 +417,7 @@ pub fn connect(
                     let _ = tx.send(Err(e.into())).await;
                 }
             });
-            let requests = Requests::V4(requests);
-            (
-                Client {
-                    requests,
-                    unhurried,
-                },
-                events,
-            )
+            (Requests::V4(requests), events)
         }
         Protocol::V5 => {
             let connect = p5::Connect {
@@ -451,16 +444,16 @@ pub fn connect(
                     let _ = tx.send(Err(e.into())).await;
                 }
             });
-            let requests = Requests::V5(requests);
-            (
-                Client {
-                    requests,
-                    unhurried,
-                },
-                events,
-            )
+            (Requests::V5(requests), events)
         }
-    }
+    };
+    (
+        Client {
+            requests,
+            unhurried,
+        },
+        events,
+    )
 }
 
 /// The connection's events, from its loop running in a task of its own (so that nothing here

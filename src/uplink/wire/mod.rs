@@ -13,7 +13,8 @@
 //! ([`Dial::unhurried`]), a read is held for [`GATHER`] after the one before, with the socket's
 //! receive low-water mark raised so that the acknowledgements trickling in meanwhile do not
 //! wake the thread: a poll's PUBACKs are read in one or two reads instead of one per segment.
-//! The moment the session has more to send than the window holds, every read is immediate.
+//! Once the session has more to send than the window holds, every read is immediate again (a
+//! hold already begun runs out first: at most [`GATHER`]).
 //!
 //! The rules of rumqttc's loop are kept: a request is taken only while fewer than the
 //! in-flight limit of publishes await their acknowledgement and no packet id collides; a
@@ -44,8 +45,8 @@ pub const STALL: Duration = Duration::from_secs(5);
 /// nothing waiting for room in the window ([`Dial::unhurried`]). A broker answers a burst of
 /// publishes with PUBACKs a few at a time: on loopback, 200 publishes came back in ~25 reads,
 /// each a wake-up of this thread and of the session. Nothing waits on them then but the
-/// queue's deletes; the moment the session has rows the window cannot take, reads are
-/// immediate again.
+/// queue's deletes; once the session has rows the window cannot take, reads are immediate
+/// again (after the hold already begun, if one has).
 pub const GATHER: Duration = Duration::from_millis(2);
 
 /// While a read is held, the kernel wakes this thread only once this much has arrived
