@@ -465,3 +465,77 @@ async fn a_nan_register_is_published_as_null_with_ts_and_seq_and_counted() {
         "{stats}"
     );
 }
+
+/// #28 (6), found from outside: a gateway in front of a dead meter answered 0x0B (target
+/// failed to respond) and 0x0A (path unavailable); fieldgate took them for a mapping error —
+/// the device stayed "online" with no data, the log said "check the mapping", and the reads
+/// backed off to 5 minutes (data resumed 97 s after a 7-minute outage). Now 0x0A/0x0B are a
+/// health failure (offline, then online again as soon as it answers) and busy (0x06) is asked
+/// again at the next cycle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_exceptions_take_a_device_offline_and_busy_is_asked_again_next_cycle() {
+    use tokio_modbus::ExceptionCode;
+    let broker = fieldgate::testkit::broker::start().unwrap();
+    let sim = boiler().await;
+    sim.with_unit(2, |b| b.set_input(7, &[7]));
+    let dir = tempfile::tempdir().unwrap();
+    let sub = Subscriber::start(broker).await;
+    let devices = "  behind:\n    bus: plc\n    unit: 1\n    every: 200ms\n    offline_after: 2\n    points:\n      p: { register: 7, kind: input }\n  busy:\n    bus: plc\n    unit: 2\n    every: 200ms\n    points:\n      p: { register: 7, kind: input }\n";
+    let refuse = |unit: u8, code: Option<ExceptionCode>| {
+        let mut st = sim.state.lock().unwrap();
+        match code {
+            Some(c) => st.refusing.insert(unit, c),
+            None => st.refusing.remove(&unit),
+        };
+    };
+    refuse(1, Some(ExceptionCode::GatewayTargetDevice));
+    refuse(2, Some(ExceptionCode::ServerDeviceBusy));
+    let gw = Gateway::start(
+        dir.path(),
+        &config(&dir.path().join("state"), broker, sim.addr, devices),
+    );
+    sub.wait_for(
+        Duration::from_secs(10),
+        "the device behind the gateway announced offline",
+        |got| {
+            got.iter()
+                .any(|r| r.topic == "fieldgate/gw1/behind/availability" && r.payload == "offline")
+        },
+    )
+    .await;
+    // Busy for two seconds more, then both answer.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    refuse(1, None);
+    refuse(2, None);
+    let before = sub.all().len();
+    let back = std::time::Instant::now();
+    // Busy is not backed off: its reading comes at the next cycle (a mapping refusal would
+    // have been paused for 2, 4, 8 … intervals by now).
+    sub.wait_for(
+        Duration::from_millis(1500),
+        "the busy device's reading at its next cycle",
+        |got| {
+            got[before..]
+                .iter()
+                .any(|r| r.topic == "fieldgate/gw1/busy/p")
+        },
+    )
+    .await;
+    // The health backoff of the other is a few seconds after this short outage (1, 2, 4 s…).
+    sub.wait_for(
+        Duration::from_secs(10),
+        "the device behind the gateway online again, with readings",
+        |got| {
+            got[before..]
+                .iter()
+                .any(|r| r.topic == "fieldgate/gw1/behind/p")
+                && got[before..].iter().any(|r| {
+                    r.topic == "fieldgate/gw1/behind/availability" && r.payload == "online"
+                })
+        },
+    )
+    .await;
+    let waited = back.elapsed();
+    gw.stop().await;
+    assert!(waited < Duration::from_secs(9), "{waited:?}");
+}

@@ -812,3 +812,81 @@ async fn quota_exceeded_is_retried_and_a_refused_qos2_publish_is_set_aside() {
         );
     }
 }
+
+/// #28 (1), found from outside: under MQTT 5 with a broker whose Maximum Packet Size is 4 096,
+/// one device's topic template made a 4 200-byte topic. The over-size publish reached the
+/// client, which refused it and dropped the connection — again at every reconnect, so nothing
+/// of the healthy device beside it arrived. Every packet is now checked against the limit the
+/// CONNACK granted before it reaches the client: the readings on the long topic are set aside
+/// (counted in the file at once) and the rest flows over the one connection — also when an
+/// over-size row is the first in the queue as the connection opens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_over_size_topic_is_set_aside_and_the_device_beside_it_flows_on_one_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let gw_port = common::free_port();
+    let Some(broker) = Mosquitto::start_custom(
+        tempfile::tempdir().unwrap(),
+        &format!("listener {gw_port} 127.0.0.1\nallow_anonymous true\nmax_packet_size 4096\n"),
+    ) else {
+        return;
+    };
+    let sim = sim().await;
+    let sub = Subscriber::start(broker.addr).await;
+    let proxy = FaultProxy::start(format!("127.0.0.1:{gw_port}").parse().unwrap())
+        .await
+        .unwrap();
+    // The link is down at first: the long topic's readings are the oldest rows queued when the
+    // connection opens.
+    proxy.set(Mode::Cut);
+    let state = dir.path().join("state");
+    let long = "x".repeat(4200);
+    let devices = format!(
+        "  big:\n    bus: plc\n    every: 200ms\n    topic: \"fieldgate/{{gateway}}/{long}/{{point}}\"\n    points:\n      a: {{ register: 0 }}\n{}",
+        meter(1, 200)
+    );
+    let yaml = config(&state, proxy.addr(), sim.addr, "5", &devices);
+    let gw = Gateway::start(dir.path(), &yaml);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    proxy.set(Mode::Pass);
+    sub.wait_for(
+        Duration::from_secs(15),
+        "readings of the device with a normal topic",
+        |got| {
+            got.iter()
+                .filter(|r| r.topic == format!("{T}/voltage_l0"))
+                .count()
+                >= 15
+        },
+    )
+    .await;
+    let sd = state.to_str().unwrap();
+    let (ok, out) = fieldgate(&["queue", "stats", "--state-dir", sd]);
+    assert!(ok && out.contains("maximum packet size"), "{out}");
+    gw.stop().await;
+    assert_eq!(
+        proxy.connections(),
+        1,
+        "one connection: nothing over-size reached the client"
+    );
+    let aside = Store::open_read_only(&state)
+        .unwrap()
+        .aside(None, 1000)
+        .unwrap();
+    assert!(aside.len() >= 5, "{} set aside", aside.len());
+    assert!(aside.iter().all(|r| r.topic.contains(&long)));
+    assert!(
+        aside
+            .iter()
+            .all(|r| r.reason.contains("maximum packet size (4096 bytes)")),
+        "{:?}",
+        aside[0].reason
+    );
+    // Nothing of the small device was lost or set aside meanwhile.
+    let seqs: Vec<u64> = sub
+        .all()
+        .iter()
+        .filter(|r| r.topic == format!("{T}/voltage_l0"))
+        .filter_map(|r| r.seq())
+        .collect();
+    assert!(!seqs.is_empty());
+}

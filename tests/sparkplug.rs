@@ -669,3 +669,55 @@ async fn rebirth_on_request_a_setpoint_written_and_a_dead_device_reborn() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(sparkplug(&sub).iter().any(|m| m.kind == "NDEATH"));
 }
+
+/// #28 (4), found from outside: every `Node Control/Rebirth` metric of every NCMD queued a
+/// whole set of births — five NCMDs took RSS from 9.6 to 160 MB and live data 28 s late. One
+/// rebirth is pending at a time: a flood of requests gives a rebirth or two, and live data
+/// goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_rebirth_requests_gives_one_rebirth_pending_at_a_time() {
+    if protoc().is_none() {
+        return;
+    }
+    let broker = fieldgate::testkit::broker::start().unwrap();
+    let sim = boiler().await;
+    let sub = Subscriber::start(broker).await;
+    let dir = tempfile::tempdir().unwrap();
+    let gw = Gateway::start(
+        dir.path(),
+        &config(&dir.path().join("state"), broker, &sim, "", "100ms"),
+    );
+    wait_for(&sub, "live DDATA", 15, |m| {
+        m.iter().filter(|m| m.kind == "DDATA").count() >= 5
+    })
+    .await;
+    let before = sparkplug(&sub)
+        .iter()
+        .filter(|m| m.kind == "NBIRTH")
+        .count();
+    // Ten NCMDs of 300 Rebirth metrics each (a packet the host's client and the broker take).
+    let one = r#"metrics { name: "Node Control/Rebirth" datatype: 11 boolean_value: true } "#;
+    let flood = format!("timestamp: 1 {}", one.repeat(300));
+    for _ in 0..10 {
+        host_command(broker, "spBv1.0/plant/NCMD/gw1", &flood).await;
+    }
+    let ddata_after = |m: &[Sp]| {
+        let Some(i) = m.iter().rposition(|m| m.kind == "NBIRTH") else {
+            return 0;
+        };
+        m[i..].iter().filter(|m| m.kind == "DDATA").count()
+    };
+    // Live data goes on after the last birth.
+    wait_for(&sub, "live DDATA after the rebirths", 15, |m| {
+        ddata_after(m) >= 10
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let got = sparkplug(&sub);
+    let births = got.iter().filter(|m| m.kind == "NBIRTH").count() - before;
+    assert!(
+        (1..=10).contains(&births),
+        "{births} NBIRTHs for 3 000 rebirth requests in ten NCMDs"
+    );
+    gw.stop().await;
+}

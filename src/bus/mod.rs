@@ -21,7 +21,8 @@ pub use crate::modbus::{Data, WriteData};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
-    /// The device answered with a Modbus exception: a mapping problem, not a bus problem.
+    /// The device (or a gateway in front of it) answered with a Modbus exception: see
+    /// [`Refusal`] for what each one means.
     #[error("Modbus exception: {0}")]
     Exception(ExceptionCode),
     #[error("no answer within {0:?}")]
@@ -46,6 +47,42 @@ impl BusError {
             BusError::Io(_) => "io",
             BusError::Protocol(_) => "protocol",
             BusError::Crc => "crc",
+        }
+    }
+}
+
+/// What a Modbus exception says, and so what the poller does about it (#28: every exception
+/// used to be taken for a mapping problem, so a gateway in front of a dead meter left the
+/// device "online" with no data and its reads retried every 5 minutes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// 0x01–0x03 (and anything unknown): the request is wrong for this device — the mapping.
+    /// Those points are skipped and retried rarely.
+    Mapping,
+    /// 0x05 Acknowledge, 0x06 Server Device Busy: the device is there and will answer; the
+    /// request is retried at the next cycle.
+    Busy,
+    /// 0x04 Server Device Failure, 0x08 Memory Parity Error: the device reports it cannot do
+    /// it now; counted, retried after a modest pause.
+    DeviceFailure,
+    /// 0x0A Gateway Path Unavailable, 0x0B Gateway Target Device Failed to Respond: a gateway in
+    /// between cannot reach the device — a health failure, like a timeout.
+    Unreachable,
+}
+
+impl Refusal {
+    /// The class of `code` (Modbus Application Protocol V1.1b3, section 7, "MODBUS Exception
+    /// Responses").
+    pub fn of(code: ExceptionCode) -> Refusal {
+        match code {
+            ExceptionCode::Acknowledge | ExceptionCode::ServerDeviceBusy => Refusal::Busy,
+            ExceptionCode::ServerDeviceFailure | ExceptionCode::MemoryParityError => {
+                Refusal::DeviceFailure
+            }
+            ExceptionCode::GatewayPathUnavailable | ExceptionCode::GatewayTargetDevice => {
+                Refusal::Unreachable
+            }
+            _ => Refusal::Mapping,
         }
     }
 }

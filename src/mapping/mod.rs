@@ -358,9 +358,9 @@ impl Point {
                 serde_json::Value::String(s) => match s.to_ascii_lowercase().as_str() {
                     "true" | "on" | "1" => true,
                     "false" | "off" | "0" => false,
-                    _ => return Err(format!("expected true or false, got {v}")),
+                    _ => return Err(format!("expected true or false, got {}", quote(v))),
                 },
-                _ => return Err(format!("expected true or false, got {v}")),
+                _ => return Err(format!("expected true or false, got {}", quote(v))),
             };
             return Ok(WriteData::Coil(b));
         }
@@ -370,7 +370,7 @@ impl Point {
             _ => None,
         }
         .filter(|x| x.is_finite())
-        .ok_or_else(|| format!("expected a number, got {v}"))?;
+        .ok_or_else(|| format!("expected a number, got {}", quote(v)))?;
         if let Some(min) = self.min
             && x < min
         {
@@ -489,6 +489,28 @@ impl Point {
 }
 
 /// Puts the bytes of `words` into big-endian order according to `order`.
+/// Most bytes of a refused value quoted back in an error: a 900 kB command must not come back
+/// as a 900 kB result message and log line (#28).
+pub const QUOTED: usize = 120;
+
+/// `v` as text for an error message, cut to at most [`QUOTED`] bytes (at a character boundary)
+/// with its full length said after it.
+pub fn quote(v: &impl fmt::Display) -> String {
+    cut(v.to_string(), QUOTED)
+}
+
+/// `text` cut to at most `max` bytes (at a character boundary), its full length said after it.
+pub fn cut(text: String, max: usize) -> String {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes)", &text[..end], text.len())
+}
+
 fn ordered_bytes(words: &[u16], order: Order) -> Vec<u8> {
     let mut out = Vec::with_capacity(words.len() * 2);
     let mut push = |w: u16| {

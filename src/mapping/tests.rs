@@ -371,3 +371,30 @@ fn values_read_back_from_json_as_they_were_written() {
         "{err}"
     );
 }
+
+/// #28 (5): a 900 kB command came back as a 900 kB result message and log line. A refusal
+/// quotes at most [`QUOTED`] bytes of the value, and says how long it was.
+#[test]
+fn a_refused_value_is_quoted_short_with_its_length() {
+    let mut p = point(DataType::U16, Order::ABCD);
+    p.writable = true;
+    let huge = serde_json::Value::String("w".repeat(900_000));
+    let why = p.encode(&huge).unwrap_err();
+    assert!(why.len() < QUOTED + 60, "{} bytes", why.len());
+    assert!(
+        why.contains("expected a number") && why.contains("(900002 bytes)"),
+        "{why}"
+    );
+    // Cut at a character boundary, never inside one.
+    let wide = serde_json::Value::String("°".repeat(100_000));
+    assert!(p.encode(&wide).unwrap_err().is_char_boundary(0));
+    let refused =
+        crate::uplink::command_value(format!("[{}]", "1,".repeat(400_000) + "1").as_bytes())
+            .unwrap_err();
+    assert!(refused.len() < QUOTED + 60, "{} bytes", refused.len());
+    // Short values are quoted whole.
+    assert_eq!(
+        p.encode(&serde_json::json!("warm")).unwrap_err(),
+        "expected a number, got \"warm\""
+    );
+}

@@ -11,8 +11,12 @@
 //!   consecutive failed polls it is announced `offline` on its retained availability topic, and
 //!   `online` again at its first success;
 //! - a port or connection that cannot be opened backs off the whole bus the same way;
-//! - a Modbus exception is a mapping problem: logged once naming the points of that request,
-//!   those points skipped, and the request retried at a slowly growing interval (never hot).
+//! - a Modbus exception, by what it says ([`Refusal`]): illegal function, address or value is a
+//!   mapping problem — logged once naming the points of that request, those points skipped,
+//!   and the request retried at a slowly growing interval (never hot, at most 5 min); a device
+//!   failure (0x04, 0x08) is counted and retried after at most 30 s; busy (0x05, 0x06) is asked
+//!   again at the next cycle; a gateway that cannot reach the device (0x0A, 0x0B) is a failure
+//!   of the device's health, as a timeout is (backed off, then `offline`).
 //!
 //! Values read are turned into messages and handed to the store, which never makes the poller
 //! wait for the uplink. Device health and figures go through the core in [`super`].
@@ -25,14 +29,17 @@ use tokio_util::sync::CancellationToken;
 
 use super::{DeviceHealth, Reporter};
 use crate::backoff::{Backoff, Retry};
-use crate::bus::{Bus, BusError, Data, Link};
+use crate::bus::{Bus, BusError, Data, Link, Refusal};
 use crate::config::Device;
 use crate::mapping::Value;
 use crate::message::now_ms;
 use crate::state::{Command, Shared};
 
-/// Longest pause for a request the device refuses with an exception.
+/// Longest pause for a request the device refuses with an exception that says the mapping is
+/// wrong (illegal function, address or value).
 const REFUSED_MAX: Duration = Duration::from_secs(300);
+/// Longest pause for a request the device answers with a device failure (0x04, 0x08).
+const DEVICE_FAILURE_MAX: Duration = Duration::from_secs(30);
 
 struct DeviceState {
     device: Device,
@@ -271,11 +278,35 @@ async fn poll_group(
             Err(BusError::Exception(code)) => {
                 report.count_error("exception");
                 report.device(&dev.name, |d| d.exceptions += 1);
+                let class = Refusal::of(code);
+                match class {
+                    // A gateway in front cannot reach the device: the device's health, like a
+                    // timeout (backed off, offline after `offline_after`).
+                    Refusal::Unreachable => {
+                        failure = Some(BusError::Exception(code));
+                        break;
+                    }
+                    // Busy: asked again at the next cycle, nothing skipped for longer.
+                    Refusal::Busy => {
+                        report.note_error(
+                            Some(&dev.name),
+                            format!("{}: busy ({code:?}); asked again next cycle", dev.name),
+                        );
+                        tracing::debug!(device = %dev.name, exception = ?code, start = req.start, "device busy; asked again next cycle");
+                        continue;
+                    }
+                    Refusal::Mapping | Refusal::DeviceFailure => {}
+                }
                 let every = dev.groups[g].every;
                 let entry = st.refused.entry((g, r)).or_insert((0, Instant::now()));
                 entry.0 += 1;
-                // Retry refused requests less and less often: 2, 4, 8 … intervals, at most 5 min.
-                let pause = Backoff::new(every, REFUSED_MAX).after(entry.0 + 1);
+                // Retry refused requests less and less often: 2, 4, 8 … intervals, at most 5 min
+                // for a mapping problem, at most DEVICE_FAILURE_MAX for a device failure.
+                let max = match class {
+                    Refusal::DeviceFailure => DEVICE_FAILURE_MAX,
+                    _ => REFUSED_MAX,
+                };
+                let pause = Backoff::new(every, max.max(every)).after(entry.0 + 1);
                 entry.1 = Instant::now() + pause;
                 report.note_error(
                     Some(&dev.name),
@@ -287,7 +318,11 @@ async fn poll_group(
                         req.end()
                     ),
                 );
-                if entry.0 == 1 {
+                if entry.0 == 1 && class == Refusal::DeviceFailure {
+                    tracing::warn!(device = %dev.name, unit = dev.unit, exception = ?code,
+                        table = req.table.name(), start = req.start, count = req.count,
+                        "the device reports a failure for this read; retried after a pause (at most {DEVICE_FAILURE_MAX:?})");
+                } else if entry.0 == 1 {
                     let names: Vec<&str> = req
                         .points
                         .iter()

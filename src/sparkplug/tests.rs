@@ -1,3 +1,6 @@
+//! The edge node's pure parts: metric types and aliases, birth and data payloads, and the
+//! commands a host sends, decoded the way a host encodes them.
+
 use super::*;
 
 fn node() -> (Config, EdgeNode) {

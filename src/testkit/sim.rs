@@ -44,6 +44,9 @@ pub struct State {
     pub units: HashMap<u8, Bank>,
     /// Units that never answer (the request times out).
     pub silent: Vec<u8>,
+    /// Units that answer every request with this exception (a gateway in front of a dead
+    /// device: 0x0B; a busy device: 0x06).
+    pub refusing: HashMap<u8, ExceptionCode>,
     /// Added before every answer.
     pub delay: Duration,
     /// Requests served, for tests.
@@ -120,6 +123,8 @@ impl Service for Handler {
             st.requests += 1;
             if st.silent.contains(&req.slave) {
                 (Ok(None), Duration::ZERO)
+            } else if let Some(code) = st.refusing.get(&req.slave) {
+                (Err(*code), st.delay)
             } else {
                 (answer(&mut st, req.slave, &req.request), st.delay)
             }

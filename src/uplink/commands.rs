@@ -41,7 +41,10 @@ pub fn command_value(payload: &[u8]) -> Result<serde_json::Value, String> {
             | serde_json::Value::Bool(_)
             | serde_json::Value::String(_)),
         ) => Ok(v),
-        Ok(other) => Err(format!("expected a value, got {other}")),
+        Ok(other) => Err(format!(
+            "expected a value, got {}",
+            crate::mapping::quote(&other)
+        )),
         Err(_) if text.starts_with(['{', '[', '"']) => Err("malformed JSON".into()),
         Err(_) => Ok(serde_json::Value::String(text.to_string())),
     }
@@ -67,6 +70,9 @@ impl Uplink {
         }
         let result_topic = crate::topics::command_result(topic);
         let refuse = |why: String| {
+            // Whatever a refusal quotes is short (`mapping::quote`); the cut here keeps any
+            // reason to a bounded size all the same.
+            let why = crate::mapping::cut(why, 4 * crate::mapping::QUOTED);
             tracing::warn!(%topic, reason = %why, "command refused; nothing written");
             let body = serde_json::json!({"ok": false, "error": why});
             // A full result queue means a flood of commands: the answer is dropped (logged above),

@@ -170,9 +170,15 @@ impl Uplink {
         let json = self.publishes_json();
         if json {
             s.control(&self.status_topic, b"online".to_vec(), true)?;
-            // Commands: every point's `…/set` (a non-writable one gets a refusal, not silence).
-            for chunk in filters.chunks(64) {
-                client.subscribe(chunk.to_vec())?;
+            // Commands: every point's `…/set` (a non-writable one gets a refusal, not silence),
+            // in SUBSCRIBE packets the broker takes; a filter that alone is too large is left
+            // out and said (#28: it used to end every session before the first reading).
+            let (batches, too_large) = subscriptions(&filters, max_packet);
+            for f in &too_large {
+                tracing::warn!(filter = %f, max_packet, "a command topic is longer than the broker's maximum packet size; not subscribed (commands to that point cannot arrive)");
+            }
+            for batch in batches {
+                client.subscribe(batch)?;
                 s.win.subscribed();
             }
         }
@@ -388,6 +394,16 @@ impl Uplink {
             match r {
                 Request::Rebirth => {
                     if let (Some(edge), Some(sp)) = (&self.edge, s.sp.as_mut()) {
+                        // One rebirth pending at a time (#28): a host, or anyone allowed on
+                        // NCMD, asking a thousand times gets the births once: a set still
+                        // waiting in the outbox answers every request made meanwhile.
+                        let nbirth = edge.node.topic("NBIRTH");
+                        if s.outbox.iter().any(|(t, _, _)| *t == nbirth) {
+                            tracing::debug!(
+                                "Sparkplug: rebirth requested again while one is pending; coalesced"
+                            );
+                            continue;
+                        }
                         tracing::info!("Sparkplug: rebirth requested by a host");
                         let births = sp.births(edge, |d| self.shared.device_values(d));
                         s.outbox.extend(births);
@@ -481,6 +497,17 @@ impl Uplink {
                     break;
                 }
                 match sp.ddata(edge, next.seq, &r) {
+                    // Larger than the broker takes (a string metric, a small limit): set aside
+                    // like any reading that can never be published, not handed to the client.
+                    Some((topic, payload))
+                        if let Some(why) =
+                            unpublishable_within(&topic, payload.len(), s.max_packet) =>
+                    {
+                        tracing::error!(seq = next.seq, %topic, reason = %why,
+                            "a queued reading can never be published as Sparkplug DDATA; set aside in the queue file (`fieldgate queue aside`)");
+                        s.pairs.remove(&next.seq);
+                        s.refused.push((next.seq, why));
+                    }
                     Some((topic, payload)) => {
                         let bytes = wire_bytes(&topic, payload.len());
                         s.client.publish(
@@ -629,6 +656,37 @@ impl Uplink {
         );
         Ok(())
     }
+}
+
+/// Most filters in one SUBSCRIBE.
+const FILTERS_PER_SUBSCRIBE: usize = 64;
+
+/// `filters` in SUBSCRIBE packets of at most [`FILTERS_PER_SUBSCRIBE`] filters that each fit
+/// `max_packet` bytes, and the filters that fit in none. Pure.
+fn subscriptions(filters: &[String], max_packet: usize) -> (Vec<Vec<String>>, Vec<String>) {
+    // The fixed header (at most 5 bytes), the packet id and MQTT 5's property length: 16 is
+    // generous; each filter costs its length, its two-byte length and its options byte.
+    const HEADER: usize = 16;
+    let cost = |f: &String| f.len() + 3;
+    let (mut batches, mut too_large) = (Vec::new(), Vec::new());
+    let mut batch: Vec<String> = Vec::new();
+    let mut bytes = HEADER;
+    for f in filters {
+        if HEADER + cost(f) > max_packet {
+            too_large.push(f.clone());
+            continue;
+        }
+        if batch.len() == FILTERS_PER_SUBSCRIBE || bytes + cost(f) > max_packet {
+            batches.push(std::mem::take(&mut batch));
+            bytes = HEADER;
+        }
+        bytes += cost(f);
+        batch.push(f.clone());
+    }
+    if !batch.is_empty() {
+        batches.push(batch);
+    }
+    (batches, too_large)
 }
 
 /// Waits for the CONNACK: what the broker granted when connected, None when cancelled first.
@@ -787,5 +845,34 @@ impl Session<'_> {
             }
             None => tracing::debug!(reason = %r, "the broker refused a gateway message"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// #28 (1): one over-size command topic made a SUBSCRIBE larger than the broker's limit,
+    /// which ended every session before anything was published.
+    #[test]
+    fn subscriptions_fit_the_brokers_packet_size_and_an_over_size_filter_is_left_out() {
+        let long = format!("fieldgate/gw1/{}/a/set", "x".repeat(4200));
+        let mut filters: Vec<String> = (0..150)
+            .map(|i| format!("fieldgate/gw1/m/p{i}/set"))
+            .collect();
+        filters.insert(70, long.clone());
+        let (batches, too_large) = subscriptions(&filters, 4096);
+        assert_eq!(too_large, vec![long]);
+        let sent: Vec<&String> = batches.iter().flatten().collect();
+        assert_eq!(sent.len(), 150, "every other filter is subscribed");
+        for b in &batches {
+            assert!(b.len() <= FILTERS_PER_SUBSCRIBE);
+            assert!(16 + b.iter().map(|f| f.len() + 3).sum::<usize>() <= 4096);
+        }
+        // A small limit: more, smaller packets, nothing lost.
+        let (batches, too_large) = subscriptions(&filters[..10], 100);
+        assert!(too_large.is_empty());
+        assert_eq!(batches.iter().flatten().count(), 10);
+        assert!(batches.len() >= 3);
     }
 }
