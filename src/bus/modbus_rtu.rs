@@ -79,7 +79,16 @@ pub struct ModbusRtu {
     pub retried: u64,
     /// The last request that timed out, while its reply could still arrive.
     suspect: Option<Suspect>,
+    /// Requests in a row that timed out (any unit): through a TCP converter, two mean the
+    /// connection itself may be stuck (see [`STUCK_AFTER`]).
+    timeouts_in_row: u32,
 }
+
+/// Through a serial-to-TCP converter, after this many timeouts in a row the connection is
+/// closed and opened anew at the next request (#28: a converter whose connection got stuck
+/// left every unit on that bus offline for good). One dead unit among answering ones never
+/// gets there: each answer resets the count.
+const STUCK_AFTER: u32 = 2;
 
 #[derive(Debug, Clone, Copy)]
 struct Suspect {
@@ -114,6 +123,7 @@ impl ModbusRtu {
             late_replies: 0,
             crc_errors: 0,
             retried: 0,
+            timeouts_in_row: 0,
             suspect: None,
         }
     }
@@ -300,8 +310,26 @@ impl ModbusRtu {
             );
             self.late_replies += stale;
         }
+        if matches!(result, Err(BusError::Timeout(_))) {
+            self.timeouts_in_row += 1;
+        } else {
+            self.timeouts_in_row = 0;
+        }
         match &result {
             Ok(_) | Err(BusError::Exception(_)) => {}
+            Err(BusError::Timeout(_))
+                if matches!(self.endpoint, Endpoint::Tcp { .. })
+                    && self.timeouts_in_row >= STUCK_AFTER =>
+            {
+                // The converter's connection may be stuck (half-open, or its firmware wedged):
+                // opened anew at the next request, as a plain Modbus TCP bus does.
+                tracing::debug!(
+                    timeouts = self.timeouts_in_row,
+                    "RTU over TCP: no answer to several requests in a row; reconnecting"
+                );
+                self.stream = None;
+                self.timeouts_in_row = 0;
+            }
             Err(BusError::Io(_)) => {
                 // EOF or EIO: the port is gone (unplugged). Reopen later.
                 self.stream = None;

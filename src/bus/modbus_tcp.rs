@@ -8,8 +8,9 @@ use std::time::Duration;
 
 use tokio::net::TcpStream;
 use tokio::time::timeout;
-use tokio_modbus::client::{Context, Reader};
+use tokio_modbus::client::{Client, Context};
 use tokio_modbus::prelude::{Slave, SlaveContext};
+use tokio_modbus::{Request, Response};
 
 use super::{BusError, Data, WriteData};
 use crate::modbus::{ReadRequest, Table};
@@ -93,38 +94,58 @@ impl ModbusTcp {
         }
     }
 
+    /// Reads one request. A reply that does not fit it (another transaction id, a frame the
+    /// unit before sent unasked after its answer) on a connection already in use is the old
+    /// connection's fault, not this unit's: asked once more on a fresh connection before it
+    /// counts against this unit (#28: a unit that sent unsolicited frames after its replies got
+    /// its healthy neighbour marked offline).
     pub async fn read(&mut self, unit: u8, req: &ReadRequest) -> Result<Data, BusError> {
+        let reused = self.ctx.is_some();
+        match self.read_once(unit, req).await {
+            Err(BusError::Protocol(e)) if reused => {
+                tracing::debug!(unit, error = %e, "Modbus TCP: a reply that does not fit on a connection in use; asked again on a new one");
+                self.read_once(unit, req).await
+            }
+            other => other,
+        }
+    }
+
+    async fn read_once(&mut self, unit: u8, req: &ReadRequest) -> Result<Data, BusError> {
         let limit = self.timeout;
         let ctx = self.connect().await?;
         ctx.set_slave(Slave(unit));
         let (start, count) = (req.start, req.count);
-        let answer = timeout(limit, async {
-            match req.table {
-                Table::Holding => ctx
-                    .read_holding_registers(start, count)
-                    .await
-                    .map(|r| r.map(Data::Words)),
-                Table::Input => ctx
-                    .read_input_registers(start, count)
-                    .await
-                    .map(|r| r.map(Data::Words)),
-                Table::Coil => ctx
-                    .read_coils(start, count)
-                    .await
-                    .map(|r| r.map(Data::Bits)),
-                Table::Discrete => ctx
-                    .read_discrete_inputs(start, count)
-                    .await
-                    .map(|r| r.map(Data::Bits)),
+        // Through `Client::call`, not tokio-modbus's `Reader`: its readers assert (in debug
+        // builds) that the device sent as many registers as asked, so a device that sends more
+        // would panic the poller; here the count is checked below, for every build.
+        let request = match req.table {
+            Table::Holding => Request::ReadHoldingRegisters(start, count),
+            Table::Input => Request::ReadInputRegisters(start, count),
+            Table::Coil => Request::ReadCoils(start, count),
+            Table::Discrete => Request::ReadDiscreteInputs(start, count),
+        };
+        let answer = timeout(limit, ctx.call(request)).await;
+        let data = match self.settle(answer, limit)? {
+            Response::ReadHoldingRegisters(w) | Response::ReadInputRegisters(w) => Data::Words(w),
+            // Bits come in whole bytes: the padding past `count` is not data.
+            Response::ReadCoils(mut b) | Response::ReadDiscreteInputs(mut b) => {
+                if b.len() >= count as usize && b.len() < count as usize + 8 {
+                    b.truncate(count as usize);
+                }
+                Data::Bits(b)
             }
-        })
-        .await;
-        let data = self.settle(answer, limit)?;
+            other => {
+                self.ctx = None;
+                return Err(BusError::Protocol(format!("answered {other:?} to a read")));
+            }
+        };
         let got = match &data {
             Data::Words(w) => w.len(),
             Data::Bits(b) => b.len(),
         };
-        if got < count as usize {
+        // Exactly what was asked: more registers than asked is a device (or a frame) that
+        // answers something else, never published as if it were this (#28).
+        if got != count as usize {
             self.ctx = None;
             return Err(BusError::Protocol(format!(
                 "asked for {count} items, got {got}"
