@@ -185,7 +185,17 @@ struct Worker {
     unsaved_since: Option<std::time::Instant>,
     /// When a re-queue request was last looked for.
     requeue_checked: std::time::Instant,
+    /// While failing: when the held readings are tried again ([`RETRY_EVERY`] after the last
+    /// try, whatever the commit interval; #28: with `commit_interval: 0` the wait was zero and
+    /// the thread retried in a loop, 89-99 % of a core on a full disk).
+    retry_at: Option<std::time::Instant>,
+    /// Held readings dropped in this failing episode (logged once when it begins, and in
+    /// total when writes work again).
+    dropped_in_episode: u64,
 }
+
+/// How often held readings are tried again while the disk refuses them.
+const RETRY_EVERY: Duration = Duration::from_secs(1);
 
 /// Most corrupt-file replacements an hour.
 const REPAIRS_PER_HOUR: usize = 3;
@@ -217,6 +227,8 @@ impl Worker {
             acks_since: None,
             unsaved_since: None,
             requeue_checked: std::time::Instant::now(),
+            retry_at: None,
+            dropped_in_episode: 0,
         }
     }
 
@@ -236,8 +248,12 @@ impl Worker {
             }
             let interval = self.store.limits().commit_interval;
             if let Some(since) = self.unsaved_since {
-                wait = wait
-                    .min((since + interval).saturating_duration_since(std::time::Instant::now()));
+                // While failing, the next try is at the retry pace, not the commit interval's.
+                let due = match self.retry_at {
+                    Some(at) if self.failing => at,
+                    _ => since + interval,
+                };
+                wait = wait.min(due.saturating_duration_since(std::time::Instant::now()));
             }
             let first = match rx.recv_timeout(wait) {
                 Ok(c) => Some(c),
@@ -274,9 +290,15 @@ impl Worker {
                 let since = *self
                     .unsaved_since
                     .get_or_insert_with(std::time::Instant::now);
-                // Due: at once without an interval, when it has passed, at shutdown, and while
-                // failing (retried every wake-up).
-                if interval.is_zero() || since.elapsed() >= interval || !open || self.failing {
+                // Due: at once without an interval, when it has passed, at shutdown; while
+                // failing, at the retry pace only.
+                let due = if self.failing {
+                    self.retry_at
+                        .is_none_or(|at| std::time::Instant::now() >= at)
+                } else {
+                    interval.is_zero() || since.elapsed() >= interval || !open
+                };
+                if due {
                     self.save();
                     if self.unsaved.is_empty() {
                         self.unsaved_since = None;
@@ -375,11 +397,14 @@ impl Worker {
             let n = self.unsaved.len() - MAX_HELD;
             self.unsaved.drain(..n);
             self.dropped_held += n as u64;
-            tracing::error!(
-                dropped = n,
-                held = MAX_HELD,
-                "queue: the disk refuses writes and memory is full; dropped the oldest held readings"
-            );
+            if self.dropped_in_episode == 0 {
+                tracing::error!(
+                    dropped = n,
+                    held = MAX_HELD,
+                    "queue: the disk refuses writes and memory is full; dropping the oldest held readings (counted; the total is logged when writes work again)"
+                );
+            }
+            self.dropped_in_episode += n as u64;
         }
         if self.unsaved.is_empty() {
             return;
@@ -398,9 +423,12 @@ impl Worker {
                     if self.failing {
                         tracing::info!(
                             saved = n,
+                            dropped_while_failing = self.dropped_in_episode,
                             "queue writes work again; the readings held in memory are saved"
                         );
                         self.failing = false;
+                        self.retry_at = None;
+                        self.dropped_in_episode = 0;
                     }
                     // Held-and-dropped readings were counted as the oldest dropped in that commit.
                     self.dropped_held = 0;
@@ -451,6 +479,7 @@ impl Worker {
     }
 
     fn fail(&mut self, e: &StoreError) {
+        self.retry_at = Some(std::time::Instant::now() + RETRY_EVERY);
         if !self.failing {
             tracing::error!(error = %e, held = self.unsaved.len(), file = %self.store.path().display(),
                 "cannot write to the queue; holding readings in memory and retrying every second");
