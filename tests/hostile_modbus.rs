@@ -122,10 +122,36 @@ fn count(sub: &Subscriber, topic: &str) -> usize {
     sub.all().iter().filter(|r| r.topic == topic).count()
 }
 
+/// Runs a gateway with `devices` on `bus` (its YAML) until `n` readings of `topic` arrived,
+/// stops it, and returns what the subscriber saw.
+async fn run_until(bus: &str, devices: &str, topic: &str, n: usize) -> Subscriber {
+    let broker = fieldgate::testkit::broker::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let sub = Subscriber::start(broker).await;
+    let gw = Gateway::start(
+        dir.path(),
+        &config(&dir.path().join("state"), broker, bus, devices),
+    );
+    sub.wait_for(
+        Duration::from_secs(10),
+        &format!("{n} readings of {topic}"),
+        |got| got.iter().filter(|r| r.topic == topic).count() >= n,
+    )
+    .await;
+    gw.stop().await;
+    sub
+}
+
+fn tcp_bus(server: SocketAddr) -> String {
+    format!(
+        "modbus_tcp: {{ host: 127.0.0.1, port: {}, timeout: 300ms }}",
+        server.port()
+    )
+}
+
 /// #28 (11): a reply with more registers than asked was accepted and published.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reply_with_more_registers_than_asked_is_refused_not_published() {
-    let broker = fieldgate::testkit::broker::start().unwrap();
     let server = mbap_server(
         Arc::new(|unit, start, n, _, _| {
             Some(registers(unit, start, if unit == 2 { n + 1 } else { n }))
@@ -133,29 +159,8 @@ async fn a_reply_with_more_registers_than_asked_is_refused_not_published() {
         &[],
     )
     .await;
-    let dir = tempfile::tempdir().unwrap();
-    let sub = Subscriber::start(broker).await;
-    let bus = format!(
-        "modbus_tcp: {{ host: 127.0.0.1, port: {}, timeout: 300ms }}",
-        server.port()
-    );
     let devices = device("honest", 1) + &device("liar", 2);
-    let gw = Gateway::start(
-        dir.path(),
-        &config(&dir.path().join("state"), broker, &bus, &devices),
-    );
-    sub.wait_for(
-        Duration::from_secs(10),
-        "the honest unit's readings",
-        |got| {
-            got.iter()
-                .filter(|r| r.topic == "fieldgate/gw1/honest/a")
-                .count()
-                >= 10
-        },
-    )
-    .await;
-    gw.stop().await;
+    let sub = run_until(&tcp_bus(server), &devices, "fieldgate/gw1/honest/a", 10).await;
     assert_eq!(
         count(&sub, "fieldgate/gw1/liar/a"),
         0,
@@ -173,35 +178,13 @@ async fn a_reply_with_more_registers_than_asked_is_refused_not_published() {
 /// and marked offline.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frames_nobody_asked_for_never_blame_the_healthy_neighbour() {
-    let broker = fieldgate::testkit::broker::start().unwrap();
     let server = mbap_server(
         Arc::new(|unit, start, n, _, _| Some(registers(unit, start, n))),
         &[1],
     )
     .await;
-    let dir = tempfile::tempdir().unwrap();
-    let sub = Subscriber::start(broker).await;
-    let bus = format!(
-        "modbus_tcp: {{ host: 127.0.0.1, port: {}, timeout: 300ms }}",
-        server.port()
-    );
     let devices = device("chatty", 1) + &device("neighbour", 2);
-    let gw = Gateway::start(
-        dir.path(),
-        &config(&dir.path().join("state"), broker, &bus, &devices),
-    );
-    sub.wait_for(
-        Duration::from_secs(10),
-        "20 readings of the neighbour",
-        |got| {
-            got.iter()
-                .filter(|r| r.topic == "fieldgate/gw1/neighbour/a")
-                .count()
-                >= 20
-        },
-    )
-    .await;
-    gw.stop().await;
+    let sub = run_until(&tcp_bus(server), &devices, "fieldgate/gw1/neighbour/a", 20).await;
     let availability = sub.payloads("fieldgate/gw1/neighbour/availability");
     assert!(
         !availability.iter().any(|p| p == "offline"),
