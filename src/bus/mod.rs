@@ -222,3 +222,28 @@ impl Link {
         }
     }
 }
+
+#[cfg(test)]
+mod refusal_tests {
+    use super::*;
+
+    /// #28 (6): which exceptions are the mapping's, the device's, or the path's.
+    #[test]
+    fn each_exception_code_has_its_class() {
+        use ExceptionCode as E;
+        for (code, class) in [
+            (E::IllegalFunction, Refusal::Mapping),
+            (E::IllegalDataAddress, Refusal::Mapping),
+            (E::IllegalDataValue, Refusal::Mapping),
+            (E::ServerDeviceFailure, Refusal::DeviceFailure),
+            (E::Acknowledge, Refusal::Busy),
+            (E::ServerDeviceBusy, Refusal::Busy),
+            (E::MemoryParityError, Refusal::DeviceFailure),
+            (E::GatewayPathUnavailable, Refusal::Unreachable),
+            (E::GatewayTargetDevice, Refusal::Unreachable),
+            (E::Custom(0x42), Refusal::Mapping),
+        ] {
+            assert_eq!(Refusal::of(code), class, "{code:?}");
+        }
+    }
+}
