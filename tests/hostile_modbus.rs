@@ -27,9 +27,62 @@ fn registers(unit: u8, start: u16, count: u16) -> Vec<u16> {
         .collect()
 }
 
-/// A Modbus TCP server (function 3 only). `extra`: units that send a second, unsolicited
-/// frame (their reply again under another transaction id) 20 ms after each reply.
-async fn mbap_server(answer: Answer, extra: &'static [u8]) -> SocketAddr {
+/// How a raw server reads requests and frames its replies.
+struct Framing {
+    /// Bytes of one read request.
+    request: usize,
+    /// (unit, start, count) of a request.
+    parse: fn(&[u8]) -> (u8, u16, u16),
+    /// The reply to `req` from `unit` carrying `words`; `stray`: the copy sent unasked after
+    /// it (under another transaction id).
+    reply: fn(req: &[u8], unit: u8, words: &[u16], stray: bool) -> Vec<u8>,
+}
+
+/// The function 3 reply's PDU: function, byte count, the words.
+fn pdu(words: &[u16]) -> Vec<u8> {
+    let mut f = vec![3, 2 * words.len() as u8];
+    words
+        .iter()
+        .for_each(|w| f.extend_from_slice(&w.to_be_bytes()));
+    f
+}
+
+/// Modbus TCP: the MBAP header before the unit.
+const MBAP: Framing = Framing {
+    request: 12,
+    parse: |r| {
+        let word = |i: usize| u16::from_be_bytes([r[i], r[i + 1]]);
+        (r[6], word(8), word(10))
+    },
+    reply: |req, unit, words, stray| {
+        let tid = u16::from_be_bytes([req[0], req[1]]).wrapping_add(if stray { 1000 } else { 0 });
+        let mut f = tid.to_be_bytes().to_vec();
+        f.extend_from_slice(&[0, 0]);
+        f.extend_from_slice(&(3 + 2 * words.len() as u16).to_be_bytes());
+        f.push(unit);
+        f.extend(pdu(words));
+        f
+    },
+};
+
+/// RTU frames through a TCP socket, as a serial-to-TCP converter passes them.
+const RTU: Framing = Framing {
+    request: 8,
+    parse: |r| {
+        let word = |i: usize| u16::from_be_bytes([r[i], r[i + 1]]);
+        (r[0], word(2), word(4))
+    },
+    reply: |_, unit, words, _| {
+        let mut f = vec![unit];
+        f.extend(pdu(words));
+        with_crc(f)
+    },
+};
+
+/// A server of reads of holding registers (function 3 only) in `framing`, answering as
+/// `answer` says. `extra`: units that send a second, unsolicited frame (their reply again
+/// under another transaction id) 20 ms after each reply.
+async fn raw_server(framing: &'static Framing, answer: Answer, extra: &'static [u8]) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -38,65 +91,24 @@ async fn mbap_server(answer: Answer, extra: &'static [u8]) -> SocketAddr {
             let (answer, n) = (answer.clone(), conn);
             conn += 1;
             tokio::spawn(async move {
-                let mut req = [0u8; 12];
+                let mut req = vec![0u8; framing.request];
                 let mut i = 0u64;
                 while s.read_exact(&mut req).await.is_ok() {
-                    let (unit, start) = (req[6], u16::from_be_bytes([req[8], req[9]]));
-                    let count = u16::from_be_bytes([req[10], req[11]]);
-                    let Some(words) = answer(unit, start, count, n, i) else {
-                        continue;
-                    };
+                    let (unit, start, count) = (framing.parse)(&req);
+                    let answered = answer(unit, start, count, n, i);
                     i += 1;
-                    let frame = |tid: [u8; 2]| {
-                        let mut f = vec![tid[0], tid[1], 0, 0];
-                        f.extend_from_slice(&(3 + 2 * words.len() as u16).to_be_bytes());
-                        f.extend_from_slice(&[unit, 3, 2 * words.len() as u8]);
-                        words
-                            .iter()
-                            .for_each(|w| f.extend_from_slice(&w.to_be_bytes()));
-                        f
-                    };
-                    if s.write_all(&frame([req[0], req[1]])).await.is_err() {
+                    let Some(words) = answered else { continue };
+                    if s.write_all(&(framing.reply)(&req, unit, &words, false))
+                        .await
+                        .is_err()
+                    {
                         return;
                     }
                     if extra.contains(&unit) {
                         tokio::time::sleep(Duration::from_millis(20)).await;
-                        let tid = u16::from_be_bytes([req[0], req[1]]).wrapping_add(1000);
-                        let _ = s.write_all(&frame(tid.to_be_bytes())).await;
-                    }
-                }
-            });
-        }
-    });
-    addr
-}
-
-/// An RTU-over-TCP converter (function 3 only), answering as `answer` says.
-async fn rtu_converter(answer: Answer) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        let mut conn = 0u64;
-        while let Ok((mut s, _)) = listener.accept().await {
-            let (answer, n) = (answer.clone(), conn);
-            conn += 1;
-            tokio::spawn(async move {
-                let mut req = [0u8; 8];
-                let mut i = 0u64;
-                while s.read_exact(&mut req).await.is_ok() {
-                    let (unit, start) = (req[0], u16::from_be_bytes([req[2], req[3]]));
-                    let count = u16::from_be_bytes([req[4], req[5]]);
-                    let Some(words) = answer(unit, start, count, n, i) else {
-                        i += 1;
-                        continue;
-                    };
-                    i += 1;
-                    let mut f = vec![unit, 3, 2 * words.len() as u8];
-                    words
-                        .iter()
-                        .for_each(|w| f.extend_from_slice(&w.to_be_bytes()));
-                    if s.write_all(&with_crc(f)).await.is_err() {
-                        return;
+                        let _ = s
+                            .write_all(&(framing.reply)(&req, unit, &words, true))
+                            .await;
                     }
                 }
             });
@@ -152,7 +164,8 @@ fn tcp_bus(server: SocketAddr) -> String {
 /// #28 (11): a reply with more registers than asked was accepted and published.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reply_with_more_registers_than_asked_is_refused_not_published() {
-    let server = mbap_server(
+    let server = raw_server(
+        &MBAP,
         Arc::new(|unit, start, n, _, _| {
             Some(registers(unit, start, if unit == 2 { n + 1 } else { n }))
         }),
@@ -178,7 +191,8 @@ async fn a_reply_with_more_registers_than_asked_is_refused_not_published() {
 /// and marked offline.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frames_nobody_asked_for_never_blame_the_healthy_neighbour() {
-    let server = mbap_server(
+    let server = raw_server(
+        &MBAP,
         Arc::new(|unit, start, n, _, _| Some(registers(unit, start, n))),
         &[1],
     )
@@ -205,11 +219,15 @@ async fn a_stuck_rtu_over_tcp_connection_is_reopened() {
     let broker = fieldgate::testkit::broker::start().unwrap();
     let connections = Arc::new(AtomicU64::new(0));
     let seen = connections.clone();
-    let converter = rtu_converter(Arc::new(move |unit, start, n, conn, i| {
-        seen.fetch_max(conn + 1, Ordering::Relaxed);
-        // The first connection answers ten requests, then nothing ever again.
-        (conn > 0 || i < 10).then(|| registers(unit, start, n))
-    }))
+    let converter = raw_server(
+        &RTU,
+        Arc::new(move |unit, start, n, conn, i| {
+            seen.fetch_max(conn + 1, Ordering::Relaxed);
+            // The first connection answers ten requests, then nothing ever again.
+            (conn > 0 || i < 10).then(|| registers(unit, start, n))
+        }),
+        &[],
+    )
     .await;
     let dir = tempfile::tempdir().unwrap();
     let sub = Subscriber::start(broker).await;
