@@ -69,6 +69,13 @@ pub fn render(snapshot: &Snapshot) -> String {
             0.0
         },
     );
+    let discarded: Counter = Counter::default();
+    discarded.inc_by(snapshot.gateway.broker.discarded_incoming);
+    r.register(
+        "broker_discarded_incoming",
+        "Packets from the broker larger than the gateway takes (1 MiB), read past and dropped",
+        discarded,
+    );
     let acked: Counter = Counter::default();
     acked.inc_by(q.acked_total);
     r.register("acknowledged", "Readings acknowledged by the broker", acked);

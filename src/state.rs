@@ -75,6 +75,8 @@ pub struct BrokerState {
     pub since_ms: Option<i64>,
     /// Why the last session ended or the last connect failed.
     pub last_error: Option<ErrorNote>,
+    /// Packets from the broker larger than the gateway takes, read past and dropped.
+    pub discarded_incoming: u64,
 }
 
 /// The last error of a bus, a device or the broker link: what, and when.

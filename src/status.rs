@@ -134,8 +134,9 @@ impl Snapshot {
     }
 }
 
-/// Writes `{state_dir}/status.json` at start, every `every` and whenever a device's
-/// availability changes (to a temporary file, then renamed, so a reader never sees half a file).
+/// Writes `{state_dir}/status.json` at start, every `every`, whenever a device's availability
+/// changes, and once more at the stop (the last figures, for `fieldgate status` after it); to
+/// a temporary file, then renamed, so a reader never sees half a file.
 pub async fn write_periodically(
     shared: Shared,
     started: Instant,
@@ -148,16 +149,20 @@ pub async fn write_periodically(
     loop {
         // At start, every `every`, and at once when a device goes online or offline: the first
         // poll's result shows within moments, not after a whole interval.
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = tick.tick() => {}
-            _ = availability.changed() => {}
-        }
-        let Ok(snapshot) = Snapshot::take(&shared, started).await else {
-            continue;
+        let last = tokio::select! {
+            _ = cancel.cancelled() => true,
+            _ = tick.tick() => false,
+            _ = availability.changed() => false,
         };
-        if let Err(e) = write_atomically(&dir.join("status.json"), &snapshot.to_json()) {
+        // At the stop the store may be closing: the last snapshot is best effort, bounded.
+        let taken = tokio::time::timeout(Duration::from_secs(1), Snapshot::take(&shared, started));
+        if let Ok(Ok(snapshot)) = taken.await
+            && let Err(e) = write_atomically(&dir.join("status.json"), &snapshot.to_json())
+        {
             tracing::debug!(error = %e, "cannot write status.json");
+        }
+        if last {
+            return;
         }
     }
 }

@@ -379,3 +379,93 @@ async fn commands_waiting_for_the_bus_at_a_stop_are_answered() {
     assert_eq!(answers.len(), 5, "every command answered: {answers:?}");
     assert!(done >= 1 && not_done >= 1, "{answers:?}");
 }
+
+/// #28 (3), found from outside: a 2 MB retained message on a command topic ended the uplink
+/// session ("payload size limit exceeded") and came back with every SUBSCRIBE: 38 reconnects in
+/// 40 s, availability flapping 77 times, until someone cleared it. Now it is read past,
+/// acknowledged, counted and logged, and the session goes on: one connection, readings
+/// delivered, and the next command on that topic carried out. (Under MQTT 5 the gateway's
+/// CONNECT says the largest packet it takes, and mosquitto keeps the message back itself.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retained_command_larger_than_the_gateway_takes_is_read_past_on_one_connection() {
+    let gw_port = common::free_port();
+    let Some(broker) = common::Mosquitto::start_custom(
+        tempfile::tempdir().unwrap(),
+        &format!("listener {gw_port} 127.0.0.1\nallow_anonymous true\n"),
+    ) else {
+        return;
+    };
+    let proxy = fieldgate::testkit::proxy::FaultProxy::start(
+        format!("127.0.0.1:{gw_port}").parse().unwrap(),
+    )
+    .await
+    .unwrap();
+    let sim = Simulator::start(None).await.unwrap();
+    sim.with_unit(1, |b| b.set_holding(10, &[7]));
+    // The publisher takes large packets: the 2 MB message goes out whole.
+    let mut o = rumqttc::MqttOptions::new("test-big", "127.0.0.1", broker.addr.port());
+    o.set_max_packet_size(4 << 20, 4 << 20);
+    let (client, mut el) = rumqttc::AsyncClient::new(o, 10);
+    let (done_tx, done) = tokio::sync::oneshot::channel();
+    let mut done_tx = Some(done_tx);
+    tokio::spawn(async move {
+        while let Ok(ev) = el.poll().await {
+            if matches!(ev, rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) {
+                done_tx.take().map(|d| d.send(()));
+            }
+        }
+    });
+    let topic = "fieldgate/gw1/d/level/set";
+    client
+        .publish(
+            topic,
+            rumqttc::QoS::AtLeastOnce,
+            true,
+            vec![b'9'; 2_000_000],
+        )
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), done)
+        .await
+        .expect("the broker took the large retained message")
+        .unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let devices = "  d:\n    bus: plc\n    every: 200ms\n    points:\n      level: { register: 10, writable: true }\n";
+    let gw = Gateway::start(dir.path(), &config(&state, proxy.addr(), sim.addr, devices));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // A command that fits, on the same topic, is carried out on the same connection.
+    client
+        .publish(topic, rumqttc::QoS::AtLeastOnce, false, "42")
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while sim.with_unit(1, |b| b.holding[&10]) != 42 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the command after it was not carried out"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    gw.stop().await;
+    assert_eq!(proxy.connections(), 1, "the session was never ended");
+    let snapshot =
+        fieldgate::status::Snapshot::from_json(&std::fs::read(state.join("status.json")).unwrap())
+            .unwrap();
+    assert!(
+        snapshot.queue.acked_since_start >= 15,
+        "{:?}",
+        snapshot.queue
+    );
+    let discarded = snapshot.gateway.broker.discarded_incoming;
+    if fieldgate::testkit::broker::test_protocol() == "5" {
+        assert_eq!(
+            discarded, 0,
+            "mosquitto kept it back (the CONNECT's Maximum Packet Size)"
+        );
+    } else {
+        assert_eq!(discarded, 1, "read past once, counted");
+    }
+}

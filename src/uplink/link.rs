@@ -358,6 +358,7 @@ pub fn connect(
     max_packet: usize,
     will: (String, Vec<u8>, bool),
     capacity: usize,
+    on_discard: super::wire::OnDiscard,
 ) -> (Client, Events) {
     let credentials = mqtt.username.as_ref().map(|user| {
         let pass = mqtt
@@ -375,6 +376,7 @@ pub fn connect(
         inflight: u16,
         max_packet: usize,
         unhurried: &Arc<AtomicBool>,
+        on_discard: super::wire::OnDiscard,
     ) -> super::wire::Dial<V> {
         super::wire::Dial {
             host: mqtt.host.clone(),
@@ -386,6 +388,7 @@ pub fn connect(
             max_out: max_packet,
             keep_alive: mqtt.keep_alive,
             unhurried: unhurried.clone(),
+            on_discard,
         }
     }
     let keep_alive = mqtt.keep_alive.as_secs().min(u16::MAX as u64) as u16;
@@ -409,6 +412,7 @@ pub fn connect(
                 inflight_ids,
                 max_packet,
                 &unhurried,
+                on_discard,
             );
             let (requests, rx) = mpsc::channel(capacity);
             let events = Events::spawn(capacity, move |tx| async move {
@@ -436,7 +440,14 @@ pub fn connect(
             let will = p5::LastWill::new(will.0, will.1, QoS5::AtLeastOnce, will.2, None);
             let login = credentials.map(|(u, p)| p5::Login::new(u, p));
             let packet = p5::Packet::Connect(connect, Some(will), login);
-            let dial = dial(mqtt, packet, inflight_ids, max_packet, &unhurried);
+            let dial = dial(
+                mqtt,
+                packet,
+                inflight_ids,
+                max_packet,
+                &unhurried,
+                on_discard,
+            );
             let (requests, rx) = mpsc::channel(capacity);
             let events = Events::spawn(capacity, move |tx| async move {
                 let map = |ev| Ok(from_v5(ev));

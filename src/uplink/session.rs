@@ -8,6 +8,7 @@
 //! window drains, and each payload is rendered once, when it is read.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rumqttc::QoS;
@@ -119,8 +120,23 @@ impl Uplink {
             }
             _ => (self.status_topic.clone(), b"offline".to_vec(), true),
         };
+        let broker = self.shared.broker.clone();
+        let on_discard: super::wire::OnDiscard = Arc::new(move |d: &super::wire::Discarded| {
+            let mut b = broker.lock().expect("not poisoned");
+            b.discarded_incoming += 1;
+            // Once per topic per session would still flood on a loop; the count says the rest.
+            if b.discarded_incoming <= 10 || b.discarded_incoming.is_power_of_two() {
+                tracing::warn!(
+                    topic = d.topic.as_deref().unwrap_or("(not a publish)"),
+                    bytes = d.bytes,
+                    max = MAX_PACKET,
+                    discarded = b.discarded_incoming,
+                    "a packet from the broker larger than the gateway takes was read past and dropped (a retained message on a command topic? clear it with `mosquitto_pub -r -n -t TOPIC`)"
+                );
+            }
+        });
         let (client, mut events) =
-            super::link::connect(&self.mqtt, ids, MAX_PACKET, will, capacity);
+            super::link::connect(&self.mqtt, ids, MAX_PACKET, will, capacity, on_discard);
         let Some(granted) = connected(&mut events, cancel).await? else {
             return Ok(());
         };

@@ -81,6 +81,8 @@ pub trait Version: Sized {
     ) -> Result<Option<Self::Packet>, Self::StateError>;
     fn next_event(s: &mut Self::State) -> Option<Self::Event>;
     fn ping() -> Self::Request;
+    /// The acknowledgement of the QoS 1 publish `pkid` (for one read past: [`Oversize`]).
+    fn puback(pkid: u16) -> Self::Packet;
     /// The next whole packet in `inb`, if one is there.
     fn decode(inb: &mut BytesMut, max: usize) -> Result<Option<Self::Packet>, Self::StateError>;
     fn encode(p: &Self::Packet, out: &mut BytesMut, max: usize) -> Result<(), Self::StateError>;
@@ -113,6 +115,21 @@ pub struct Dial<V: Version> {
     /// Set by the session while nothing of it waits for room in the window: a read is then
     /// held until [`GATHER`] after the one before.
     pub unhurried: Arc<AtomicBool>,
+    /// Told of each incoming packet larger than `max_in`, read past and dropped.
+    pub on_discard: OnDiscard,
+}
+
+/// What the session is told of a packet read past: its topic (a PUBLISH) and its size.
+pub type OnDiscard = Arc<dyn Fn(&Discarded) + Send + Sync>;
+
+/// An incoming packet larger than the loop takes (`Dial::max_in`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Discarded {
+    /// The topic of a PUBLISH (cut to [`crate::mapping::QUOTED`] characters); None for
+    /// another kind of packet.
+    pub topic: Option<String>,
+    /// The whole packet's size in bytes.
+    pub bytes: usize,
 }
 
 trait Stream: AsyncRead + AsyncWrite + Send + Unpin {}
@@ -208,8 +225,10 @@ async fn serve<V: Version, T, S: AsyncRead + AsyncWrite + Unpin>(
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // The next read is held until then while the session is unhurried.
     let mut read_at: Option<Instant> = None;
+    // Bytes of an over-size packet still to be read past.
+    let mut skip = 0;
     // Whatever came in behind the CONNACK in the same read.
-    incoming::<V>(&mut inb, &mut state, &mut out, &dial)?;
+    incoming::<V>(&mut inb, &mut skip, &mut state, &mut out, &dial)?;
     loop {
         // What was taken goes out while the rules allow; the rest waits for acknowledgements.
         while let (n, false) = V::in_flight(&state)
@@ -235,7 +254,7 @@ async fn serve<V: Version, T, S: AsyncRead + AsyncWrite + Unpin>(
         tokio::select! {
             r = fill::<V>(&mut io, &mut inb), if hold.is_none() => {
                 r?;
-                incoming::<V>(&mut inb, &mut state, &mut out, &dial)?;
+                incoming::<V>(&mut inb, &mut skip, &mut state, &mut out, &dial)?;
                 read_at = Some(Instant::now() + GATHER);
             }
             _ = tokio::time::sleep_until(hold.unwrap_or_else(Instant::now)), if hold.is_some() => {
@@ -257,18 +276,115 @@ async fn serve<V: Version, T, S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 /// Hands every whole packet in `inb` to the state, its replies (PUBACK, PUBREL, …) to `out`.
+/// A packet larger than `dial.max_in` is read past instead (`skip`: what is left of it beyond
+/// `inb`), acknowledged when it is a QoS 1 publish, and reported to `dial.on_discard`: a 2 MB
+/// retained message on a command topic used to end the session at every SUBSCRIBE.
 fn incoming<V: Version>(
     inb: &mut BytesMut,
+    skip: &mut usize,
     state: &mut V::State,
     out: &mut BytesMut,
     dial: &Dial<V>,
 ) -> Result<(), V::StateError> {
-    while let Some(p) = V::decode(inb, dial.max_in)? {
+    loop {
+        if *skip > 0 {
+            let n = (*skip).min(inb.len());
+            inb.advance(n);
+            *skip -= n;
+            if *skip > 0 {
+                return Ok(());
+            }
+        }
+        match Oversize::of(inb, dial.max_in) {
+            Oversize::No => {}
+            Oversize::NotYetKnown => return Ok(()),
+            Oversize::Packet { bytes, topic, pkid } => {
+                if let Some(pkid) = pkid {
+                    V::encode(&V::puback(pkid), out, dial.max_out)?;
+                }
+                let topic = topic.map(|t| crate::mapping::cut(t, crate::mapping::QUOTED));
+                (dial.on_discard)(&Discarded { topic, bytes });
+                *skip = bytes;
+                continue;
+            }
+        }
+        let Some(p) = V::decode(inb, dial.max_in)? else {
+            return Ok(());
+        };
         if let Some(reply) = V::incoming(state, p)? {
             V::encode(&reply, out, dial.max_out)?;
         }
     }
-    Ok(())
+}
+
+/// Whether the packet at the head of a read buffer is larger than the loop takes, from its
+/// fixed header (MQTT 3.1.1 and 5 alike: 2.2 and 2.1.4) and, for a PUBLISH, its topic and
+/// packet id (3.3.2).
+#[derive(Debug, PartialEq, Eq)]
+enum Oversize {
+    /// It fits, is not all there yet, or is malformed: for the decoder to say.
+    No,
+    /// It is too large, but the topic and packet id of the publish are not all there yet.
+    NotYetKnown,
+    /// It is too large: `bytes` in all; a publish's topic, and its packet id at QoS 1.
+    Packet {
+        bytes: usize,
+        topic: Option<String>,
+        pkid: Option<u16>,
+    },
+}
+
+impl Oversize {
+    fn of(inb: &[u8], max: usize) -> Oversize {
+        let Some((&first, rest)) = inb.split_first() else {
+            return Oversize::No;
+        };
+        // Remaining Length: up to four bytes, seven bits each, least significant first.
+        let mut remaining = 0usize;
+        let mut header = None;
+        for (i, b) in rest.iter().take(4).enumerate() {
+            remaining |= usize::from(b & 0x7f) << (7 * i);
+            if b & 0x80 == 0 {
+                header = Some(2 + i);
+                break;
+            }
+        }
+        let Some(header) = header else {
+            return Oversize::No;
+        };
+        let bytes = header + remaining;
+        if bytes <= max {
+            return Oversize::No;
+        }
+        if first >> 4 != 3 {
+            return Oversize::Packet {
+                bytes,
+                topic: None,
+                pkid: None,
+            };
+        }
+        let qos = (first >> 1) & 3;
+        let Some(len) = inb.get(header..header + 2) else {
+            return Oversize::NotYetKnown;
+        };
+        let len = usize::from(u16::from_be_bytes([len[0], len[1]]));
+        let topic_at = header + 2;
+        let Some(topic) = inb.get(topic_at..topic_at + len) else {
+            return Oversize::NotYetKnown;
+        };
+        let topic = Some(String::from_utf8_lossy(topic).into_owned());
+        let pkid = if qos == 1 {
+            let at = topic_at + len;
+            let Some(id) = inb.get(at..at + 2) else {
+                return Oversize::NotYetKnown;
+            };
+            Some(u16::from_be_bytes([id[0], id[1]]))
+        } else {
+            // QoS 0 needs no answer; we subscribe at QoS 1, so a broker sends no QoS 2.
+            None
+        };
+        Oversize::Packet { bytes, topic, pkid }
+    }
 }
 
 /// The connection, and its TCP socket (for [`Quiet`]; the stream owns it).
@@ -368,6 +484,9 @@ impl Version for V4 {
     fn ping() -> Self::Request {
         rumqttc::Request::PingReq(rumqttc::PingReq)
     }
+    fn puback(pkid: u16) -> Self::Packet {
+        rumqttc::Packet::PubAck(rumqttc::PubAck::new(pkid))
+    }
     fn decode(inb: &mut BytesMut, max: usize) -> Result<Option<Self::Packet>, Self::StateError> {
         match rumqttc::Packet::read(inb, max) {
             Ok(p) => Ok(Some(p)),
@@ -424,6 +543,9 @@ impl Version for V5 {
     same_state_api!(rumqttc::v5::MqttState);
     fn ping() -> Self::Request {
         rumqttc::v5::Request::PingReq
+    }
+    fn puback(pkid: u16) -> Self::Packet {
+        Self::Packet::PubAck(rumqttc::v5::mqttbytes::v5::PubAck::new(pkid, None))
     }
     fn decode(inb: &mut BytesMut, max: usize) -> Result<Option<Self::Packet>, Self::StateError> {
         use rumqttc::v5::mqttbytes::Error;

@@ -101,6 +101,8 @@ struct Running {
     reads: Arc<AtomicUsize>,
     /// The session's flag: nothing waits for room in the window.
     unhurried: Arc<AtomicBool>,
+    /// What the loop reported read past.
+    discarded: Arc<std::sync::Mutex<Vec<Discarded>>>,
     done: tokio::task::JoinHandle<Result<(), ConnectionError>>,
 }
 
@@ -123,6 +125,7 @@ async fn start(inflight: u16, keep_alive: Duration, queued: Vec<Request>) -> Run
         reads: reads.clone(),
     };
     let unhurried = Arc::new(AtomicBool::new(false));
+    let discarded = Arc::new(std::sync::Mutex::new(Vec::new()));
     let (requests, rx) = mpsc::channel(256);
     for r in queued {
         requests.try_send(r).unwrap();
@@ -138,6 +141,10 @@ async fn start(inflight: u16, keep_alive: Duration, queued: Vec<Request>) -> Run
         max_out: 1 << 20,
         keep_alive,
         unhurried: unhurried.clone(),
+        on_discard: {
+            let discarded = discarded.clone();
+            Arc::new(move |d: &Discarded| discarded.lock().unwrap().push(d.clone()))
+        },
     };
     let done =
         tokio::spawn(async move { serve(io, Quiet::new(socket), dial, rx, &tx, |e| e).await });
@@ -151,6 +158,7 @@ async fn start(inflight: u16, keep_alive: Duration, queued: Vec<Request>) -> Run
         writes,
         reads,
         unhurried,
+        discarded,
         done,
     }
 }
@@ -313,6 +321,105 @@ async fn a_publish_from_the_broker_is_acknowledged_and_reported() {
     }
 }
 
+/// #28 (3): a 2 MB retained message on a command topic ended the session ("payload size limit
+/// exceeded"), and the next SUBSCRIBE brought it back: 38 reconnects in 40 s.
+#[tokio::test]
+async fn a_publish_larger_than_the_loop_takes_is_acknowledged_read_past_and_the_session_goes_on() {
+    let mut r = start(10, Duration::ZERO, vec![]).await;
+    r.peer.accept_session().await;
+    let mut big = Publish::new(
+        "site/pump/speed/set",
+        QoS::AtLeastOnce,
+        vec![b'9'; 2_000_000],
+    );
+    big.pkid = 7;
+    big.retain = true;
+    let mut huge = BytesMut::new();
+    Packet::Publish(big).write(&mut huge, 4 << 20).unwrap();
+    let mut small = Publish::new("site/pump/speed/set", QoS::AtLeastOnce, "40");
+    small.pkid = 8;
+    let mut after = BytesMut::new();
+    Packet::Publish(small).write(&mut after, 1 << 20).unwrap();
+    // In pieces that cut the header, the topic and the end of the packet, the next packet
+    // right behind it in the same write.
+    let mut wire = huge.to_vec();
+    wire.extend_from_slice(&after);
+    let cuts = [1, 3, 12, 70_001, wire.len() - after.len() - 1, wire.len()];
+    let mut at = 0;
+    for cut in cuts {
+        r.peer.sock.write_all(&wire[at..cut]).await.unwrap();
+        r.peer.sock.flush().await.unwrap();
+        at = cut;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Both are acknowledged (the broker would otherwise hold the large one in flight).
+    assert_eq!(r.peer.expect().await, Packet::PubAck(PubAck::new(7)));
+    assert_eq!(r.peer.expect().await, Packet::PubAck(PubAck::new(8)));
+    let _connack = r.events.recv().await;
+    match r.events.recv().await {
+        Some(Event::Incoming(Packet::Publish(p))) => {
+            assert_eq!((p.pkid, &p.payload[..]), (8, &b"40"[..]))
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        *r.discarded.lock().unwrap(),
+        vec![Discarded {
+            topic: Some("site/pump/speed/set".into()),
+            bytes: huge.len()
+        }]
+    );
+    // The session lives on: a publish of ours still goes out.
+    r.requests.send(publish(1)).await.unwrap();
+    assert_eq!(payload(r.peer.expect().await), (1, "1".into()));
+    assert!(!r.done.is_finished());
+}
+
+#[test]
+fn an_over_size_packet_is_known_from_its_fixed_header_and_a_publish_by_its_topic_and_id() {
+    let mut p = Publish::new("a/b", QoS::AtLeastOnce, vec![0u8; 300]);
+    p.pkid = 0x1234;
+    let mut b = BytesMut::new();
+    Packet::Publish(p).write(&mut b, 1 << 20).unwrap();
+    let total = b.len();
+    // Within the limit, or its header not all there: the decoder's to judge.
+    assert_eq!(Oversize::of(&b, total), Oversize::No);
+    assert_eq!(Oversize::of(&b[..1], 10), Oversize::No);
+    assert_eq!(Oversize::of(&b[..2], 10), Oversize::No);
+    // Over it, the topic and id not yet read.
+    assert_eq!(Oversize::of(&b[..3], 10), Oversize::NotYetKnown);
+    assert_eq!(Oversize::of(&b[..7], 10), Oversize::NotYetKnown);
+    let whole = Oversize::Packet {
+        bytes: total,
+        topic: Some("a/b".into()),
+        pkid: Some(0x1234),
+    };
+    assert_eq!(Oversize::of(&b[..10], 10), whole);
+    // QoS 0 has no id; another kind of packet has no topic.
+    let mut b0 = BytesMut::new();
+    Packet::Publish(Publish::new("a/b", QoS::AtMostOnce, vec![0u8; 300]))
+        .write(&mut b0, 1 << 20)
+        .unwrap();
+    assert!(matches!(
+        Oversize::of(&b0[..8], 10),
+        Oversize::Packet { pkid: None, .. }
+    ));
+    let suback = [0x90, 0xff, 0x01];
+    assert_eq!(
+        Oversize::of(&suback, 10),
+        Oversize::Packet {
+            bytes: 3 + 255,
+            topic: None,
+            pkid: None
+        }
+    );
+    // A Remaining Length of five bytes is malformed: the decoder says so.
+    assert_eq!(
+        Oversize::of(&[0x30, 0xff, 0xff, 0xff, 0xff, 0x01], 10),
+        Oversize::No
+    );
+}
+
 #[tokio::test]
 async fn a_ping_left_unanswered_ends_the_connection_at_the_next_one() {
     let mut r = start(10, Duration::from_millis(400), vec![]).await;
@@ -390,6 +497,7 @@ async fn an_mqtt5_connack_sets_the_in_flight_limit_and_the_largest_packet() {
         max_out: 1 << 20,
         keep_alive: Duration::ZERO,
         unhurried: Default::default(),
+        on_discard: Arc::new(|_: &Discarded| {}),
     };
     let done =
         tokio::spawn(async move { serve(client, Quiet::new(None), dial, rx, &tx, |e| e).await });
