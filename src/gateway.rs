@@ -73,7 +73,7 @@ pub async fn run_reloadable(
     let watchdog = tokio::spawn(systemd::watchdog(health, cancel.clone()));
     let started = std::time::Instant::now();
     let metrics = config.metrics.map(|listen| {
-        tokio::spawn(crate::metrics::serve(
+        tokio::spawn(crate::web::serve_metrics(
             listen,
             shared.clone(),
             started,

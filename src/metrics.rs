@@ -1,21 +1,15 @@
-//! An optional Prometheus text endpoint on loopback (`metrics: { listen: 127.0.0.1:9108 }`),
-//! encoded with the prometheus-client crate from the same snapshot as the status message,
-//! taken at each scrape. The HTTP side is the least a scraper needs: `GET /metrics`.
+//! The Prometheus text of the gateway's figures, encoded with the prometheus-client crate from
+//! the same snapshot as the status message, taken at each scrape. The status page's server
+//! (`web`) serves it: at `/metrics` beside the page, and alone on `metrics: { listen: … }`.
 
-use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
-use std::time::Instant;
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
-use crate::state::Shared;
 use crate::status::Snapshot;
 
 type Labels = Vec<(String, String)>;
@@ -149,56 +143,6 @@ pub fn render(snapshot: &Snapshot) -> String {
     let mut out = String::new();
     encode(&mut out, &r).expect("writing to a String");
     out
-}
-
-/// Serves `GET /metrics` on `listen` until `cancel` fires.
-pub async fn serve(
-    listen: SocketAddr,
-    shared: Shared,
-    started: Instant,
-    cancel: CancellationToken,
-) {
-    let listener = match TcpListener::bind(listen).await {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::error!(%listen, error = %e, "cannot listen for metrics; the gateway runs without them");
-            return;
-        }
-    };
-    tracing::info!(%listen, "metrics at http://{listen}/metrics");
-    loop {
-        let (mut conn, _) = tokio::select! {
-            _ = cancel.cancelled() => return,
-            c = listener.accept() => match c { Ok(c) => c, Err(_) => continue },
-        };
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            let mut buf = [0u8; 1024];
-            let n =
-                match tokio::time::timeout(std::time::Duration::from_secs(5), conn.read(&mut buf))
-                    .await
-                {
-                    Ok(Ok(n)) => n,
-                    _ => return,
-                };
-            let request = String::from_utf8_lossy(&buf[..n]);
-            let (status, body) =
-                if request.starts_with("GET /metrics ") || request.starts_with("GET / ") {
-                    match Snapshot::take(&shared, started).await {
-                        Ok(s) => ("200 OK", render(&s)),
-                        Err(e) => ("503 Service Unavailable", format!("{e}\n")),
-                    }
-                } else {
-                    ("404 Not Found", "GET /metrics\n".to_string())
-                };
-            let head = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            );
-            let _ = conn.write_all(head.as_bytes()).await;
-            let _ = conn.write_all(body.as_bytes()).await;
-        });
-    }
 }
 
 #[cfg(test)]

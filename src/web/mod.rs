@@ -6,6 +6,9 @@
 //! - `GET /api/status` — `{"status": Snapshot, "depth_history": [[ts_ms, depth], …]}`: the same
 //!   typed [`Snapshot`] as the status message, `status.json`, `fieldgate status` and
 //!   Prometheus, plus the queue depth sampled every 10 s over the last hour for the chart.
+//! - `GET /metrics` — the Prometheus text ([`crate::metrics`]). The same server, with the same
+//!   limits, serves it alone on `metrics: { listen: … }` ([`serve_metrics`]: no page, no
+//!   password; loopback by default).
 //!
 //! Read-only: nothing here writes to a device, and no secret is in the snapshot. Optional HTTP
 //! basic auth (`web.password_file`, any user name). Hostile or slow clients cannot hold the
@@ -59,6 +62,18 @@ struct Api<'a> {
 
 type History = Arc<Mutex<VecDeque<[i64; 2]>>>;
 
+/// What a listener serves.
+#[derive(Clone)]
+enum Site {
+    /// The page, its API and `/metrics`, behind the password when one is set.
+    Page {
+        history: History,
+        password: Option<Arc<str>>,
+    },
+    /// `/metrics` alone (`metrics: { listen }`).
+    Metrics,
+}
+
 /// Serves the status page on `web.listen` until `cancel` fires.
 pub async fn serve(web: Web, shared: Shared, started: Instant, cancel: CancellationToken) {
     let listener = match TcpListener::bind(web.listen).await {
@@ -69,6 +84,37 @@ pub async fn serve(web: Web, shared: Shared, started: Instant, cancel: Cancellat
         }
     };
     serve_on(listener, web, shared, started, cancel).await;
+}
+
+/// Serves `GET /metrics` alone on `listen` until `cancel` fires: the page's server and limits
+/// (it was a second server of its own once, whose accept loop spun when out of descriptors).
+pub async fn serve_metrics(
+    listen: SocketAddr,
+    shared: Shared,
+    started: Instant,
+    cancel: CancellationToken,
+) {
+    let listener = match TcpListener::bind(listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(%listen, error = %e, "cannot listen for metrics; the gateway runs without them");
+            return;
+        }
+    };
+    serve_metrics_on(listener, shared, started, cancel).await;
+}
+
+/// [`serve_metrics`] on a listener already bound (tests bind port 0).
+pub async fn serve_metrics_on(
+    listener: TcpListener,
+    shared: Shared,
+    started: Instant,
+    cancel: CancellationToken,
+) {
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "metrics at http://{addr}/metrics");
+    }
+    accept(listener, Site::Metrics, shared, started, cancel).await;
 }
 
 /// [`serve`] on a listener already bound (tests bind port 0).
@@ -87,8 +133,22 @@ pub async fn serve_on(
         history.clone(),
         cancel.clone(),
     ));
+    let site = Site::Page {
+        history,
+        password: web.password.map(|p| p.0.into()),
+    };
+    accept(listener, site, shared, started, cancel).await;
+}
+
+/// Takes connections until `cancel` fires: at most [`MAX_CONNECTIONS`] served at once.
+async fn accept(
+    listener: TcpListener,
+    site: Site,
+    shared: Shared,
+    started: Instant,
+    cancel: CancellationToken,
+) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let password: Option<Arc<str>> = web.password.map(|p| p.0.into());
     loop {
         let (conn, peer) = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -106,10 +166,10 @@ pub async fn serve_on(
             tokio::spawn(refuse(conn));
             continue;
         };
-        let (shared, history, password) = (shared.clone(), history.clone(), password.clone());
+        let (shared, site) = (shared.clone(), site.clone());
         tokio::spawn(async move {
             let _permit = permit;
-            handle(conn, peer, &shared, started, &history, password.as_deref()).await;
+            handle(conn, peer, &shared, started, &site).await;
         });
     }
 }
@@ -125,13 +185,12 @@ async fn handle(
     peer: SocketAddr,
     shared: &Shared,
     started: Instant,
-    history: &History,
-    password: Option<&str>,
+    site: &Site,
 ) {
     let response = match http::read_head(&mut conn, HEAD_TIMEOUT, MAX_HEAD).await {
         Err(http::HeadError::Closed) => return,
         Err(e) => Response::text(e.status(), &format!("{e}\n")),
-        Ok(req) => route(&req, shared, started, history, password).await,
+        Ok(req) => route(&req, shared, started, site).await,
     };
     if response.status >= 500 {
         tracing::debug!(%peer, status = response.status, "status page: request failed");
@@ -144,16 +203,25 @@ async fn handle(
     .await;
 }
 
-async fn route(
-    req: &Request,
-    shared: &Shared,
-    started: Instant,
-    history: &History,
-    password: Option<&str>,
-) -> Response {
+async fn route(req: &Request, shared: &Shared, started: Instant, site: &Site) -> Response {
     if req.method != "GET" && req.method != "HEAD" {
         return Response::text(405, "read-only: GET only\n").header("Allow", "GET, HEAD");
     }
+    let path = req.path.split('?').next().unwrap_or("");
+    let (history, password) = match site {
+        Site::Page { history, password } => (history, password.as_deref()),
+        Site::Metrics => {
+            let r = match path {
+                "/metrics" | "/" => metrics(shared, started).await,
+                _ => Response::text(404, "GET /metrics\n"),
+            };
+            return if req.method == "HEAD" {
+                r.without_body()
+            } else {
+                r
+            };
+        }
+    };
     if let Some(p) = password
         && !req
             .basic_auth_password()
@@ -164,7 +232,8 @@ async fn route(
             "Basic realm=\"fieldgate\", charset=\"UTF-8\"",
         );
     }
-    let r = match req.path.split('?').next().unwrap_or("") {
+    let r = match path {
+        "/metrics" => metrics(shared, started).await,
         "/" | "/index.html" => {
             Response::new(200, "text/html; charset=utf-8", INDEX.as_bytes().to_vec())
         }
@@ -198,6 +267,18 @@ async fn route(
         return r.without_body();
     }
     r
+}
+
+/// The Prometheus text of a snapshot taken now.
+async fn metrics(shared: &Shared, started: Instant) -> Response {
+    match Snapshot::take(shared, started).await {
+        Ok(s) => Response::new(
+            200,
+            "text/plain; version=0.0.4; charset=utf-8",
+            crate::metrics::render(&s).into_bytes(),
+        ),
+        Err(e) => Response::text(503, &format!("the queue does not answer: {e}\n")),
+    }
 }
 
 /// Compares two passwords in time that does not depend on where they differ.
