@@ -56,7 +56,24 @@ pub async fn run_reloadable(
     mut reloads: mpsc::Receiver<Config>,
     cancel: CancellationToken,
 ) -> Result<(), GatewayError> {
-    let Some(store) = open_queue(&config, &cancel).await else {
+    // The page is served from the start: while the queue cannot be opened it says why.
+    let why = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let waiting = cancel.child_token();
+    let page = match &config.web {
+        Some(web) => crate::web::bind(web).await.map(|listener| {
+            let web = web.clone();
+            let (why, done) = (why.clone(), waiting.clone());
+            tokio::spawn(async move { crate::web::serve_waiting(listener, &web, why, done).await })
+        }),
+        None => None,
+    };
+    let opened = open_queue(&config, &why, &cancel).await;
+    waiting.cancel();
+    let listener = match page {
+        Some(task) => task.await.ok(),
+        None => None,
+    };
+    let Some(store) = opened else {
         return Ok(()); // stopped while waiting for the state directory
     };
     let stats = store.stats()?;
@@ -80,8 +97,9 @@ pub async fn run_reloadable(
             cancel.clone(),
         ))
     });
-    let web = config.web.clone().map(|web| {
-        tokio::spawn(crate::web::serve(
+    let web = config.web.clone().zip(listener).map(|(web, listener)| {
+        tokio::spawn(crate::web::serve_on(
+            listener,
             web,
             shared.clone(),
             started,
@@ -191,7 +209,13 @@ fn start(
 /// Opens the queue, retrying with backoff while it cannot be opened (a read-only or missing
 /// state directory, a full disk): the gateway stays up, says why once (and every ten minutes),
 /// and polls nothing until every reading has a place to go. No crash loop under systemd.
-async fn open_queue(config: &Config, cancel: &CancellationToken) -> Option<Store> {
+/// Opens the queue, retrying until it opens or `cancel` fires; `why` says meanwhile why
+/// nothing is polled (for the status page).
+async fn open_queue(
+    config: &Config,
+    why: &std::sync::Mutex<String>,
+    cancel: &CancellationToken,
+) -> Option<Store> {
     let dir = config.gateway.state_dir.clone();
     let limits = config.queue.limits;
     let mut retry = Retry::new(Backoff::DEVICE);
@@ -213,6 +237,10 @@ async fn open_queue(config: &Config, cancel: &CancellationToken) -> Option<Store
                 return Some(s);
             }
             Err(e) => {
+                *why.lock().expect("not poisoned") = format!(
+                    "cannot open the queue in {}: {e}; nothing is polled until it can be opened (retrying)",
+                    dir.display()
+                );
                 if last_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(600)) {
                     tracing::error!(dir = %dir.display(), error = %e,
                         "cannot open the queue; nothing is polled until it can be opened, retrying");

@@ -55,6 +55,18 @@ pub fn render(snapshot: &Snapshot) -> String {
     );
     gauge(
         &mut r,
+        "queue_held",
+        "Readings held in memory because the disk refuses writes",
+        q.held as f64,
+    );
+    gauge(
+        &mut r,
+        "queue_write_failing",
+        "1 while the disk refuses the queue's writes",
+        if q.write_error.is_some() { 1.0 } else { 0.0 },
+    );
+    gauge(
+        &mut r,
         "broker_connected",
         "1 while the MQTT uplink is connected",
         if snapshot.gateway.broker.connected {
@@ -78,6 +90,7 @@ pub fn render(snapshot: &Snapshot) -> String {
         ("oldest", q.dropped.oldest),
         ("newest", q.dropped.newest),
         ("expired", q.dropped.expired),
+        ("unsaved", q.dropped.unsaved),
     ] {
         dropped
             .get_or_create(&vec![("reason".into(), reason.into())])

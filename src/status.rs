@@ -50,6 +50,10 @@ pub struct QueueFigures {
     pub acked_since_start: u64,
     /// Durable commits (fsyncs) of the queue since the gateway started.
     pub commits: u64,
+    /// Readings held in memory because the disk refuses them (they have no seq yet).
+    pub held: u64,
+    /// Why the disk refuses writes, while it does; None while writes work.
+    pub write_error: Option<String>,
 }
 
 /// Readings that left the queue without being delivered, by reason.
@@ -59,6 +63,8 @@ pub struct Dropped {
     pub oldest: u64,
     pub newest: u64,
     pub expired: u64,
+    /// Held in memory while the disk refused them and still unsaved at a stop.
+    pub unsaved: u64,
     /// Not dropped: kept in the `aside` table because they can never be published (or the
     /// broker refused them).
     pub set_aside: u64,
@@ -66,7 +72,7 @@ pub struct Dropped {
     pub aside_by_reason: std::collections::BTreeMap<String, u64>,
     /// Not readings: times the wall clock stepped while readings were queued.
     pub clock_steps: u64,
-    /// oldest + newest + expired.
+    /// oldest + newest + expired + unsaved.
     pub total: u64,
 }
 
@@ -82,6 +88,7 @@ impl QueueFigures {
                 oldest: q.dropped_oldest,
                 newest: q.dropped_newest,
                 expired: q.dropped_expired,
+                unsaved: q.dropped_unsaved,
                 set_aside: q.set_aside,
                 aside_by_reason: q.aside_by_reason.clone(),
                 clock_steps: q.clock_steps,
@@ -90,6 +97,8 @@ impl QueueFigures {
             acked_total: q.acked_total,
             acked_since_start: q.acked_since_start,
             commits: q.commits,
+            held: q.held,
+            write_error: q.write_error.clone(),
         }
     }
 }

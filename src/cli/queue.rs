@@ -32,11 +32,12 @@ pub fn stats(dir: &Path, json: bool) -> anyhow::Result<()> {
     println!("bytes in use     {} (file {})", s.bytes, s.file_bytes);
     println!("last seq         {}", s.last_seq);
     println!(
-        "dropped          {} (oldest {}, newest {}, expired {})",
+        "dropped          {} (oldest {}, newest {}, expired {}, unsaved {})",
         s.dropped(),
         s.dropped_oldest,
         s.dropped_newest,
-        s.dropped_expired
+        s.dropped_expired,
+        s.dropped_unsaved
     );
     if s.clock_steps > 0 {
         println!(

@@ -208,6 +208,14 @@ pub struct Stats {
     pub dropped_oldest: u64,
     pub dropped_newest: u64,
     pub dropped_expired: u64,
+    /// Readings held in memory while the disk refused them and still unsaved when the gateway
+    /// stopped: they never had a seq, so no consumer sees a gap; counted here instead.
+    pub dropped_unsaved: u64,
+    /// Readings held in memory now, the disk refusing them (the store thread's figure; 0 from
+    /// another process).
+    pub held: u64,
+    /// Why the disk refuses writes, while it does (the store thread's figure).
+    pub write_error: Option<String>,
     /// Rows that could never be published, kept in the `aside` table.
     pub set_aside: u64,
     /// Rows in the `aside` table now, by reason (re-queued ones have left it).
@@ -223,7 +231,7 @@ pub struct Stats {
 
 impl Stats {
     pub fn dropped(&self) -> u64 {
-        self.dropped_oldest + self.dropped_newest + self.dropped_expired
+        self.dropped_oldest + self.dropped_newest + self.dropped_expired + self.dropped_unsaved
     }
 }
 
@@ -697,6 +705,9 @@ impl Store {
             dropped_oldest: meta_get(c, "dropped_oldest")? as u64,
             dropped_newest: meta_get(c, "dropped_newest")? as u64,
             dropped_expired: meta_get(c, "dropped_expired")? as u64,
+            dropped_unsaved: meta_get(c, "dropped_unsaved")? as u64,
+            held: 0,
+            write_error: None,
             set_aside: meta_get(c, "set_aside")? as u64,
             aside_by_reason: {
                 let mut q = c.prepare_cached(
@@ -718,6 +729,17 @@ impl Store {
             acked_since_start: acked.saturating_sub(meta_get(c, "acked_at_start")? as u64),
             commits: self.commits,
         })
+    }
+
+    /// Counts `n` readings lost at a stop, unsaved (see [`Stats::dropped_unsaved`]): one small
+    /// update, which a full disk may still take (a page rewritten in place in the WAL) where
+    /// the readings' rows did not fit.
+    pub fn count_unsaved(&mut self, n: u64) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        meta_add(&tx, "dropped_unsaved", n)?;
+        tx.commit()?;
+        self.durable();
+        Ok(())
     }
 
     /// The highest `seq` ever assigned (0 for a new file).

@@ -173,6 +173,8 @@ struct Worker {
     /// Held messages dropped because memory was full, not yet added to the file's counter.
     dropped_held: u64,
     failing: bool,
+    /// The error that made it fail, while it does (for the status views).
+    write_error: Option<String>,
     /// Drops by a bound since the last log line (logged at most once a minute).
     dropped_unlogged: u64,
     last_drop_log: Option<std::time::Instant>,
@@ -197,6 +199,28 @@ struct Worker {
 /// How often held readings are tried again while the disk refuses them.
 const RETRY_EVERY: Duration = Duration::from_secs(1);
 
+/// Size of `queue.reserve`, the room kept beside the queue for a stop on a full disk: deleted
+/// then, it lets the readings held in memory be saved (some hundreds) and the rest counted.
+const RESERVE: usize = 256 * 1024;
+
+/// Where the reserve lives: beside the queue file.
+fn reserve_path(store: &Store) -> std::path::PathBuf {
+    store.path().with_file_name("queue.reserve")
+}
+
+/// Writes the reserve if it is not there (best effort: on a full disk it waits for the next
+/// start).
+fn keep_reserve(store: &Store) {
+    let path = reserve_path(store);
+    if std::fs::metadata(&path).is_ok_and(|m| m.len() as usize >= RESERVE) {
+        return;
+    }
+    if let Err(e) = std::fs::write(&path, vec![0u8; RESERVE]) {
+        let _ = std::fs::remove_file(&path);
+        tracing::debug!(error = %e, "queue: cannot keep the reserve beside the queue yet");
+    }
+}
+
 /// Most corrupt-file replacements an hour.
 const REPAIRS_PER_HOUR: usize = 3;
 
@@ -217,6 +241,7 @@ impl Worker {
             unacked: Vec::new(),
             dropped_held: 0,
             failing: false,
+            write_error: None,
             dropped_unlogged: 0,
             last_drop_log: None,
             // Not `now - 1 h`: that panics on a machine up for less than an hour (a Pi that
@@ -233,6 +258,7 @@ impl Worker {
     }
 
     fn run(mut self, rx: mpsc::Receiver<Cmd>) {
+        keep_reserve(&self.store);
         let mut open = true;
         loop {
             let pending = !self.unsaved.is_empty() || !self.unacked.is_empty();
@@ -357,7 +383,14 @@ impl Worker {
                         let _ = reply.send(rows.map_err(|e| e.to_string()));
                     }
                     Cmd::Stats(reply) => {
-                        let stats = self.retried(|s| s.stats());
+                        let stats = self.retried(|s| s.stats()).map(|mut s| {
+                            // What only this thread knows: held readings, and those dropped
+                            // from memory that the file does not count yet.
+                            s.held = self.unsaved.len() as u64;
+                            s.write_error = self.write_error.clone();
+                            s.dropped_oldest += self.dropped_held;
+                            s
+                        });
                         let _ = reply.send(stats.map_err(|e| e.to_string()));
                     }
                     Cmd::SetAside(seqs) => {
@@ -370,10 +403,40 @@ impl Worker {
             }
         }
         if !self.unsaved.is_empty() {
-            tracing::error!(
-                lost = self.unsaved.len(),
-                "shutting down with readings the queue could not save"
-            );
+            // The disk refused them to the end: the reserve is given up to save what fits.
+            let held = self.unsaved.len();
+            let _ = std::fs::remove_file(reserve_path(&self.store));
+            self.failing = false;
+            self.retry_at = None;
+            self.save();
+            if self.unsaved.len() < held {
+                tracing::warn!(
+                    saved = held - self.unsaved.len(),
+                    "queue: stopping on a refusing disk; held readings saved in the room of queue.reserve"
+                );
+            }
+        }
+        if !self.unsaved.is_empty() {
+            // They never had a seq: no consumer can see them missing. Counted in the file,
+            // with the held ones dropped earlier, if the disk takes that much.
+            let lost = self.unsaved.len() as u64;
+            let held = self.dropped_held;
+            let counted = self
+                .store
+                .count_unsaved(lost)
+                .and_then(|()| self.store.append_counting(&[], held).map(|_| ()));
+            match counted {
+                Ok(()) => tracing::error!(
+                    lost,
+                    "stopping with readings the disk refused: lost, counted in the queue's dropped figures (`unsaved`)"
+                ),
+                Err(e) => tracing::error!(
+                    lost,
+                    dropped_from_memory = held,
+                    error = %e,
+                    "stopping with readings the disk refused: lost, and the disk did not take even their count"
+                ),
+            }
         }
         if let Err(e) = self.store.close() {
             tracing::warn!(error = %e, "queue: cannot mark a clean shutdown");
@@ -427,6 +490,7 @@ impl Worker {
                             "queue writes work again; the readings held in memory are saved"
                         );
                         self.failing = false;
+                        self.write_error = None;
                         self.retry_at = None;
                         self.dropped_in_episode = 0;
                     }
@@ -480,6 +544,7 @@ impl Worker {
 
     fn fail(&mut self, e: &StoreError) {
         self.retry_at = Some(std::time::Instant::now() + RETRY_EVERY);
+        self.write_error = Some(e.to_string());
         if !self.failing {
             tracing::error!(error = %e, held = self.unsaved.len(), file = %self.store.path().display(),
                 "cannot write to the queue; holding readings in memory and retrying every second");

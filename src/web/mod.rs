@@ -67,23 +67,47 @@ type History = Arc<Mutex<VecDeque<[i64; 2]>>>;
 enum Site {
     /// The page, its API and `/metrics`, behind the password when one is set.
     Page {
+        shared: Shared,
+        started: Instant,
         history: History,
         password: Option<Arc<str>>,
     },
     /// `/metrics` alone (`metrics: { listen }`).
-    Metrics,
+    Metrics { shared: Shared, started: Instant },
+    /// The page before the queue opens: `/api/status` answers 503 with `{"waiting": why}`.
+    Waiting {
+        why: Arc<Mutex<String>>,
+        password: Option<Arc<str>>,
+    },
 }
 
-/// Serves the status page on `web.listen` until `cancel` fires.
-pub async fn serve(web: Web, shared: Shared, started: Instant, cancel: CancellationToken) {
-    let listener = match TcpListener::bind(web.listen).await {
-        Ok(l) => l,
+/// The status page's address, bound early: it is served before the queue opens
+/// ([`serve_waiting`]) and after ([`serve_on`]) on the one listener. None: logged.
+pub async fn bind(web: &Web) -> Option<TcpListener> {
+    match TcpListener::bind(web.listen).await {
+        Ok(l) => Some(l),
         Err(e) => {
             tracing::error!(listen = %web.listen, error = %e, "cannot open the status page's address; the gateway runs without it");
-            return;
+            None
         }
+    }
+}
+
+/// Serves the page while the queue cannot be opened (a read-only or missing state directory):
+/// it says why nothing is polled (`why`, kept up to date by the caller) instead of not
+/// answering. Returns the listener when `done` fires, for [`serve_on`].
+pub async fn serve_waiting(
+    listener: TcpListener,
+    web: &Web,
+    why: Arc<Mutex<String>>,
+    done: CancellationToken,
+) -> TcpListener {
+    let site = Site::Waiting {
+        why,
+        password: web.password.as_ref().map(|p| p.0.as_str().into()),
     };
-    serve_on(listener, web, shared, started, cancel).await;
+    accept(&listener, site, done).await;
+    listener
 }
 
 /// Serves `GET /metrics` alone on `listen` until `cancel` fires: the page's server and limits
@@ -114,10 +138,10 @@ pub async fn serve_metrics_on(
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "metrics at http://{addr}/metrics");
     }
-    accept(listener, Site::Metrics, shared, started, cancel).await;
+    accept(&listener, Site::Metrics { shared, started }, cancel).await;
 }
 
-/// [`serve`] on a listener already bound (tests bind port 0).
+/// Serves the status page on `listener` (see [`bind`]) until `cancel` fires.
 pub async fn serve_on(
     listener: TcpListener,
     web: Web,
@@ -134,20 +158,16 @@ pub async fn serve_on(
         cancel.clone(),
     ));
     let site = Site::Page {
+        shared,
+        started,
         history,
         password: web.password.map(|p| p.0.into()),
     };
-    accept(listener, site, shared, started, cancel).await;
+    accept(&listener, site, cancel).await;
 }
 
 /// Takes connections until `cancel` fires: at most [`MAX_CONNECTIONS`] served at once.
-async fn accept(
-    listener: TcpListener,
-    site: Site,
-    shared: Shared,
-    started: Instant,
-    cancel: CancellationToken,
-) {
+async fn accept(listener: &TcpListener, site: Site, cancel: CancellationToken) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (conn, peer) = tokio::select! {
@@ -166,10 +186,10 @@ async fn accept(
             tokio::spawn(refuse(conn));
             continue;
         };
-        let (shared, site) = (shared.clone(), site.clone());
+        let site = site.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            handle(conn, peer, &shared, started, &site).await;
+            handle(conn, peer, &site).await;
         });
     }
 }
@@ -180,17 +200,11 @@ async fn refuse(mut conn: TcpStream) {
     let _ = tokio::time::timeout(Duration::from_secs(1), conn.write_all(&r.to_bytes(false))).await;
 }
 
-async fn handle(
-    mut conn: TcpStream,
-    peer: SocketAddr,
-    shared: &Shared,
-    started: Instant,
-    site: &Site,
-) {
+async fn handle(mut conn: TcpStream, peer: SocketAddr, site: &Site) {
     let response = match http::read_head(&mut conn, HEAD_TIMEOUT, MAX_HEAD).await {
         Err(http::HeadError::Closed) => return,
         Err(e) => Response::text(e.status(), &format!("{e}\n")),
-        Ok(req) => route(&req, shared, started, site).await,
+        Ok(req) => route(&req, site).await,
     };
     if response.status >= 500 {
         tracing::debug!(%peer, status = response.status, "status page: request failed");
@@ -203,16 +217,22 @@ async fn handle(
     .await;
 }
 
-async fn route(req: &Request, shared: &Shared, started: Instant, site: &Site) -> Response {
+async fn route(req: &Request, site: &Site) -> Response {
     if req.method != "GET" && req.method != "HEAD" {
         return Response::text(405, "read-only: GET only\n").header("Allow", "GET, HEAD");
     }
     let path = req.path.split('?').next().unwrap_or("");
-    let (history, password) = match site {
-        Site::Page { history, password } => (history, password.as_deref()),
-        Site::Metrics => {
+    let (live, password) = match site {
+        Site::Page {
+            shared,
+            started,
+            history,
+            password,
+        } => (Some((shared, *started, history)), password.as_deref()),
+        Site::Waiting { password, .. } => (None, password.as_deref()),
+        Site::Metrics { shared, started } => {
             let r = match path {
-                "/metrics" | "/" => metrics(shared, started).await,
+                "/metrics" | "/" => metrics(shared, *started).await,
                 _ => Response::text(404, "GET /metrics\n"),
             };
             return if req.method == "HEAD" {
@@ -232,35 +252,48 @@ async fn route(req: &Request, shared: &Shared, started: Instant, site: &Site) ->
             "Basic realm=\"fieldgate\", charset=\"UTF-8\"",
         );
     }
-    let r = match path {
-        "/metrics" => metrics(shared, started).await,
-        "/" | "/index.html" => {
+    let r = match (path, live) {
+        ("/metrics" | "/api/status", None) => {
+            let why = match site {
+                Site::Waiting { why, .. } => why.lock().expect("not poisoned").clone(),
+                _ => String::new(),
+            };
+            let body = serde_json::to_vec(&serde_json::json!({ "waiting": why }))
+                .expect("plain data serializes");
+            Response::new(503, "application/json", body)
+        }
+        ("/metrics", Some((shared, started, _))) => metrics(shared, started).await,
+        ("/" | "/index.html", _) => {
             Response::new(200, "text/html; charset=utf-8", INDEX.as_bytes().to_vec())
         }
-        "/app.js" => Response::new(
+        ("/app.js", _) => Response::new(
             200,
             "text/javascript; charset=utf-8",
             APP_JS.as_bytes().to_vec(),
         ),
-        "/style.css" => Response::new(200, "text/css; charset=utf-8", STYLE.as_bytes().to_vec()),
-        "/api/status" => match Snapshot::take(shared, started).await {
-            Ok(s) => {
-                let depth_history = history
-                    .lock()
-                    .expect("not poisoned")
-                    .iter()
-                    .copied()
-                    .collect();
-                let body = serde_json::to_vec(&Api {
-                    status: &s,
-                    depth_history,
-                })
-                .expect("plain data serializes");
-                Response::new(200, "application/json", body)
+        ("/style.css", _) => {
+            Response::new(200, "text/css; charset=utf-8", STYLE.as_bytes().to_vec())
+        }
+        ("/api/status", Some((shared, started, history))) => {
+            match Snapshot::take(shared, started).await {
+                Ok(s) => {
+                    let depth_history = history
+                        .lock()
+                        .expect("not poisoned")
+                        .iter()
+                        .copied()
+                        .collect();
+                    let body = serde_json::to_vec(&Api {
+                        status: &s,
+                        depth_history,
+                    })
+                    .expect("plain data serializes");
+                    Response::new(200, "application/json", body)
+                }
+                Err(e) => Response::text(503, &format!("the queue does not answer: {e}\n")),
             }
-            Err(e) => Response::text(503, &format!("the queue does not answer: {e}\n")),
-        },
-        "/favicon.ico" => Response::new(204, "text/plain", Vec::new()),
+        }
+        ("/favicon.ico", _) => Response::new(204, "text/plain", Vec::new()),
         _ => Response::text(404, "not found; the page is at /\n"),
     };
     if req.method == "HEAD" {

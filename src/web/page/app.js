@@ -71,11 +71,12 @@ function render(api, at) {
     ["depth", num(q.depth) + " readings"],
     ["oldest", q.oldest_age_s === null || q.oldest_age_s === undefined ? "—" : age(q.oldest_age_s * 1000)],
     ["drained", prev ? rate(q.acked_total, prev.api.status.queue.acked_total, dt) : "—"],
-    ["dropped", num(d.total || 0) + " (oldest " + (d.oldest || 0) + ", newest " + (d.newest || 0) + ", expired " + (d.expired || 0) + ")"],
+    ["dropped", num(d.total || 0) + " (oldest " + (d.oldest || 0) + ", newest " + (d.newest || 0) + ", expired " + (d.expired || 0) + (d.unsaved ? ", unsaved at a stop " + d.unsaved : "") + ")"],
     ["set aside", num(d.set_aside || 0) + asideReasons(d.aside_by_reason)],
     ["file", num(Math.round((q.bytes || 0) / 1024)) + " KiB in use"],
     ["last seq", num(q.last_seq)],
   ];
+  if (q.write_error) rows.unshift(["disk", "REFUSES WRITES: " + num(q.held || 0) + " readings held in memory (" + q.write_error + ")"]);
   if (broker.last_error) rows.push(["broker error", broker.last_error.message + " (" + since(broker.last_error.at_ms, now) + ")"]);
   $("queue").replaceChildren(...rows.flatMap(([k, v]) => [el("dt", {}, k), el("dd", { "data-key": k.replace(" ", "_") }, v)]));
   chart(api.depth_history || [], q.depth, now);
@@ -149,6 +150,17 @@ function chart(history, depthNow, now) {
 async function tick() {
   try {
     const r = await fetch("/api/status", { cache: "no-store" });
+    if (r.status === 503) {
+      // Before the queue opens (a read-only or missing state directory): why nothing is polled.
+      const body = await r.json().catch(() => ({}));
+      if (body.waiting) {
+        const link = $("link");
+        link.className = "badge bad";
+        link.textContent = "polling nothing";
+        $("summary").textContent = body.waiting;
+        return;
+      }
+    }
     if (!r.ok) throw new Error("HTTP " + r.status);
     render(await r.json(), Date.now());
   } catch (e) {
