@@ -76,9 +76,16 @@ pub async fn run_reloadable(
     let Some(store) = opened else {
         return Ok(()); // stopped while waiting for the state directory
     };
-    let stats = store.stats()?;
-    tracing::info!(gateway = %config.gateway.id, queue = %config.gateway.state_dir.join("queue.db").display(),
-        queued = stats.depth, last_seq = stats.last_seq, "queue open");
+    // A page that does not read (in the `aside` table, say) made this exit 1 (#28): the store
+    // thread replaces the file at its first use, salvaging what reads.
+    match store.stats() {
+        Ok(stats) => {
+            tracing::info!(gateway = %config.gateway.id, queue = %config.gateway.state_dir.join("queue.db").display(),
+            queued = stats.depth, last_seq = stats.last_seq, "queue open")
+        }
+        Err(e) => tracing::warn!(gateway = %config.gateway.id, error = %e,
+            "queue open, but its figures do not read; the store thread repairs the file at its first use"),
+    }
     let (handle, store_thread) = store::spawn(store)?;
     let shared = Shared::new(
         handle,

@@ -91,6 +91,7 @@ pub fn render(snapshot: &Snapshot) -> String {
         ("newest", q.dropped.newest),
         ("expired", q.dropped.expired),
         ("unsaved", q.dropped.unsaved),
+        ("corrupt", q.dropped.corrupt),
     ] {
         dropped
             .get_or_create(&vec![("reason".into(), reason.into())])

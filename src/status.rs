@@ -65,6 +65,8 @@ pub struct Dropped {
     pub expired: u64,
     /// Held in memory while the disk refused them and still unsaved at a stop.
     pub unsaved: u64,
+    /// In pages of a corrupt queue file that did not read (the rest was copied over).
+    pub corrupt: u64,
     /// Not dropped: kept in the `aside` table because they can never be published (or the
     /// broker refused them).
     pub set_aside: u64,
@@ -72,7 +74,7 @@ pub struct Dropped {
     pub aside_by_reason: std::collections::BTreeMap<String, u64>,
     /// Not readings: times the wall clock stepped while readings were queued.
     pub clock_steps: u64,
-    /// oldest + newest + expired + unsaved.
+    /// oldest + newest + expired + unsaved + corrupt.
     pub total: u64,
 }
 
@@ -89,6 +91,7 @@ impl QueueFigures {
                 newest: q.dropped_newest,
                 expired: q.dropped_expired,
                 unsaved: q.dropped_unsaved,
+                corrupt: q.dropped_corrupt,
                 set_aside: q.set_aside,
                 aside_by_reason: q.aside_by_reason.clone(),
                 clock_steps: q.clock_steps,

@@ -32,12 +32,13 @@ pub fn stats(dir: &Path, json: bool) -> anyhow::Result<()> {
     println!("bytes in use     {} (file {})", s.bytes, s.file_bytes);
     println!("last seq         {}", s.last_seq);
     println!(
-        "dropped          {} (oldest {}, newest {}, expired {}, unsaved {})",
+        "dropped          {} (oldest {}, newest {}, expired {}, unsaved {}, corrupt {})",
         s.dropped(),
         s.dropped_oldest,
         s.dropped_newest,
         s.dropped_expired,
-        s.dropped_unsaved
+        s.dropped_unsaved,
+        s.dropped_corrupt
     );
     if s.clock_steps > 0 {
         println!(

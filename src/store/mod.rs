@@ -101,6 +101,7 @@ use crate::message::{Body, Message, Stored, now_ms};
 mod ages;
 pub mod fresh;
 pub mod requeue;
+mod salvage;
 mod sql;
 mod worker;
 
@@ -211,6 +212,9 @@ pub struct Stats {
     /// Readings held in memory while the disk refused them and still unsaved when the gateway
     /// stopped: they never had a seq, so no consumer sees a gap; counted here instead.
     pub dropped_unsaved: u64,
+    /// Readings in pages of a corrupt file that did not read when it was replaced (at most
+    /// that many: the keys passed over).
+    pub dropped_corrupt: u64,
     /// Readings held in memory now, the disk refusing them (the store thread's figure; 0 from
     /// another process).
     pub held: u64,
@@ -231,7 +235,11 @@ pub struct Stats {
 
 impl Stats {
     pub fn dropped(&self) -> u64 {
-        self.dropped_oldest + self.dropped_newest + self.dropped_expired + self.dropped_unsaved
+        self.dropped_oldest
+            + self.dropped_newest
+            + self.dropped_expired
+            + self.dropped_unsaved
+            + self.dropped_corrupt
     }
 }
 
@@ -266,6 +274,8 @@ pub struct Store {
     /// Acknowledged rows, deleted by the next commit (see `## Durability`); gone from `peek`
     /// and the depth already.
     pending_acks: HashSet<u64>,
+    /// The seq floor kept beside the file (`queue.seq`); None when opened read-only.
+    floor: Option<salvage::SeqFloor>,
 }
 
 /// Page size of a new queue file, in bytes.
@@ -315,18 +325,62 @@ impl Store {
             source,
         })?;
         let path = state_dir.join("queue.db");
-        match Store::open_file(&path, limits) {
-            Err(e) if e.is_corrupt() => {
-                let (seq_floor, rows) = salvage_counts(&path);
-                let aside = move_aside(&path)?;
-                tracing::error!(file = %path.display(), moved_to = %aside.display(), error = %e,
-                    rows_in_old_file = ?rows, "QUEUE FILE IS CORRUPT: moved aside, starting a new queue; readings in the old file are not published");
-                let mut s = Store::open_file(&path, limits)?;
-                s.raise_seq(seq_floor)?;
-                Ok(s)
-            }
-            other => other,
+        if std::fs::metadata(&path).is_ok_and(|m| m.len() == 0) {
+            tracing::warn!(file = %path.display(), "the queue file is empty (0 bytes: truncated, or created by hand); starting a new queue with seq above every seq issued before (queue.seq)");
         }
+        let mut s = match Store::open_file(&path, limits) {
+            Err(e) if e.is_corrupt() => {
+                let aside = move_aside(&path)?;
+                let mut s = Store::open_file(&path, limits)?;
+                let saved = s.salvage_from(&aside)?;
+                tracing::error!(file = %path.display(), moved_to = %aside.display(), error = %e,
+                    salvaged = saved.rows, lost = saved.lost, aside_lost_at_most = saved.aside_lost,
+                    "QUEUE FILE IS CORRUPT: moved aside, the rows that still read copied into a new queue (the rest counted as dropped: corrupt)");
+                s
+            }
+            other => other?,
+        };
+        // A new file where one was before (deleted, truncated): seqs go on above the floor.
+        let mut floor = salvage::SeqFloor::beside(&path);
+        if s.last_seq < floor.reserved {
+            if s.last_seq > 0 || s.depth > 0 {
+                tracing::debug!(
+                    last_seq = s.last_seq,
+                    reserved = floor.reserved,
+                    "queue: seqs reserved ahead"
+                );
+            } else {
+                tracing::warn!(file = %path.display(), floor = floor.reserved, "a new queue file where one was before: seq continues above every seq issued before");
+                s.raise_seq(floor.reserved)?;
+            }
+        }
+        floor.keep_ahead_of(s.last_seq);
+        s.floor = Some(floor);
+        Ok(s)
+    }
+
+    /// Fills this new, empty file with what reads of the corrupt one at `old` (see
+    /// [`salvage`](salvage::salvage)), counts the rest as dropped (`corrupt`), and puts the next
+    /// seq above every seq the old file, the floor (`queue.seq`) or the clock can show.
+    fn salvage_from(&mut self, old: &Path) -> Result<salvage::Salvaged, StoreError> {
+        let saved = salvage::salvage(old, &mut self.conn);
+        let reserved = salvage::SeqFloor::beside(&self.path).reserved;
+        self.raise_seq(saved.last_seq.max(reserved).max(now_ms() as u64))?;
+        let tx = self.conn.transaction()?;
+        meta_add(&tx, "dropped_corrupt", saved.lost)?;
+        // The old file's counters came along: "since start" counts from them.
+        let acked = meta_get(&tx, "acked_total")?;
+        meta_set(&tx, "acked_at_start", acked)?;
+        tx.commit()?;
+        self.depth = self
+            .conn
+            .query_row("SELECT count(*) FROM queue", [], |r| r.get::<_, i64>(0))?
+            as u64;
+        self.last_seq = self.read_last_seq()?;
+        self.ages = Ages::default();
+        self.ages
+            .committed(self.last_seq, std::time::Instant::now());
+        Ok(saved)
     }
 
     fn open_file(path: &Path, limits: Limits) -> Result<Store, StoreError> {
@@ -432,6 +486,7 @@ impl Store {
             in_flight_upto: 0,
             commits: 0,
             pending_acks: HashSet::new(),
+            floor: None,
         })
     }
 
@@ -520,6 +575,9 @@ impl Store {
         let last_seq = read_last_seq(&tx)?;
         tx.commit()?;
         self.durable();
+        if let Some(f) = &mut self.floor {
+            f.keep_ahead_of(last_seq);
+        }
         self.depth = depth;
         self.last_seq = last_seq;
         self.ages.committed(last_seq, mono);
@@ -706,6 +764,7 @@ impl Store {
             dropped_newest: meta_get(c, "dropped_newest")? as u64,
             dropped_expired: meta_get(c, "dropped_expired")? as u64,
             dropped_unsaved: meta_get(c, "dropped_unsaved")? as u64,
+            dropped_corrupt: meta_get(c, "dropped_corrupt")? as u64,
             held: 0,
             write_error: None,
             set_aside: meta_get(c, "set_aside")? as u64,
@@ -769,7 +828,6 @@ impl Store {
     /// continuing. Returns how many rows the old file was believed to hold.
     pub(super) fn replace_corrupt(&mut self) -> Result<u64, StoreError> {
         let lost = self.depth;
-        let floor = self.last_seq;
         // Close the old connection first: closing it later would delete `queue.db-wal` and
         // `-shm` by name, by then the new file's (its commits would vanish at the next crash).
         let old = std::mem::replace(&mut self.conn, Connection::open_in_memory()?);
@@ -777,11 +835,18 @@ impl Store {
             tracing::warn!(error = %e, "closing the corrupt queue file");
         }
         let aside = move_aside(&self.path)?;
-        tracing::error!(file = %self.path.display(), moved_to = %aside.display(), rows_in_old_file = lost,
-            "QUEUE FILE BECAME CORRUPT: moved aside, starting a new queue; readings in the old file are not published");
         self.pending_acks.clear();
         let mut fresh = Store::open_file(&self.path, self.limits)?;
-        fresh.raise_seq(floor.max(now_ms() as u64))?;
+        // The seqs this file issued count too (the old file may not show the last ones).
+        fresh.raise_seq(self.last_seq)?;
+        let saved = fresh.salvage_from(&aside)?;
+        tracing::error!(file = %self.path.display(), moved_to = %aside.display(), rows_in_old_file = lost,
+            salvaged = saved.rows, lost = saved.lost, aside_lost_at_most = saved.aside_lost,
+            "QUEUE FILE BECAME CORRUPT: moved aside, the rows that still read copied into a new queue (the rest counted as dropped: corrupt)");
+        fresh.floor = self.floor.take();
+        if let Some(f) = &mut fresh.floor {
+            f.keep_ahead_of(fresh.last_seq);
+        }
         *self = fresh;
         Ok(lost)
     }

@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
-use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use rusqlite::{Connection, OptionalExtension, params};
 
 use super::StoreError;
 use crate::message::now_ms;
@@ -111,23 +111,6 @@ pub(super) fn meta_add(c: &Connection, key: &str, n: u64) -> rusqlite::Result<()
         .execute(params![key, n as i64])?;
     }
     Ok(())
-}
-
-/// What can still be read from a corrupt file: its highest `seq` (or, failing that, the current
-/// time in ms, which is larger than any `seq` a gateway reaches) and its row count.
-pub(super) fn salvage_counts(path: &Path) -> (u64, Option<u64>) {
-    let Ok(c) = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY) else {
-        return (now_ms() as u64, None);
-    };
-    let seq = read_last_seq(&c)
-        .ok()
-        .filter(|s| *s > 0)
-        .unwrap_or(now_ms() as u64);
-    let rows = c
-        .query_row("SELECT count(*) FROM queue", [], |r| r.get::<_, i64>(0))
-        .ok()
-        .map(|n| n as u64);
-    (seq, rows)
 }
 
 /// Renames `queue.db` (and its `-wal`, `-shm`) to `queue.db.corrupt-<unix ms>`.
