@@ -112,6 +112,7 @@ async fn drain(broker: SocketAddr, link: Link, n: u64, label: &str) {
             let m = fieldgate::message::Stored {
                 seq: n,
                 message: reading(n),
+                queued: None,
             };
             // PUBLISH on the wire: fixed header 2, topic length 2, packet id 2.
             let bytes = m.message.topic.len() + m.payload().len() + 6;

@@ -38,10 +38,21 @@ pub struct Message {
 }
 
 /// A message as the queue holds it: with its gateway-wide sequence number.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Stored {
     pub seq: u64,
     pub message: Message,
+    /// When it entered the queue by the monotonic clock, as the queue knows it (rows found at
+    /// open: the open); None where nobody knows. Ages (MQTT 5 message expiry) count from here:
+    /// a wall clock stepped from 1970 by NTP made a reading's `ts` an hour-long age of nothing.
+    pub queued: Option<std::time::Instant>,
+}
+
+/// Two rows are the same row whenever they were read.
+impl PartialEq for Stored {
+    fn eq(&self, other: &Self) -> bool {
+        self.seq == other.seq && self.message == other.message
+    }
 }
 
 impl Stored {
@@ -111,6 +122,7 @@ mod tests {
     fn stored(body: Body) -> Stored {
         Stored {
             seq: 1042,
+            queued: None,
             message: Message {
                 topic: "t".into(),
                 qos: 1,

@@ -72,7 +72,12 @@ impl Shared {
 pub struct BrokerState {
     pub connected: bool,
     /// Since when it is connected, or down (ms since the Unix epoch); None before the first try.
+    /// Taken from [`since`](BrokerState::since) at each snapshot, so it follows a wall clock
+    /// that stepped meanwhile (it kept a 1970 value after NTP's step).
     pub since_ms: Option<i64>,
+    /// The same by the monotonic clock.
+    #[serde(skip)]
+    pub since: Option<std::time::Instant>,
     /// Why the last session ended or the last connect failed.
     pub last_error: Option<ErrorNote>,
     /// Packets from the broker larger than the gateway takes, read past and dropped.

@@ -82,7 +82,12 @@ impl QueueFigures {
     pub fn new(q: &Stats, now_ms: i64) -> QueueFigures {
         QueueFigures {
             depth: q.depth,
-            oldest_age_s: q.oldest_ts_ms.map(|t| (now_ms - t).max(0) / 1000),
+            // By the monotonic clock where the queue knows it: after NTP stepped the clock from
+            // 1970 the wall-clock age of a reading polled before read 1 796 643 702 s.
+            oldest_age_s: q
+                .oldest_queued_s
+                .map(|s| s as i64)
+                .or_else(|| q.oldest_ts_ms.map(|t| (now_ms - t).max(0) / 1000)),
             bytes: q.bytes,
             file_bytes: q.file_bytes,
             last_seq: q.last_seq,
@@ -117,7 +122,13 @@ impl Snapshot {
             gateway: GatewayFigures {
                 id: shared.gateway_id.to_string(),
                 version: env!("CARGO_PKG_VERSION").to_string(),
-                broker: shared.broker.lock().expect("not poisoned").clone(),
+                broker: {
+                    let mut b = shared.broker.lock().expect("not poisoned").clone();
+                    if let Some(at) = b.since {
+                        b.since_ms = Some(now - at.elapsed().as_millis() as i64);
+                    }
+                    b
+                },
             },
             queue: QueueFigures::new(&q, now),
             buses: shared.stats.lock().expect("not poisoned").clone(),
@@ -188,6 +199,30 @@ fn write_atomically(path: &Path, body: &[u8]) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// #28 (10): `broker.since_ms` kept its 1970 value after NTP stepped the clock, so the page
+    /// said "connected for 56 years". It follows the monotonic clock.
+    #[tokio::test]
+    async fn the_brokers_since_follows_the_monotonic_clock() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, join) =
+            crate::store::spawn(crate::store::Store::open(dir.path()).unwrap()).unwrap();
+        let shared = Shared::new(store, "gw", false);
+        {
+            let mut b = shared.broker.lock().unwrap();
+            b.connected = true;
+            b.since_ms = Some(1_000); // stamped before the step
+            b.since = Instant::now().checked_sub(Duration::from_secs(5));
+        }
+        let s = Snapshot::take(&shared, Instant::now()).await.unwrap();
+        let since = s.gateway.broker.since_ms.unwrap();
+        let ago = now_ms() - since;
+        assert!((5_000..6_000).contains(&ago), "{ago} ms");
+        drop((s, shared));
+        tokio::task::spawn_blocking(move || join.join().unwrap())
+            .await
+            .unwrap();
+    }
 
     #[test]
     fn a_snapshot_reads_back_as_written() {

@@ -29,6 +29,19 @@ impl Ages {
         }
     }
 
+    /// When row `seq` had entered the queue by (its minute's last commit; None: not known
+    /// here, a row older than every mark).
+    pub(super) fn entered(&self, seq: u64) -> Option<Instant> {
+        let i = self.marks.partition_point(|(upto, _, _)| *upto < seq);
+        self.marks.get(i).map(|(_, at, _)| *at)
+    }
+
+    /// When the oldest of the rows from `seq` on had entered the queue by.
+    pub(super) fn age_of(&self, seq: u64, now: Instant) -> Option<Duration> {
+        self.entered(seq)
+            .map(|at| now.saturating_duration_since(at))
+    }
+
     /// The highest seq that has been queued for longer than `max_age`, if any.
     pub(super) fn expired(&mut self, max_age: Duration, now: Instant) -> Option<u64> {
         let mut upto = None;

@@ -64,9 +64,12 @@ impl Fresh {
         let mut i = self.lock();
         let first = last_seq + 1 - messages.len() as u64;
         if i.wanted && first == i.to + 1 && i.rows.len() + messages.len() <= FRESH_MAX {
-            let rows = messages
-                .zip(first..)
-                .map(|(message, seq)| Stored { seq, message });
+            let now = std::time::Instant::now();
+            let rows = messages.zip(first..).map(|(message, seq)| Stored {
+                seq,
+                message,
+                queued: Some(now),
+            });
             i.rows.extend(rows);
             i.to = last_seq;
         } else {

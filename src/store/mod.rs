@@ -202,6 +202,9 @@ impl Default for Limits {
 pub struct Stats {
     pub depth: u64,
     pub oldest_ts_ms: Option<i64>,
+    /// How long the oldest row has been queued, by the monotonic clock (the writer's figure:
+    /// immune to the wall clock stepping; None from a reader in another process).
+    pub oldest_queued_s: Option<u64>,
     pub last_seq: u64,
     /// Bytes of the file in use (pages not on the freelist).
     pub bytes: u64,
@@ -623,6 +626,7 @@ impl Store {
             };
             out.push(Stored {
                 seq: seq as u64,
+                queued: self.ages.entered(seq as u64),
                 message: Message {
                     topic,
                     qos,
@@ -741,11 +745,19 @@ impl Store {
         let c = &self.conn;
         // The oldest by seq (what is published next), found on the primary key; the depth is
         // kept in memory by the writer. Only a reader in another process counts rows.
-        let oldest: Option<i64> = c
-            .query_row("SELECT ts_ms FROM queue ORDER BY seq LIMIT 1", [], |r| {
-                r.get(0)
-            })
+        let oldest: Option<(u64, i64)> = c
+            .query_row(
+                "SELECT seq, ts_ms FROM queue ORDER BY seq LIMIT 1",
+                [],
+                |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)),
+            )
             .optional()?;
+        // The writer knows when each row entered, by the monotonic clock.
+        let oldest_queued_s = oldest
+            .filter(|_| !self.read_only)
+            .and_then(|(seq, _)| self.ages.age_of(seq, std::time::Instant::now()))
+            .map(|d| d.as_secs());
+        let oldest = oldest.map(|(_, ts)| ts);
         let depth = if self.read_only {
             c.query_row("SELECT count(*) FROM queue", [], |r| r.get::<_, i64>(0))? as u64
         } else {
@@ -757,6 +769,7 @@ impl Store {
         Ok(Stats {
             depth,
             oldest_ts_ms: oldest,
+            oldest_queued_s,
             last_seq: self.read_last_seq()?,
             bytes: used_bytes(c, self.page_size)?,
             file_bytes: pages as u64 * self.page_size,

@@ -935,3 +935,23 @@ fn a_new_queue_file_never_issues_a_seq_issued_before() {
     let again = s.append(&msgs(1..=1)).unwrap().last_seq;
     assert!(again > next, "seq {again} after {next}");
 }
+
+/// #28 (10), found from outside: after NTP stepped the clock from 1970, `oldest_age_s` said
+/// 1 796 643 702 s. The writer's figure is the time queued, by the monotonic clock.
+#[test]
+fn the_oldest_rows_age_is_the_time_it_has_been_queued() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Store::open(dir.path()).unwrap();
+    let polled_in_1970 = Message {
+        ts_ms: 1_000,
+        ..msg(1)
+    };
+    s.append(&[polled_in_1970]).unwrap();
+    let st = s.stats().unwrap();
+    assert_eq!(st.oldest_queued_s, Some(0), "{st:?}");
+    let figures = crate::status::QueueFigures::new(&st, now_ms());
+    assert_eq!(figures.oldest_age_s, Some(0));
+    // A reader in another process has only the wall clock.
+    let other = Store::open_read_only(dir.path()).unwrap().stats().unwrap();
+    assert_eq!(other.oldest_queued_s, None);
+}

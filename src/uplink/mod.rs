@@ -262,6 +262,7 @@ impl Uplink {
                 let mut b = self.shared.broker.lock().expect("not poisoned");
                 if b.connected || b.since_ms.is_none() {
                     b.since_ms = Some(now);
+                    b.since = Some(std::time::Instant::now());
                 }
                 b.connected = false;
                 b.last_error = Some(crate::state::ErrorNote {

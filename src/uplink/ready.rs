@@ -73,8 +73,14 @@ impl Ready {
         if how.v5 {
             // Expiry counts from when the broker has it: a reading replayed late keeps only
             // what is left of its time (at least a second: live subscribers still get it).
+            // Its age is the time it has been queued, by the monotonic clock (#28: after NTP
+            // stepped the clock from 1970, a reading's `ts` made every age enormous, and
+            // readings polled before the step went out with 1 s of their hour).
             if let Some(&secs) = how.expiry.get(&row.message.topic) {
-                let age = (crate::message::now_ms() - row.message.ts_ms).max(0) / 1000;
+                let age = match row.queued {
+                    Some(at) => at.elapsed().as_secs() as i64,
+                    None => (crate::message::now_ms() - row.message.ts_ms).max(0) / 1000,
+                };
                 extras.expiry = Some((secs as i64 - age).max(1) as u32);
             }
             if matches!(row.message.body, Body::Bare { .. }) {
@@ -161,6 +167,44 @@ mod tests {
         let t1 = t0 + Duration::from_secs(1);
         let n = (0..20).filter(|_| b.take(t1)).count();
         assert_eq!(n, 10);
+    }
+
+    /// #28 (10), found from outside: a reading polled before NTP stepped the clock from 1970
+    /// carried a `ts` of 1970 and went out with 1 s of its hour's `message_expiry`. Its age is
+    /// the time it has been queued, by the monotonic clock.
+    #[test]
+    fn message_expiry_counts_the_time_queued_not_the_wall_clock() {
+        let row = |ts_ms, queued| Stored {
+            seq: 7,
+            queued,
+            message: crate::message::Message {
+                topic: "t".into(),
+                qos: 1,
+                retain: false,
+                ts_ms,
+                body: crate::message::Body::Point {
+                    value: crate::mapping::Value::Int(1),
+                    unit: None,
+                },
+            },
+        };
+        let expiry = HashMap::from([("t".to_string(), 3600u32)]);
+        let how = Publishing {
+            max_packet: MAX_PACKET,
+            v5: true,
+            expiry: &expiry,
+        };
+        let expiry_of = |r| Ready::new(r, &how).unwrap().extras.expiry.unwrap();
+        let now = std::time::Instant::now();
+        // Polled in "1970", queued a moment ago: nearly all of its hour.
+        assert!(expiry_of(row(1_000, Some(now))) >= 3599);
+        // Queued 20 minutes ago (a backlog replayed): what is left.
+        let earlier = now.checked_sub(Duration::from_secs(1200)).unwrap();
+        let left = expiry_of(row(1_000, Some(earlier)));
+        assert!((2399..=2400).contains(&left), "{left}");
+        // Queued longer than its hour: a second, so live subscribers still get it.
+        let long_ago = now.checked_sub(Duration::from_secs(4000)).unwrap();
+        assert_eq!(expiry_of(row(crate::message::now_ms(), Some(long_ago))), 1);
     }
 
     #[test]

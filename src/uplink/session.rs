@@ -153,6 +153,7 @@ impl Uplink {
             let mut b = self.shared.broker.lock().expect("not poisoned");
             b.connected = true;
             b.since_ms = Some(crate::message::now_ms());
+            b.since = Some(std::time::Instant::now());
         }
         let (backlog, queued_upto) = self
             .store

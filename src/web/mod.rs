@@ -60,7 +60,9 @@ struct Api<'a> {
     depth_history: Vec<[i64; 2]>,
 }
 
-type History = Arc<Mutex<VecDeque<[i64; 2]>>>;
+/// Depth samples by the monotonic clock, turned into wall-clock stamps when served: samples
+/// stamped by the wall clock vanished from the chart when NTP stepped it.
+type History = Arc<Mutex<VecDeque<(Instant, i64)>>>;
 
 /// What a listener serves.
 #[derive(Clone)]
@@ -277,11 +279,12 @@ async fn route(req: &Request, site: &Site) -> Response {
         ("/api/status", Some((shared, started, history))) => {
             match Snapshot::take(shared, started).await {
                 Ok(s) => {
+                    let now = now_ms();
                     let depth_history = history
                         .lock()
                         .expect("not poisoned")
                         .iter()
-                        .copied()
+                        .map(|(at, depth)| [now - at.elapsed().as_millis() as i64, *depth])
                         .collect();
                     let body = serde_json::to_vec(&Api {
                         status: &s,
@@ -339,7 +342,7 @@ async fn sample_depth(shared: Shared, history: History, cancel: CancellationToke
         if h.len() == SAMPLES {
             h.pop_front();
         }
-        h.push_back([now_ms(), stats.depth as i64]);
+        h.push_back((Instant::now(), stats.depth as i64));
     }
 }
 
