@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 /// then NTP steps it): no reading is dropped because the clock jumped.
 #[derive(Debug, Default)]
 pub(super) struct Ages {
-    /// `(highest seq, entered by, minute began)`.
-    pub(super) marks: std::collections::VecDeque<(u64, Instant, Instant)>,
+    /// `(highest seq, entered by, minute began, highest seq of the minute's first commit)`.
+    pub(super) marks: std::collections::VecDeque<(u64, Instant, Instant, u64)>,
 }
 
 impl Ages {
@@ -21,19 +21,26 @@ impl Ages {
     pub(super) fn committed(&mut self, last_seq: u64, now: Instant) {
         match self.marks.back_mut() {
             // Within the same minute: its rows are all dated the latest commit.
-            Some((seq, at, began)) if now.saturating_duration_since(*began) < Ages::GRAIN => {
+            Some((seq, at, began, _)) if now.saturating_duration_since(*began) < Ages::GRAIN => {
                 *seq = last_seq;
                 *at = now;
             }
-            _ => self.marks.push_back((last_seq, now, now)),
+            _ => self.marks.push_back((last_seq, now, now, last_seq)),
         }
     }
 
-    /// When row `seq` had entered the queue by (its minute's last commit; None: not known
-    /// here, a row older than every mark).
+    /// When row `seq` entered the queue, about: within its minute, between the minute's first
+    /// and last commit in proportion to its seq (rows arrive at the pace of the polls); None:
+    /// not known here (a row older than every mark). For figures and MQTT 5 expiry; `max_age`
+    /// goes by [`expired`](Ages::expired), which dates rows late, never early.
     pub(super) fn entered(&self, seq: u64) -> Option<Instant> {
-        let i = self.marks.partition_point(|(upto, _, _)| *upto < seq);
-        self.marks.get(i).map(|(_, at, _)| *at)
+        let i = self.marks.partition_point(|(upto, ..)| *upto < seq);
+        let &(upto, at, began, first) = self.marks.get(i)?;
+        if seq <= first || upto <= first {
+            return Some(began);
+        }
+        let share = (seq - first) as f64 / (upto - first) as f64;
+        Some(began + at.saturating_duration_since(began).mul_f64(share))
     }
 
     /// When the oldest of the rows from `seq` on had entered the queue by.
@@ -45,7 +52,7 @@ impl Ages {
     /// The highest seq that has been queued for longer than `max_age`, if any.
     pub(super) fn expired(&mut self, max_age: Duration, now: Instant) -> Option<u64> {
         let mut upto = None;
-        while let Some((seq, at, _)) = self.marks.front() {
+        while let Some((seq, at, ..)) = self.marks.front() {
             if now.saturating_duration_since(*at) <= max_age {
                 break;
             }
@@ -74,5 +81,18 @@ mod tests {
         assert_eq!(a.expired(max_age, t0 + Duration::from_secs(131)), Some(20));
         assert_eq!(a.expired(max_age, t0 + Duration::from_secs(162)), Some(30));
         assert!(a.marks.is_empty());
+    }
+
+    #[test]
+    fn a_rows_entry_is_placed_within_its_minute_by_its_seq() {
+        let mut a = Ages::default();
+        let t0 = Instant::now();
+        a.committed(10, t0);
+        a.committed(20, t0 + Duration::from_secs(10));
+        a.committed(30, t0 + Duration::from_secs(20));
+        assert_eq!(a.entered(5), Some(t0));
+        assert_eq!(a.entered(20), Some(t0 + Duration::from_secs(10)));
+        assert_eq!(a.entered(30), Some(t0 + Duration::from_secs(20)));
+        assert_eq!(a.entered(31), None);
     }
 }

@@ -258,7 +258,7 @@ fn readings_queued_longer_than_max_age_expire_and_are_counted() {
     // Rows 1..=3 entered at t0, rows 4..=5 five minutes later (dated by hand).
     let t0 = std::time::Instant::now();
     let t5 = t0 + Duration::from_secs(300);
-    s.ages.marks = [(3, t0, t0), (5, t5, t5)].into();
+    s.ages.marks = [(3, t0, t0, 3), (5, t5, t5, 5)].into();
     assert_eq!(s.expire(t0 + Duration::from_secs(599)).unwrap(), 0);
     assert_eq!(s.expire(t0 + Duration::from_secs(601)).unwrap(), 3);
     assert_eq!(seqs(&s), vec![4, 5]);
