@@ -421,29 +421,72 @@ fn http_get(web: std::net::SocketAddr, path: &str) -> (u16, String) {
     (status, body)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_full_disk_during_a_run_holds_readings_until_there_is_room() {
-    let Some(mount) = Mount::tmpfs("size=2m") else {
-        return;
-    };
-    let broker = fieldgate::testkit::broker::start().unwrap();
-    let sim = sim().await;
-    let dir = tempfile::tempdir().unwrap();
-    let state = mount.path().join("state");
-    let proxy = FaultProxy::start(broker).await.unwrap();
-    let sub = Subscriber::start(broker).await;
-    let gw = Gateway::start(dir.path(), &config(&state, proxy.addr(), sim.addr, FAST));
-    sub.wait_for(Duration::from_secs(10), "first readings", |g| {
-        g.iter().any(|r| r.seq().is_some())
-    })
-    .await;
-    // Cut the uplink so rows accumulate, then fill the disk to the last byte.
-    proxy.set(Mode::Cut);
+/// A gateway whose state directory is a 2 MiB tmpfs, its uplink through a fault proxy,
+/// delivering (first readings seen) — for the full-disk tests.
+struct FullDisk {
+    mount: Mount,
+    sim: fieldgate::testkit::sim::Simulator,
+    proxy: FaultProxy,
+    sub: Subscriber,
+    gw: Gateway,
+    state: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl FullDisk {
+    /// None: no tmpfs here (see [`Mount::tmpfs`]). `extra`: more config at the top level.
+    async fn start(extra: &str) -> Option<FullDisk> {
+        let mount = Mount::tmpfs("size=2m")?;
+        let broker = fieldgate::testkit::broker::start().unwrap();
+        let sim = sim().await;
+        let dir = tempfile::tempdir().unwrap();
+        let state = mount.path().join("state");
+        let proxy = FaultProxy::start(broker).await.unwrap();
+        let sub = Subscriber::start(broker).await;
+        let yaml = config(&state, proxy.addr(), sim.addr, FAST) + extra;
+        let gw = Gateway::start(dir.path(), &yaml);
+        sub.wait_for(Duration::from_secs(10), "first readings", |g| {
+            g.iter().any(|r| r.seq().is_some())
+        })
+        .await;
+        Some(FullDisk {
+            mount,
+            sim,
+            proxy,
+            sub,
+            gw,
+            state,
+            _dir: dir,
+        })
+    }
+}
+
+/// Fills the mount to the last byte; the filler file, to remove for room again.
+fn fill(mount: &Mount) -> std::path::PathBuf {
     let filler = mount.path().join("filler");
     let mut f = std::fs::File::create(&filler).unwrap();
     let block = vec![0u8; 4096];
     while std::io::Write::write_all(&mut f, &block).is_ok() {}
-    drop(f);
+    filler
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_during_a_run_holds_readings_until_there_is_room() {
+    let Some(FullDisk {
+        mount,
+        sim,
+        proxy,
+        sub,
+        gw,
+        state,
+        _dir,
+    }) = FullDisk::start("").await
+    else {
+        return;
+    };
+    // Cut the uplink so rows accumulate, then fill the disk to the last byte.
+    proxy.set(Mode::Cut);
+    let filler = fill(&mount);
     let before = queue_stats(&state).last_seq;
     // #28 (2): with `commit_interval: 0` the store thread retried the held readings in a loop
     // (89-99 % of a core, measured from outside). Measured here: its CPU over the 3 s full.
@@ -712,31 +755,24 @@ fn api_status(web: std::net::SocketAddr) -> serde_json::Value {
 /// as a row or in a count.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readings_held_on_a_full_disk_are_shown_and_at_the_stop_saved_or_counted() {
-    let Some(mount) = Mount::tmpfs("size=2m") else {
-        return;
-    };
-    let broker = fieldgate::testkit::broker::start().unwrap();
-    let sim = sim().await;
-    let dir = tempfile::tempdir().unwrap();
-    let state = mount.path().join("state");
-    let proxy = FaultProxy::start(broker).await.unwrap();
-    let sub = Subscriber::start(broker).await;
     let web: std::net::SocketAddr = format!("127.0.0.1:{}", common::free_port())
         .parse()
         .unwrap();
-    let yaml = config(&state, proxy.addr(), sim.addr, FAST) + &format!("web:\n  listen: {web}\n");
-    let gw = Gateway::start(dir.path(), &yaml);
-    sub.wait_for(Duration::from_secs(10), "first readings", |g| {
-        g.iter().any(|r| r.seq().is_some())
-    })
-    .await;
+    let Some(FullDisk {
+        mount,
+        sim,
+        proxy,
+        gw,
+        state,
+        _dir,
+        ..
+    }) = FullDisk::start(&format!("web:\n  listen: {web}\n")).await
+    else {
+        return;
+    };
     assert!(state.join("queue.reserve").exists(), "the reserve is kept");
     proxy.set(Mode::Cut);
-    let filler = mount.path().join("filler");
-    let mut f = std::fs::File::create(&filler).unwrap();
-    let block = vec![0u8; 4096];
-    while std::io::Write::write_all(&mut f, &block).is_ok() {}
-    drop(f);
+    let filler = fill(&mount);
     tokio::time::sleep(Duration::from_secs(2)).await;
     let q = api_status(web)["status"]["queue"].clone();
     assert!(q["held"].as_u64().unwrap() >= 20, "{q}");

@@ -252,8 +252,10 @@ impl SeqFloor {
 
     /// Reserves ahead of `last_seq` when it comes within half of [`AHEAD`](Self::AHEAD) of
     /// the reservation (best effort: a failure is retried at the next commit).
+    /// Nothing is reserved before the first seq is issued: a floor then would make the next
+    /// open of a queue never used look like one that vanished.
     pub fn keep_ahead_of(&mut self, last_seq: u64) {
-        if last_seq + Self::AHEAD / 2 <= self.reserved {
+        if last_seq == 0 || last_seq + Self::AHEAD / 2 <= self.reserved {
             return;
         }
         let reserved = last_seq + Self::AHEAD;

@@ -104,6 +104,14 @@ pub async fn serve_waiting(
     why: Arc<Mutex<String>>,
     done: CancellationToken,
 ) -> TcpListener {
+    // Nothing is taken before the first open fails: a queue that opens at once leaves every
+    // connection to the running page's server (its own limit, the real figures).
+    while why.lock().expect("not poisoned").is_empty() {
+        tokio::select! {
+            _ = done.cancelled() => return listener,
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+        }
+    }
     let site = Site::Waiting {
         why,
         password: web.password.as_ref().map(|p| p.0.as_str().into()),
