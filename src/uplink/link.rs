@@ -475,6 +475,29 @@ pub struct Events {
 }
 
 impl Events {
+    /// Waits for the CONNACK, at most `within`: what the broker granted when connected, None
+    /// when cancelled first.
+    pub async fn connected(
+        &mut self,
+        cancel: &tokio_util::sync::CancellationToken,
+        within: std::time::Duration,
+    ) -> Result<Option<Granted>, UplinkError> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let ev = tokio::select! {
+                _ = cancel.cancelled() => return Ok(None),
+                ev = tokio::time::timeout_at(deadline, self.recv()) => ev,
+            };
+            match ev {
+                Err(_) | Ok(None) => return Err(UplinkError::ConnectTimeout(within)),
+                Ok(Some(Err(e))) => return Err(e),
+                Ok(Some(Ok(Ev::Refused(why)))) => return Err(UplinkError::Refused(why)),
+                Ok(Some(Ok(Ev::Connected(granted)))) => return Ok(Some(granted)),
+                Ok(Some(Ok(_))) => {}
+            }
+        }
+    }
+
     fn spawn<F, Fut>(capacity: usize, pump: F) -> Events
     where
         F: FnOnce(mpsc::Sender<Result<Ev, UplinkError>>) -> Fut,

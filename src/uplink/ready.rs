@@ -1,6 +1,6 @@
 //! Rows read from the queue, made ready to publish: the payload rendered once, what can never
 //! be published found out (and why), the MQTT 5 properties of each, and the pacing of a
-//! replay. Pure: no I/O.
+//! replay; and the command subscriptions cut to the broker's packet size. Pure: no I/O.
 
 use std::collections::HashMap;
 
@@ -151,6 +151,40 @@ impl TokenBucket {
     }
 }
 
+/// Most filters in one SUBSCRIBE.
+const FILTERS_PER_SUBSCRIBE: usize = 64;
+
+/// `filters` in SUBSCRIBE packets of at most [`FILTERS_PER_SUBSCRIBE`] filters that each fit
+/// `max_packet` bytes, and the filters that fit in none. Pure.
+pub(super) fn subscriptions(
+    filters: &[String],
+    max_packet: usize,
+) -> (Vec<Vec<String>>, Vec<String>) {
+    // The fixed header (at most 5 bytes), the packet id and MQTT 5's property length: 16 is
+    // generous; each filter costs its length, its two-byte length and its options byte.
+    const HEADER: usize = 16;
+    let cost = |f: &String| f.len() + 3;
+    let (mut batches, mut too_large) = (Vec::new(), Vec::new());
+    let mut batch: Vec<String> = Vec::new();
+    let mut bytes = HEADER;
+    for f in filters {
+        if HEADER + cost(f) > max_packet {
+            too_large.push(f.clone());
+            continue;
+        }
+        if batch.len() == FILTERS_PER_SUBSCRIBE || bytes + cost(f) > max_packet {
+            batches.push(std::mem::take(&mut batch));
+            bytes = HEADER;
+        }
+        bytes += cost(f);
+        batch.push(f.clone());
+    }
+    if !batch.is_empty() {
+        batches.push(batch);
+    }
+    (batches, too_large)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -214,5 +248,29 @@ mod tests {
             assert!(unpublishable(bad, 10).is_some(), "{bad:?}");
         }
         assert!(unpublishable("a", MAX_PACKET).is_some());
+    }
+
+    /// #28 (1): one over-size command topic made a SUBSCRIBE larger than the broker's limit,
+    /// which ended every session before anything was published.
+    #[test]
+    fn subscriptions_fit_the_brokers_packet_size_and_an_over_size_filter_is_left_out() {
+        let long = format!("fieldgate/gw1/{}/a/set", "x".repeat(4200));
+        let mut filters: Vec<String> = (0..150)
+            .map(|i| format!("fieldgate/gw1/m/p{i}/set"))
+            .collect();
+        filters.insert(70, long.clone());
+        let (batches, too_large) = subscriptions(&filters, 4096);
+        assert_eq!(too_large, vec![long]);
+        let sent: Vec<&String> = batches.iter().flatten().collect();
+        assert_eq!(sent.len(), 150, "every other filter is subscribed");
+        for b in &batches {
+            assert!(b.len() <= FILTERS_PER_SUBSCRIBE);
+            assert!(16 + b.iter().map(|f| f.len() + 3).sum::<usize>() <= 4096);
+        }
+        // A small limit: more, smaller packets, nothing lost.
+        let (batches, too_large) = subscriptions(&filters[..10], 100);
+        assert!(too_large.is_empty());
+        assert_eq!(batches.iter().flatten().count(), 10);
+        assert!(batches.len() >= 3);
     }
 }

@@ -17,7 +17,9 @@ use tokio::time::{Instant, timeout};
 use tokio_util::sync::CancellationToken;
 
 use super::link::{Aliases, Client, Ev, Events, Extras, Granted, Outbound, Refusal};
-use super::ready::{MAX_PACKET, Publishing, Ready, TokenBucket, unpublishable_within, wire_bytes};
+use super::ready::{
+    MAX_PACKET, Publishing, Ready, TokenBucket, subscriptions, unpublishable_within, wire_bytes,
+};
 use super::window::{Entry, Window};
 use super::{Report, Uplink, UplinkError};
 use crate::store::{Batch, StoreError};
@@ -137,7 +139,7 @@ impl Uplink {
         });
         let (client, mut events) =
             super::link::connect(&self.mqtt, ids, MAX_PACKET, will, capacity, on_discard);
-        let Some(granted) = connected(&mut events, cancel).await? else {
+        let Some(granted) = events.connected(cancel, CONNECT_TIMEOUT).await? else {
             return Ok(());
         };
         // The broker's Receive Maximum caps the window; rumqttc's packet ids wrap there too.
@@ -675,58 +677,6 @@ impl Uplink {
     }
 }
 
-/// Most filters in one SUBSCRIBE.
-const FILTERS_PER_SUBSCRIBE: usize = 64;
-
-/// `filters` in SUBSCRIBE packets of at most [`FILTERS_PER_SUBSCRIBE`] filters that each fit
-/// `max_packet` bytes, and the filters that fit in none. Pure.
-fn subscriptions(filters: &[String], max_packet: usize) -> (Vec<Vec<String>>, Vec<String>) {
-    // The fixed header (at most 5 bytes), the packet id and MQTT 5's property length: 16 is
-    // generous; each filter costs its length, its two-byte length and its options byte.
-    const HEADER: usize = 16;
-    let cost = |f: &String| f.len() + 3;
-    let (mut batches, mut too_large) = (Vec::new(), Vec::new());
-    let mut batch: Vec<String> = Vec::new();
-    let mut bytes = HEADER;
-    for f in filters {
-        if HEADER + cost(f) > max_packet {
-            too_large.push(f.clone());
-            continue;
-        }
-        if batch.len() == FILTERS_PER_SUBSCRIBE || bytes + cost(f) > max_packet {
-            batches.push(std::mem::take(&mut batch));
-            bytes = HEADER;
-        }
-        bytes += cost(f);
-        batch.push(f.clone());
-    }
-    if !batch.is_empty() {
-        batches.push(batch);
-    }
-    (batches, too_large)
-}
-
-/// Waits for the CONNACK: what the broker granted when connected, None when cancelled first.
-async fn connected(
-    events: &mut Events,
-    cancel: &CancellationToken,
-) -> Result<Option<Granted>, UplinkError> {
-    let deadline = Instant::now() + CONNECT_TIMEOUT;
-    loop {
-        let ev = tokio::select! {
-            _ = cancel.cancelled() => return Ok(None),
-            ev = timeout(deadline.saturating_duration_since(Instant::now()), events.recv()) => ev,
-        };
-        match ev {
-            Err(_) | Ok(None) => return Err(UplinkError::ConnectTimeout(CONNECT_TIMEOUT)),
-            Ok(Some(Err(e))) => return Err(e),
-            Ok(Some(Ok(Ev::Refused(why)))) => return Err(UplinkError::Refused(why)),
-            Ok(Some(Ok(Ev::Connected(granted)))) => return Ok(Some(granted)),
-            Ok(Some(Ok(_))) => {}
-        }
-    }
-}
-
 impl Session<'_> {
     /// Publishes a message of the gateway's own (QoS 1) and counts it in the window. One
     /// larger than the broker takes is logged and left out: sending it would only end the
@@ -862,34 +812,5 @@ impl Session<'_> {
             }
             None => tracing::debug!(reason = %r, "the broker refused a gateway message"),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// #28 (1): one over-size command topic made a SUBSCRIBE larger than the broker's limit,
-    /// which ended every session before anything was published.
-    #[test]
-    fn subscriptions_fit_the_brokers_packet_size_and_an_over_size_filter_is_left_out() {
-        let long = format!("fieldgate/gw1/{}/a/set", "x".repeat(4200));
-        let mut filters: Vec<String> = (0..150)
-            .map(|i| format!("fieldgate/gw1/m/p{i}/set"))
-            .collect();
-        filters.insert(70, long.clone());
-        let (batches, too_large) = subscriptions(&filters, 4096);
-        assert_eq!(too_large, vec![long]);
-        let sent: Vec<&String> = batches.iter().flatten().collect();
-        assert_eq!(sent.len(), 150, "every other filter is subscribed");
-        for b in &batches {
-            assert!(b.len() <= FILTERS_PER_SUBSCRIBE);
-            assert!(16 + b.iter().map(|f| f.len() + 3).sum::<usize>() <= 4096);
-        }
-        // A small limit: more, smaller packets, nothing lost.
-        let (batches, too_large) = subscriptions(&filters[..10], 100);
-        assert!(too_large.is_empty());
-        assert_eq!(batches.iter().flatten().count(), 10);
-        assert!(batches.len() >= 3);
     }
 }
