@@ -90,14 +90,16 @@ async fn get(addr: SocketAddr, path: &str) -> (u16, String, String) {
     .await
 }
 
+/// Until the page's server answers `GET /api/status` (the address is bound before the queue
+/// opens: a connection alone proves nothing, and one left in its backlog would take a slot).
 async fn wait_http(addr: SocketAddr) {
     for _ in 0..100 {
-        if TcpStream::connect(addr).await.is_ok() {
+        if TcpStream::connect(addr).await.is_ok() && get(addr, "/api/status").await.0 == 200 {
             return;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    panic!("the status page never listened on {addr}");
+    panic!("the status page never answered on {addr}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
