@@ -94,7 +94,10 @@ async fn get(addr: SocketAddr, path: &str) -> (u16, String, String) {
 /// opens: a connection alone proves nothing, and one left in its backlog would take a slot).
 async fn wait_http(addr: SocketAddr) {
     for _ in 0..100 {
-        if TcpStream::connect(addr).await.is_ok() && get(addr, "/api/status").await.0 == 200 {
+        // 200, or 401 behind a password; 503 while the queue is not open yet.
+        if TcpStream::connect(addr).await.is_ok()
+            && matches!(get(addr, "/api/status").await.0, 200 | 401)
+        {
             return;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
