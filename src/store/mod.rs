@@ -93,8 +93,7 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, params};
-use serde::Serialize;
+use rusqlite::{Connection, ErrorCode, OpenFlags, params};
 
 use crate::message::{Body, Message, Stored, now_ms};
 
@@ -103,12 +102,14 @@ pub mod fresh;
 pub mod requeue;
 mod salvage;
 mod sql;
+mod stats;
 mod worker;
 
 use ages::Ages;
 pub use fresh::Batch;
 pub use requeue::AsideRow;
 use sql::*;
+pub use stats::Stats;
 pub use worker::{StoreHandle, spawn};
 
 /// Most messages held in memory while the disk refuses writes.
@@ -194,55 +195,6 @@ impl Default for Limits {
             when_full: WhenFull::DropOldest,
             commit_interval: Duration::ZERO,
         }
-    }
-}
-
-/// The queue's figures, for `fieldgate queue stats` and the status message.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct Stats {
-    pub depth: u64,
-    pub oldest_ts_ms: Option<i64>,
-    /// How long the oldest row has been queued, by the monotonic clock (the writer's figure:
-    /// immune to the wall clock stepping; None from a reader in another process).
-    pub oldest_queued_s: Option<u64>,
-    pub last_seq: u64,
-    /// Bytes of the file in use (pages not on the freelist).
-    pub bytes: u64,
-    pub file_bytes: u64,
-    pub dropped_oldest: u64,
-    pub dropped_newest: u64,
-    pub dropped_expired: u64,
-    /// Readings held in memory while the disk refused them and still unsaved when the gateway
-    /// stopped: they never had a seq, so no consumer sees a gap; counted here instead.
-    pub dropped_unsaved: u64,
-    /// Readings in pages of a corrupt file that did not read when it was replaced (at most
-    /// that many: the keys passed over).
-    pub dropped_corrupt: u64,
-    /// Readings held in memory now, the disk refusing them (the store thread's figure; 0 from
-    /// another process).
-    pub held: u64,
-    /// Why the disk refuses writes, while it does (the store thread's figure).
-    pub write_error: Option<String>,
-    /// Rows that could never be published, kept in the `aside` table.
-    pub set_aside: u64,
-    /// Rows in the `aside` table now, by reason (re-queued ones have left it).
-    pub aside_by_reason: std::collections::BTreeMap<String, u64>,
-    /// Times the wall clock was seen to step while readings were queued.
-    pub clock_steps: u64,
-    pub acked_total: u64,
-    /// Acknowledged since the gateway that writes this file started.
-    pub acked_since_start: u64,
-    /// Durable commits (each one an fsync of the WAL) since this file was opened here.
-    pub commits: u64,
-}
-
-impl Stats {
-    pub fn dropped(&self) -> u64 {
-        self.dropped_oldest
-            + self.dropped_newest
-            + self.dropped_expired
-            + self.dropped_unsaved
-            + self.dropped_corrupt
     }
 }
 
@@ -360,30 +312,6 @@ impl Store {
         floor.keep_ahead_of(s.last_seq);
         s.floor = Some(floor);
         Ok(s)
-    }
-
-    /// Fills this new, empty file with what reads of the corrupt one at `old` (see
-    /// [`salvage`](salvage::salvage)), counts the rest as dropped (`corrupt`), and puts the next
-    /// seq above every seq the old file, the floor (`queue.seq`) or the clock can show.
-    fn salvage_from(&mut self, old: &Path) -> Result<salvage::Salvaged, StoreError> {
-        let saved = salvage::salvage(old, &mut self.conn);
-        let reserved = salvage::SeqFloor::beside(&self.path).reserved;
-        self.raise_seq(saved.last_seq.max(reserved).max(now_ms() as u64))?;
-        let tx = self.conn.transaction()?;
-        meta_add(&tx, "dropped_corrupt", saved.lost)?;
-        // The old file's counters came along: "since start" counts from them.
-        let acked = meta_get(&tx, "acked_total")?;
-        meta_set(&tx, "acked_at_start", acked)?;
-        tx.commit()?;
-        self.depth = self
-            .conn
-            .query_row("SELECT count(*) FROM queue", [], |r| r.get::<_, i64>(0))?
-            as u64;
-        self.last_seq = self.read_last_seq()?;
-        self.ages = Ages::default();
-        self.ages
-            .committed(self.last_seq, std::time::Instant::now());
-        Ok(saved)
     }
 
     fn open_file(path: &Path, limits: Limits) -> Result<Store, StoreError> {
@@ -741,68 +669,6 @@ impl Store {
         self.depth
     }
 
-    pub fn stats(&self) -> Result<Stats, StoreError> {
-        let c = &self.conn;
-        // The oldest by seq (what is published next), found on the primary key; the depth is
-        // kept in memory by the writer. Only a reader in another process counts rows.
-        let oldest: Option<(u64, i64)> = c
-            .query_row(
-                "SELECT seq, ts_ms FROM queue ORDER BY seq LIMIT 1",
-                [],
-                |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)),
-            )
-            .optional()?;
-        // The writer knows when each row entered, by the monotonic clock.
-        let oldest_queued_s = oldest
-            .filter(|_| !self.read_only)
-            .and_then(|(seq, _)| self.ages.age_of(seq, std::time::Instant::now()))
-            .map(|d| d.as_secs());
-        let oldest = oldest.map(|(_, ts)| ts);
-        let depth = if self.read_only {
-            c.query_row("SELECT count(*) FROM queue", [], |r| r.get::<_, i64>(0))? as u64
-        } else {
-            self.depth
-        };
-        let pages: i64 = c.query_row("PRAGMA page_count", [], |r| r.get(0))?;
-        // Acknowledged is acknowledged, whether its delete is committed yet or not.
-        let acked = meta_get(c, "acked_total")? as u64 + self.pending_acks.len() as u64;
-        Ok(Stats {
-            depth,
-            oldest_ts_ms: oldest,
-            oldest_queued_s,
-            last_seq: self.read_last_seq()?,
-            bytes: used_bytes(c, self.page_size)?,
-            file_bytes: pages as u64 * self.page_size,
-            dropped_oldest: meta_get(c, "dropped_oldest")? as u64,
-            dropped_newest: meta_get(c, "dropped_newest")? as u64,
-            dropped_expired: meta_get(c, "dropped_expired")? as u64,
-            dropped_unsaved: meta_get(c, "dropped_unsaved")? as u64,
-            dropped_corrupt: meta_get(c, "dropped_corrupt")? as u64,
-            held: 0,
-            write_error: None,
-            set_aside: meta_get(c, "set_aside")? as u64,
-            aside_by_reason: {
-                let mut q = c.prepare_cached(
-                    "SELECT reason, count(*) FROM aside GROUP BY reason ORDER BY reason",
-                )?;
-                q.query_map([], |r| {
-                    let reason: String = r.get(0)?;
-                    let reason = if reason.is_empty() {
-                        "unpublishable".to_string()
-                    } else {
-                        reason
-                    };
-                    Ok((reason, r.get::<_, i64>(1)? as u64))
-                })?
-                .collect::<Result<_, _>>()?
-            },
-            clock_steps: meta_get(c, "clock_steps")? as u64,
-            acked_total: acked,
-            acked_since_start: acked.saturating_sub(meta_get(c, "acked_at_start")? as u64),
-            commits: self.commits,
-        })
-    }
-
     /// Counts `n` readings lost at a stop, unsaved (see [`Stats::dropped_unsaved`]): one small
     /// update, which a full disk may still take (a page rewritten in place in the WAL) where
     /// the readings' rows did not fit.
@@ -835,33 +701,6 @@ impl Store {
             self.last_seq = floor;
         }
         Ok(())
-    }
-
-    /// Replaces a file found corrupt while running: moved aside, a new one started with `seq`
-    /// continuing. Returns how many rows the old file was believed to hold.
-    pub(super) fn replace_corrupt(&mut self) -> Result<u64, StoreError> {
-        let lost = self.depth;
-        // Close the old connection first: closing it later would delete `queue.db-wal` and
-        // `-shm` by name, by then the new file's (its commits would vanish at the next crash).
-        let old = std::mem::replace(&mut self.conn, Connection::open_in_memory()?);
-        if let Err((_, e)) = old.close() {
-            tracing::warn!(error = %e, "closing the corrupt queue file");
-        }
-        let aside = move_aside(&self.path)?;
-        self.pending_acks.clear();
-        let mut fresh = Store::open_file(&self.path, self.limits)?;
-        // The seqs this file issued count too (the old file may not show the last ones).
-        fresh.raise_seq(self.last_seq)?;
-        let saved = fresh.salvage_from(&aside)?;
-        tracing::error!(file = %self.path.display(), moved_to = %aside.display(), rows_in_old_file = lost,
-            salvaged = saved.rows, lost = saved.lost, aside_lost_at_most = saved.aside_lost,
-            "QUEUE FILE BECAME CORRUPT: moved aside, the rows that still read copied into a new queue (the rest counted as dropped: corrupt)");
-        fresh.floor = self.floor.take();
-        if let Some(f) = &mut fresh.floor {
-            f.keep_ahead_of(fresh.last_seq);
-        }
-        *self = fresh;
-        Ok(lost)
     }
 }
 

@@ -13,7 +13,9 @@ use std::path::{Path, PathBuf};
 
 use rusqlite::{Connection, OpenFlags, params};
 
-use super::sql::read_last_seq;
+use super::sql::{meta_add, meta_get, meta_set, move_aside, read_last_seq};
+use super::{Ages, Store, StoreError};
+use crate::message::now_ms;
 
 /// Rows read per scan.
 const CHUNK: i64 = 512;
@@ -279,3 +281,60 @@ impl SeqFloor {
         }
     }
 }
+
+/// Replacing a corrupt file: the new one filled with what the old one still reads.
+impl Store {
+    /// Fills this new, empty file with what reads of the corrupt one at `old` (see
+    /// [`salvage`]), counts the rest as dropped (`corrupt`), and puts the next
+    /// seq above every seq the old file, the floor (`queue.seq`) or the clock can show.
+    pub(super) fn salvage_from(&mut self, old: &Path) -> Result<Salvaged, StoreError> {
+        let saved = salvage(old, &mut self.conn);
+        let reserved = SeqFloor::beside(&self.path).reserved;
+        self.raise_seq(saved.last_seq.max(reserved).max(now_ms() as u64))?;
+        let tx = self.conn.transaction()?;
+        meta_add(&tx, "dropped_corrupt", saved.lost)?;
+        // The old file's counters came along: "since start" counts from them.
+        let acked = meta_get(&tx, "acked_total")?;
+        meta_set(&tx, "acked_at_start", acked)?;
+        tx.commit()?;
+        self.depth = self
+            .conn
+            .query_row("SELECT count(*) FROM queue", [], |r| r.get::<_, i64>(0))?
+            as u64;
+        self.last_seq = self.read_last_seq()?;
+        self.ages = Ages::default();
+        self.ages
+            .committed(self.last_seq, std::time::Instant::now());
+        Ok(saved)
+    }
+
+    /// Replaces a file found corrupt while running: moved aside, a new one started with `seq`
+    /// continuing. Returns how many rows the old file was believed to hold.
+    pub(super) fn replace_corrupt(&mut self) -> Result<u64, StoreError> {
+        let lost = self.depth;
+        // Close the old connection first: closing it later would delete `queue.db-wal` and
+        // `-shm` by name, by then the new file's (its commits would vanish at the next crash).
+        let old = std::mem::replace(&mut self.conn, Connection::open_in_memory()?);
+        if let Err((_, e)) = old.close() {
+            tracing::warn!(error = %e, "closing the corrupt queue file");
+        }
+        let aside = move_aside(&self.path)?;
+        self.pending_acks.clear();
+        let mut fresh = Store::open_file(&self.path, self.limits)?;
+        // The seqs this file issued count too (the old file may not show the last ones).
+        fresh.raise_seq(self.last_seq)?;
+        let saved = fresh.salvage_from(&aside)?;
+        tracing::error!(file = %self.path.display(), moved_to = %aside.display(), rows_in_old_file = lost,
+            salvaged = saved.rows, lost = saved.lost, aside_lost_at_most = saved.aside_lost,
+            "QUEUE FILE BECAME CORRUPT: moved aside, the rows that still read copied into a new queue (the rest counted as dropped: corrupt)");
+        fresh.floor = self.floor.take();
+        if let Some(f) = &mut fresh.floor {
+            f.keep_ahead_of(fresh.last_seq);
+        }
+        *self = fresh;
+        Ok(lost)
+    }
+}
+
+#[cfg(test)]
+mod tests;
