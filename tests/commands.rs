@@ -388,6 +388,18 @@ async fn commands_waiting_for_the_bus_at_a_stop_are_answered() {
 /// CONNECT says the largest packet it takes, and mosquitto keeps the message back itself.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retained_command_larger_than_the_gateway_takes_is_read_past_on_one_connection() {
+    over_size_retained_command(Duration::ZERO).await;
+}
+
+/// The same over real round trips: the 2 MB arrive in many reads spread over time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_over_size_retained_command_is_read_past_over_50_and_300_ms_round_trips() {
+    for rtt in [50, 300] {
+        over_size_retained_command(Duration::from_millis(rtt)).await;
+    }
+}
+
+async fn over_size_retained_command(rtt: Duration) {
     let gw_port = common::free_port();
     let Some(broker) = common::Mosquitto::start_custom(
         tempfile::tempdir().unwrap(),
@@ -440,7 +452,7 @@ async fn a_retained_command_larger_than_the_gateway_takes_is_read_past_on_one_co
         .publish(topic, rumqttc::QoS::AtLeastOnce, false, "42")
         .await
         .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5) + rtt * 10;
     while sim.with_unit(1, |b| b.holding[&10]) != 42 {
         assert!(
             std::time::Instant::now() < deadline,
@@ -450,7 +462,11 @@ async fn a_retained_command_larger_than_the_gateway_takes_is_read_past_on_one_co
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     gw.stop().await;
-    assert_eq!(proxy.connections(), 1, "the session was never ended");
+    assert_eq!(
+        proxy.connections(),
+        1,
+        "{rtt:?}: the session was never ended"
+    );
     let snapshot =
         fieldgate::status::Snapshot::from_json(&std::fs::read(state.join("status.json")).unwrap())
             .unwrap();

@@ -66,8 +66,12 @@ pub(super) struct Publishing<'a> {
 }
 
 impl Ready {
-    /// The row ready to publish, or why it can never be: (seq, topic, reason).
-    pub(super) fn new(row: Stored, how: &Publishing<'_>) -> Result<Ready, (u64, String, String)> {
+    /// The row ready to publish at `now`, or why it can never be: (seq, topic, reason).
+    pub(super) fn new(
+        row: Stored,
+        how: &Publishing<'_>,
+        now: std::time::Instant,
+    ) -> Result<Ready, (u64, String, String)> {
         let payload = row.payload();
         let mut extras = Extras::default();
         if how.v5 {
@@ -78,7 +82,7 @@ impl Ready {
             // readings polled before the step went out with 1 s of their hour).
             if let Some(&secs) = how.expiry.get(&row.message.topic) {
                 let age = match row.queued {
-                    Some(at) => at.elapsed().as_secs() as i64,
+                    Some(at) => now.saturating_duration_since(at).as_secs() as i64,
                     None => (crate::message::now_ms() - row.message.ts_ms).max(0) / 1000,
                 };
                 extras.expiry = Some((secs as i64 - age).max(1) as u32);
@@ -228,8 +232,8 @@ mod tests {
             v5: true,
             expiry: &expiry,
         };
-        let expiry_of = |r| Ready::new(r, &how).unwrap().extras.expiry.unwrap();
         let now = std::time::Instant::now();
+        let expiry_of = |r| Ready::new(r, &how, now).unwrap().extras.expiry.unwrap();
         // Polled in "1970", queued a moment ago: nearly all of its hour.
         assert!(expiry_of(row(1_000, Some(now))) >= 3599);
         // Queued 20 minutes ago (a backlog replayed): what is left.

@@ -581,6 +581,8 @@ impl Uplink {
     ) -> Result<(), UplinkError> {
         rows.drained = read.rows.len() < rows.batch;
         rows.cursor = rows.cursor.max(read.upto);
+        // Message expiry counts the time queued up to now (std's clock: the queue's).
+        let now = std::time::Instant::now();
         for row in read.rows {
             // Sparkplug: the reading as DDATA (encoded when it is sent: its `seq` is the
             // node's), and as JSON too unless the gateway speaks Sparkplug only.
@@ -603,7 +605,7 @@ impl Uplink {
             if !json {
                 continue;
             }
-            match Ready::new(row, how) {
+            match Ready::new(row, how, now) {
                 Ok(r) => rows.ready.push_back(r),
                 Err((seq, topic, why)) => {
                     tracing::error!(seq, %topic, reason = %why,
